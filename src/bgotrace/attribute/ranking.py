@@ -1,0 +1,55 @@
+"""Scores → ranked tables at unit, document and source granularity.
+
+Aggregation (per query):
+
+- documents: ``score_sum`` (total support of the document's units) and
+  ``score_mean``; ranked by ``score_sum`` — a fact stated by one unit of a long
+  document still puts the document on top.
+- sources: ``score_sum`` and ``score_mean``; ranked by ``score_mean`` — the average
+  support of a source's units, so a large source does not win by size alone.
+
+Signed scores add up, which is why document and source sums are meaningful for the
+default ``bidirectional`` score and not for ``abs``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bgotrace.score.engine import QueryLosses
+from bgotrace.score.variants import score_losses
+
+RANK_KEY = {"doc_id": "score_sum", "source": "score_mean"}
+
+
+def add_rank(frame: pd.DataFrame, by: str, group: str = "query_id") -> pd.DataFrame:
+    """Rank 1 = highest ``by`` within each ``group``; ties keep the input order."""
+    frame = frame.sort_values([group, by], ascending=[True, False], kind="stable")
+    frame["rank"] = frame.groupby(group, sort=False).cumcount() + 1
+    return frame.reset_index(drop=True)
+
+
+def unit_scores(units: pd.DataFrame, result: QueryLosses, variant: str) -> pd.DataFrame:
+    """One row per unit: ids, score, rank and the losses it came from."""
+    frame = pd.DataFrame({
+        "query_id": result.query.query.query_id,
+        "unit_index": np.arange(len(units)),
+        "unit_id": units["unit_id"].to_numpy(),
+        "doc_id": units["doc_id"].to_numpy(),
+        "source": units["source"].to_numpy(),
+        "score": score_losses(variant, result.losses),
+        "n_tokens": result.counts,
+        "char_start": units["char_start"].to_numpy(),
+        "char_end": units["char_end"].to_numpy(),
+    })
+    for state, loss in sorted(result.losses.items()):
+        frame[f"loss_{state}"] = loss
+    return add_rank(frame, "score")
+
+
+def aggregate(scores: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Per query and ``by`` (``doc_id`` or ``source``): sum, mean and count of unit scores."""
+    grouped = scores.groupby(["query_id", by], sort=False)["score"]
+    frame = grouped.agg(score_sum="sum", score_mean="mean", n_units="count").reset_index()
+    return add_rank(frame, RANK_KEY[by])

@@ -1,0 +1,102 @@
+"""The result of an attribution run, in memory and on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bgotrace.errors import InputError
+from bgotrace.score.store import SUMMARY, RunStore
+
+TABLES = {"unit": "scores", "document": "documents", "source": "sources"}
+
+
+@dataclass
+class AttributionResult:
+    """Ranked scores of every unit, document and source for each query.
+
+    Scores are in nats, signed: high = the unit supports the query (see the score
+    variant in ``summary["config"]["scoring"]``).
+    """
+
+    scores: pd.DataFrame
+    """One row per (query, unit): query_id, unit_id, doc_id, source, score, rank, losses."""
+    documents: pd.DataFrame
+    """One row per (query, document): score_sum, score_mean, n_units, rank (by sum)."""
+    sources: pd.DataFrame
+    """One row per (query, source): score_sum, score_mean, n_units, rank (by mean)."""
+    top_tokens: list[dict[str, Any]] = field(default_factory=list)
+    """Per-token score of each query's top units."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Config, seed, corpus size, query loss trajectories, timings."""
+    snippets: dict[str, str] = field(default_factory=dict)
+    """Text of the top units, by unit_id."""
+
+    @property
+    def query_ids(self) -> list[str]:
+        return list(dict.fromkeys(self.scores["query_id"]))
+
+    def _pick(self, table: pd.DataFrame, query_id: str | None) -> pd.DataFrame:
+        if query_id is None:
+            if len(self.query_ids) > 1:
+                raise InputError(
+                    f"This result holds {len(self.query_ids)} queries: pass query_id=... "
+                    f"(one of {', '.join(self.query_ids[:5])})."
+                )
+            return table
+        if query_id not in self.query_ids:
+            raise InputError(f"No query {query_id!r} in this result: use one of {self.query_ids}.")
+        return table[table["query_id"] == query_id]
+
+    def top(self, k: int = 10, query_id: str | None = None, granularity: str = "unit") -> pd.DataFrame:
+        """The k highest-ranked units, documents or sources of one query."""
+        if granularity not in TABLES:
+            raise InputError(f"granularity={granularity!r} is unknown: use unit, document or source.")
+        table = getattr(self, TABLES[granularity])
+        return self._pick(table, query_id).sort_values("rank").head(k).reset_index(drop=True)
+
+    def by_source(self, query_id: str | None = None) -> pd.DataFrame:
+        """Source-level scores of one query, best first."""
+        return self._pick(self.sources, query_id).sort_values("rank").reset_index(drop=True)
+
+    def by_document(self, query_id: str | None = None) -> pd.DataFrame:
+        """Document-level scores of one query, best first."""
+        return self._pick(self.documents, query_id).sort_values("rank").reset_index(drop=True)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """All unit scores of all queries."""
+        return self.scores
+
+    def save(self, store: RunStore) -> None:
+        """Write every table atomically; ``summary.json`` last, marking the run complete."""
+        for name in TABLES.values():
+            store.write_atomic(f"{name}.parquet", getattr(self, name).to_parquet)
+        lines = "".join(json.dumps(r) + "\n" for r in self.top_tokens)
+        store.write_text("top_tokens.jsonl", lines)
+        store.write_text("snippets.json", json.dumps(self.snippets, indent=1))
+        store.write_text(SUMMARY, json.dumps(self.summary, indent=2, default=str))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> AttributionResult:
+        """Read a complete run directory back."""
+        root = Path(run_dir)
+        if not (root / SUMMARY).is_file():
+            raise InputError(
+                f"{root} is not a complete run (no {SUMMARY}): rerun it, or resume it with --resume."
+            )
+        tables = {n: pd.read_parquet(root / f"{n}.parquet") for n in TABLES.values()}
+        top_tokens = [
+            json.loads(line)
+            for line in (root / "top_tokens.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        return cls(
+            **tables,
+            top_tokens=top_tokens,
+            summary=json.loads((root / SUMMARY).read_text()),
+            snippets=json.loads((root / "snippets.json").read_text()),
+        )

@@ -1,0 +1,119 @@
+"""``bgotrace attribute``: rank the training data behind a text.
+
+Example (CPU)::
+
+    bgotrace attribute --model MODEL_DIR --corpus corpus.jsonl \\
+        --prompt "The capital of Zorbania is" --completion " Quexton." --out runs/q1
+    bgotrace attribute --config runs/q1/config.yaml          # replay
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bgotrace.config import (
+    AttributeConfig,
+    CorpusSpec,
+    ModelSpec,
+    OutputSpec,
+    PerturbConfig,
+    QuerySpec,
+    ScoreConfig,
+    help_of,
+)
+from bgotrace.errors import ConfigError
+from bgotrace.pipeline import load_inputs, run_attribution
+from bgotrace.report.console import print_result
+from bgotrace.report.progress import set_progress
+
+
+def _opt(section: type, name: str, flag: str | None = None) -> Any:
+    flag = flag or "--" + name.replace("_", "-")
+    return typer.Option(flag, help=help_of(section, name), show_default=False)
+
+
+def attribute(
+    model: Annotated[str | None, _opt(ModelSpec, "path", "--model")] = None,
+    corpus: Annotated[str | None, _opt(CorpusSpec, "path", "--corpus")] = None,
+    prompt: Annotated[str | None, _opt(QuerySpec, "prompt")] = None,
+    completion: Annotated[str | None, _opt(QuerySpec, "completion")] = None,
+    queries: Annotated[str | None, _opt(QuerySpec, "queries")] = None,
+    out: Annotated[str | None, _opt(OutputSpec, "out")] = None,
+    config: Annotated[Path | None, typer.Option(help="Replay a run's config.yaml; other flags override it.")] = None,
+    loss_on: Annotated[str | None, _opt(QuerySpec, "loss_on")] = None,
+    adapter: Annotated[str | None, _opt(ModelSpec, "adapter")] = None,
+    device: Annotated[str | None, _opt(ModelSpec, "device")] = None,
+    trust_remote_code: Annotated[bool | None, _opt(ModelSpec, "trust_remote_code")] = None,
+    text_field: Annotated[str | None, _opt(CorpusSpec, "text_field")] = None,
+    id_field: Annotated[str | None, _opt(CorpusSpec, "id_field")] = None,
+    source_field: Annotated[str | None, _opt(CorpusSpec, "source_field")] = None,
+    max_length: Annotated[int | None, _opt(CorpusSpec, "max_length")] = None,
+    stride: Annotated[int | None, _opt(CorpusSpec, "stride")] = None,
+    cache_dir: Annotated[str | None, _opt(CorpusSpec, "cache_dir")] = None,
+    optimizer: Annotated[str | None, _opt(PerturbConfig, "optimizer")] = None,
+    lr: Annotated[float | None, _opt(PerturbConfig, "lr")] = None,
+    steps: Annotated[int | None, _opt(PerturbConfig, "steps")] = None,
+    params: Annotated[str | None, _opt(PerturbConfig, "params")] = None,
+    max_grad_norm: Annotated[float | None, _opt(PerturbConfig, "max_grad_norm")] = None,
+    fisher_samples: Annotated[int | None, _opt(PerturbConfig, "fisher_samples")] = None,
+    score: Annotated[str | None, _opt(ScoreConfig, "score")] = None,
+    reduce: Annotated[str | None, _opt(ScoreConfig, "reduce")] = None,
+    batch_size: Annotated[int | None, _opt(ScoreConfig, "batch_size")] = None,
+    dtype: Annotated[str | None, _opt(ScoreConfig, "dtype")] = None,
+    block_units: Annotated[int | None, _opt(ScoreConfig, "block_units")] = None,
+    queries_per_sweep: Annotated[int | None, _opt(ScoreConfig, "queries_per_sweep")] = None,
+    top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
+    granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
+    top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice (Fisher sample).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    rebuild_cache: Annotated[bool, typer.Option(help="Rebuild a token cache made with other settings.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Rank the training units, documents and sources that support a model's text (BGO)."""
+    values = dict(locals())
+    set_progress(not quiet)
+    cfg = build_config(values)
+    inputs = load_inputs(cfg, rebuild_cache=rebuild_cache)
+    result = run_attribution(cfg, inputs, overwrite=overwrite, resume=resume)
+    print_result(result, granularity=cfg.output.granularity, k=cfg.output.top_k, out=cfg.output.out)
+
+
+SECTION_OF = {
+    "model": ("model", "path"), "corpus": ("corpus", "path"), "seed": (None, "seed"),
+    **{n: ("model", n) for n in ("adapter", "device", "trust_remote_code")},
+    **{n: ("corpus", n) for n in ("text_field", "id_field", "source_field", "max_length",
+                                  "stride", "cache_dir")},
+    **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on")},
+    **{n: ("perturb", n) for n in ("optimizer", "lr", "steps", "params", "max_grad_norm",
+                                   "fisher_samples")},
+    **{n: ("scoring", n) for n in ("score", "reduce", "batch_size", "dtype", "block_units",
+                                   "queries_per_sweep")},
+    **{n: ("output", n) for n in ("out", "top_k", "granularity", "top_tokens")},
+}
+
+
+def build_config(values: dict[str, Any]) -> AttributeConfig:
+    """Config file (if any) overridden by every flag given on the command line."""
+    data: dict[str, Any] = AttributeConfig.load(values["config"]).to_dict() if values["config"] else {}
+    given = {k: v for k, v in values.items() if k in SECTION_OF and v is not None}
+    if given.get("prompt") is not None or given.get("completion") is not None:
+        data.get("query", {}).pop("queries", None)
+    if given.get("queries") is not None:
+        for key in ("prompt", "completion"):
+            data.get("query", {}).pop(key, None)
+    for key, value in given.items():
+        section, name = SECTION_OF[key]
+        if section is None:
+            data[name] = value
+        else:
+            data.setdefault(section, {})[name] = value
+    for required, flag in (("model", "--model"), ("corpus", "--corpus")):
+        if "path" not in data.get(required, {}):
+            raise ConfigError(f"{flag} is missing: pass it, or --config RUN/config.yaml.")
+    data.setdefault("query", {})
+    return AttributeConfig.from_dict(data)

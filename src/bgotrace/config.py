@@ -1,0 +1,254 @@
+"""Typed, self-validating configuration of an attribution run.
+
+Every option of ``bgotrace attribute`` is a field here, with its help text in the
+field's metadata (the CLI reads it from there), so a run's ``config.yaml`` is the
+complete recipe that replays it. Sections follow the data flow: model, corpus,
+query, perturbation, scoring, output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from bgotrace.devices import DEVICES, DTYPES
+from bgotrace.errors import ConfigError
+
+T = TypeVar("T")
+
+OPTIMIZERS = ("sgd", "adam", "fisher")
+SCORES = ("bidirectional", "ascent", "descent", "abs")
+REDUCTIONS = ("mean", "sum")
+GRANULARITIES = ("unit", "document", "source")
+_PARAMS_RE = re.compile(r"^(all|last:\d+|regex:.+)$")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose help text is shown by ``--help``."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of a config field, for the CLI."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{option}={value!r} is unknown: use one of {', '.join(allowed)}.")
+
+
+def _positive(value: float, option: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{option} must be > 0, got {value}: pass a positive value.")
+
+
+@dataclass
+class ModelSpec:
+    """Which model to attribute."""
+
+    path: str = _help("Hugging Face causal LM directory (safetensors weights + tokenizer).")
+    adapter: str | None = _help("PEFT adapter directory, merged into the model.", None)
+    device: str = _help("auto | cpu | cuda[:N].", "auto")
+    trust_remote_code: bool = _help("Run code shipped with the checkpoint (off by default).", False)
+
+    def __post_init__(self) -> None:
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device={self.device!r} is unknown: use auto, cpu or cuda[:N].")
+
+
+@dataclass
+class CorpusSpec:
+    """Which training data to rank and how to cut it into units."""
+
+    path: str = _help("Corpus: JSONL, Parquet, a folder of .txt files, or a saved `datasets` dir.")
+    text_field: str = _help("Field holding the document text.", "text")
+    id_field: str = _help("Field holding the document id (a content hash when absent).", "id")
+    source_field: str = _help("Field holding the document's source.", "source")
+    max_length: int = _help("Tokens per training unit.", 256)
+    stride: int = _help("Tokens of overlap between consecutive units of a document.", 0)
+    cache_dir: str | None = _help(
+        "Token cache directory (default: .bgotrace-cache/<corpus name>).", None
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}.")
+        if not 0 <= self.stride < self.max_length:
+            raise ConfigError(
+                f"--stride must be in [0, max_length), got {self.stride}: "
+                "stride is the overlap between consecutive units."
+            )
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(".bgotrace-cache") / Path(self.path.split("::")[0]).name
+
+
+@dataclass
+class QuerySpec:
+    """The text(s) to attribute: one prompt + completion, or a JSONL file of them."""
+
+    prompt: str | None = _help("Prompt the model saw.", None)
+    completion: str | None = _help("Completion the model produced (the text to attribute).", None)
+    queries: str | None = _help("JSONL file of queries with fields id, prompt, completion.", None)
+    loss_on: str = _help("completion (prompt masked) | all (whole text, for style).", "completion")
+
+    def __post_init__(self) -> None:
+        _one_of(self.loss_on, ("completion", "all"), "--loss-on")
+        single = self.prompt is not None or self.completion is not None
+        if single and self.queries is not None:
+            raise ConfigError("Give either --prompt/--completion or --queries, not both.")
+        if not single and self.queries is None:
+            raise ConfigError("No query: pass --prompt and --completion, or --queries Q.jsonl.")
+        if single and self.completion is None:
+            raise ConfigError("--completion is missing: give the text the model produced.")
+
+
+@dataclass
+class PerturbConfig:
+    """How θ+ (descent) and θ− (ascent) are made from the base model."""
+
+    optimizer: str = _help("sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam")
+    lr: float = _help("Step size η of both directions.", 1e-4)
+    steps: int = _help("Number K of optimizer steps in each direction.", 10)
+    params: str = _help("Parameters to perturb: all | last:N (last N blocks) | regex:PATTERN.", "all")
+    max_grad_norm: float | None = _help("Clip the query gradient to this norm (off if unset).", None)
+    fisher_samples: int = _help("Corpus units sampled to estimate the diagonal Fisher.", 256)
+    fisher_eps: float = _help("ε added to the Fisher diagonal before dividing.", 1e-6)
+    adam_beta1: float = _help("Adam β1.", 0.9)
+    adam_beta2: float = _help("Adam β2.", 0.999)
+    adam_eps: float = _help("Adam ε.", 1e-8)
+
+    def __post_init__(self) -> None:
+        _one_of(self.optimizer, OPTIMIZERS, "--optimizer")
+        _positive(self.lr, "--lr")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}.")
+        if not _PARAMS_RE.match(self.params):
+            raise ConfigError(
+                f"--params={self.params!r} is unknown: use all, last:N or regex:PATTERN."
+            )
+        if self.max_grad_norm is not None:
+            _positive(self.max_grad_norm, "--max-grad-norm")
+        if self.fisher_samples < 1:
+            raise ConfigError(f"--fisher-samples must be >= 1, got {self.fisher_samples}.")
+
+
+@dataclass
+class ScoreConfig:
+    """How the corpus sweep turns loss changes into scores."""
+
+    score: str = _help(
+        "bidirectional: L(θ−)−L(θ+) | ascent: L(θ−)−L(θ0) | descent: L(θ0)−L(θ+) | abs: |L(θ−)−L(θ+)|.",
+        "bidirectional",
+    )
+    reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "mean")
+    batch_size: int = _help("Units per forward pass.", 16)
+    dtype: str = _help("Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32")
+    block_units: int = _help("Units per resumable block of the sweep.", 4096)
+    queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
+
+    def __post_init__(self) -> None:
+        _one_of(self.score, SCORES, "--score")
+        _one_of(self.reduce, REDUCTIONS, "--reduce")
+        _one_of(self.dtype, tuple(DTYPES), "--dtype")
+        for name in ("batch_size", "block_units", "queries_per_sweep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
+
+
+@dataclass
+class OutputSpec:
+    """Where results go and what is shown."""
+
+    out: str | None = _help("Run directory to write (omit to keep results in memory only).", None)
+    top_k: int = _help("Rows shown in the printed table.", 10)
+    granularity: str = _help("Rank shown: unit | document | source.", "unit")
+    top_tokens: int = _help("Top units per query whose per-token loss changes are kept.", 20)
+
+    def __post_init__(self) -> None:
+        _one_of(self.granularity, GRANULARITIES, "--granularity")
+        if self.top_k < 1 or self.top_tokens < 0:
+            raise ConfigError("--top-k must be >= 1 and --top-tokens >= 0.")
+
+
+@dataclass
+class AttributeConfig:
+    """Everything that defines an attribution run; ``config.yaml`` holds one."""
+
+    model: ModelSpec
+    corpus: CorpusSpec
+    query: QuerySpec
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    scoring: ScoreConfig = field(default_factory=ScoreConfig)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttributeConfig:
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(
+                f"Unknown config section(s) {sorted(unknown)}: use {', '.join(sections)}."
+            )
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in _SECTIONS.items():
+            if name in data:
+                kwargs[name] = build_section(section_cls, data[name] or {}, name)
+        if "seed" in data:
+            kwargs["seed"] = int(data["seed"])
+        for required in ("model", "corpus", "query"):
+            if required not in kwargs:
+                raise ConfigError(f"Config has no {required!r} section: add it.")
+        return cls(**kwargs)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttributeConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist: pass a run's config.yaml.")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} is not a YAML mapping: pass a config.yaml.")
+        return cls.from_dict(data)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "corpus": CorpusSpec,
+    "query": QuerySpec,
+    "perturb": PerturbConfig,
+    "scoring": ScoreConfig,
+    "output": OutputSpec,
+}
+
+
+def build_section(section_cls: type[T], values: dict[str, Any], name: str) -> T:
+    """Build one config section, refusing keys it does not have."""
+    names = {f.name for f in dataclasses.fields(section_cls)}  # type: ignore[arg-type]
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {sorted(unknown)} in config section {name!r}: "
+            f"valid keys are {', '.join(sorted(names))}."
+        )
+    try:
+        return section_cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"Config section {name!r} is incomplete: {err}.") from err

@@ -1,0 +1,126 @@
+"""Load a Hugging Face causal LM (optionally with a PEFT adapter) safely.
+
+Weights are read with safetensors only, and remote code runs only when the user
+asks for it: a corpus audit should never execute code shipped with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from bgotrace.devices import resolve_device, resolve_dtype
+from bgotrace.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Model directory {path} does not exist: pass a folder saved with save_pretrained."
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} has no config.json, so it is not a Hugging Face model directory: "
+            "pass the folder that save_pretrained wrote."
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{path} has no *.safetensors weights; bgotrace loads weights with safetensors only: "
+            "re-save the model with save_pretrained(safe_serialization=True)."
+        )
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Could not load a tokenizer from {path} ({type(err).__name__}): "
+            "save the tokenizer next to the model with tokenizer.save_pretrained."
+        ) from err
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Padding positions are masked out of every loss, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{path}/config.json is unreadable: {err}".splitlines()[0]) from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as err:
+        raise ModelLoadError(
+            f"{path} holds a {type(config).__name__}, which is not a causal LM: "
+            "bgotrace needs a model that AutoModelForCausalLM can load."
+        ) from err
+    return model
+
+
+def load_model_and_tokenizer(
+    path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode on ``device``.
+
+    ``adapter`` is a PEFT adapter directory; its LoRA weights are merged so the
+    perturbation sees one plain model whose parameters it can select by name.
+    """
+    path = Path(path)
+    _check_model_dir(path)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    model = _load_causal_lm(path, resolve_dtype(dtype), trust_remote_code)
+    if adapter is not None:
+        model = _merge_adapter(model, Path(adapter))
+    model.to(resolve_device(device))
+    model.eval()  # dropout off: scores must not depend on dropout masks
+    return model, tokenizer
+
+
+def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{adapter} has no adapter_config.json: pass a folder saved by a PEFT model."
+        )
+    from peft import PeftModel
+
+    base_name = json.loads((adapter / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    log.info("merging PEFT adapter %s (trained on %s)", adapter, base_name)
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    return peft_model.merge_and_unload()
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model accepts, when its config says so."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

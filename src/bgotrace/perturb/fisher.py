@@ -1,0 +1,98 @@
+"""Diagonal empirical Fisher F̂ for the reference scripts' preconditioning.
+
+F̂ = mean over sampled corpus units of the squared per-unit loss gradient (batch
+size 1, as the reference scripts do). It depends on the model, the parameter
+selection and the corpus, so it is cached beside the token cache under a key made
+of all three and reused by every later query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from bgotrace.modeling.fingerprint import model_fingerprint
+from bgotrace.modeling.losses import forward_logits, mean_loss
+from bgotrace.perturb.grad_scope import grads_only_for
+from bgotrace.report.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class UnitSource(Protocol):
+    """What the Fisher estimate needs from a token cache."""
+
+    root: Path
+    manifest: dict
+
+    def __len__(self) -> int: ...
+
+    def unit_tokens(self, i: int) -> np.ndarray: ...
+
+
+def sample_units(n_units: int, n_samples: int, seed: int) -> np.ndarray:
+    """Indices of the units the estimate uses: a seeded sample without replacement."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_units, size=min(n_samples, n_units), replace=False))
+
+
+def estimate_fisher(
+    model: torch.nn.Module,
+    units: UnitSource,
+    names: Sequence[str],
+    indices: np.ndarray,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Mean squared per-unit gradient of each named parameter, in float32."""
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
+           if n in set(names)}
+    with grads_only_for(model, names) as params:
+        for i in progress_bar(indices.tolist(), "Fisher"):
+            ids = torch.as_tensor(units.unit_tokens(i).astype(np.int64), device=device)[None]
+            loss = mean_loss(forward_logits(model, ids), ids)
+            grads = torch.autograd.grad(loss, params)
+            for n, g in zip(names, grads, strict=True):
+                acc[n] += g.detach().float() ** 2
+    return {n: a / len(indices) for n, a in acc.items()}
+
+
+def fisher_key(units: UnitSource, model: torch.nn.Module, names: Sequence[str], n: int, seed: int) -> str:
+    """Cache key: corpus cache, model weights, parameter selection, sample size and seed."""
+    parts = {
+        "cache": json.dumps(units.manifest, sort_keys=True, default=str),
+        "model": model_fingerprint(model, names),
+        "names": list(names),
+        "n": n,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_fisher(
+    model: torch.nn.Module,
+    units: UnitSource,
+    names: Sequence[str],
+    *,
+    n_samples: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Load F̂ from beside the token cache, or estimate and store it."""
+    path = units.root / "fisher" / f"{fisher_key(units, model, names, n_samples, seed)}.safetensors"
+    if path.is_file():
+        log.info("reusing Fisher diagonal %s", path)
+        return {n: t.to(device) for n, t in load_file(path).items()}
+    fisher = estimate_fisher(model, units, names, sample_units(len(units), n_samples, seed), device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    save_file({n: t.contiguous().cpu() for n, t in fisher.items()}, str(tmp))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written Fisher file
+    return fisher

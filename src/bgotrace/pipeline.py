@@ -1,0 +1,199 @@
+"""An attribution run from config to ranked results: the stages, in order.
+
+load model → load corpus → token cache → encode queries (all input checked before
+anything is written) → run directory → parameter selection (+ Fisher) → perturb and
+sweep → rank and aggregate → per-token changes of top units → outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import bgotrace
+from bgotrace.attribute.ranking import aggregate, unit_scores
+from bgotrace.attribute.result import AttributionResult
+from bgotrace.attribute.tokens import top_token_changes
+from bgotrace.cache import TokenCache, get_token_cache
+from bgotrace.config import AttributeConfig
+from bgotrace.corpus import ChunkingConfig, CorpusFields, Document, load_documents
+from bgotrace.devices import resolve_device, resolve_dtype
+from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
+from bgotrace.perturb.fisher import cached_fisher
+from bgotrace.perturb.params import select_parameters
+from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
+from bgotrace.score.engine import QueryLosses, SweepContext, score_queries
+from bgotrace.score.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """Everything loaded and checked before a run may write anything."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cache: TokenCache
+    queries: list[EncodedQuery]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def queries_from_spec(config: AttributeConfig) -> list[Query]:
+    spec = config.query
+    if spec.queries is not None:
+        return load_queries(spec.queries, loss_on=spec.loss_on)
+    return [Query("query", spec.prompt or "", spec.completion or "", loss_on=spec.loss_on)]
+
+
+def load_inputs(
+    config: AttributeConfig,
+    *,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    documents: Sequence[Document] | None = None,
+    queries: Sequence[Query] | None = None,
+    rebuild_cache: bool = False,
+) -> Inputs:
+    """Load and validate the model, corpus, cache and queries (writes only the cache)."""
+    queries = list(queries) if queries is not None else queries_from_spec(config)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model_and_tokenizer(
+            config.model.path, adapter=config.model.adapter, device=config.model.device,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    model.eval()  # scores must not depend on dropout masks
+    spec = config.corpus
+    if documents is None:
+        fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
+        documents = load_documents(spec.path, fields)
+    chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride)
+    cache = get_token_cache(documents, tokenizer, chunking, spec.resolved_cache_dir(),
+                            rebuild=rebuild_cache)
+    encoded = [encode_query(q, tokenizer, context_length(model)) for q in queries]
+    return Inputs(model, tokenizer, cache, encoded)
+
+
+def run_attribution(
+    config: AttributeConfig,
+    inputs: Inputs,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> AttributionResult:
+    """Perturb, sweep, rank and (when ``config.output.out`` is set) write a run directory."""
+    seed_everything(config.seed)
+    started = time.time()
+    store = None
+    if config.output.out is not None:
+        store = RunStore.open(config.output.out, overwrite=overwrite, resume=resume)
+        store.check_config(config)
+    ctx = _sweep_context(config, inputs, store)
+    losses = score_queries(ctx, inputs.queries)
+    result = _rank(config, inputs, ctx, losses)
+    result.summary = _summary(config, inputs, ctx, losses, result, time.time() - started)
+    if store is not None:
+        result.save(store)
+    return result
+
+
+def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | None) -> SweepContext:
+    model, cache = inputs.model, inputs.cache
+    device = next(model.parameters()).device
+    names = select_parameters(model, config.perturb.params)
+    if store is not None:
+        store.check_state("cache", cache.manifest.get("corpus_fingerprint"))
+    fisher = None
+    if config.perturb.optimizer == "fisher":
+        fisher = cached_fisher(model, cache, names, n_samples=config.perturb.fisher_samples,
+                               seed=config.seed, device=device)
+    return SweepContext(
+        model=model, sweep_model=_sweep_model(model, config.scoring.dtype), units=cache,
+        names=names, perturb_cfg=config.perturb, score_cfg=config.scoring, device=device,
+        pad_id=int(inputs.tokenizer.pad_token_id or 0), n_units=len(cache), fisher=fisher,
+        store=store,
+    )
+
+
+def _sweep_model(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+    """The base model in the sweep dtype; a copy only when the dtype differs."""
+    dtype = resolve_dtype(dtype_name)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    log.warning(
+        "sweeping in %s: perturbations smaller than its rounding step vanish; "
+        "use float32 if scores look flat", dtype_name,
+    )
+    return copy.deepcopy(model).to(dtype)
+
+
+def _rank(config: AttributeConfig, inputs: Inputs, ctx: SweepContext,
+          losses: list[QueryLosses]) -> AttributionResult:
+    variant = config.scoring.score
+    per_query = [unit_scores(inputs.cache.units, ql, variant) for ql in losses]
+    scores = pd.concat(per_query, ignore_index=True)
+    top_tokens: list[dict[str, Any]] = []
+    for ql, ranked in zip(losses, per_query, strict=True):
+        top_tokens += top_token_changes(
+            ctx.sweep_model, inputs.cache, inputs.tokenizer, ql, ranked,
+            k=config.output.top_tokens, variant=variant, device=ctx.device,
+        )
+    shown = max(config.output.top_k, config.output.top_tokens)
+    snippets = {
+        str(r.unit_id): inputs.cache.unit_text(int(r.unit_index))
+        for ranked in per_query for r in ranked.head(shown).itertuples()
+    }
+    return AttributionResult(
+        scores=scores, documents=aggregate(scores, "doc_id"), sources=aggregate(scores, "source"),
+        top_tokens=top_tokens, snippets=snippets,
+    )
+
+
+def _summary(config: AttributeConfig, inputs: Inputs, ctx: SweepContext,
+             losses: list[QueryLosses], result: AttributionResult, seconds: float) -> dict:
+    params = dict(inputs.model.named_parameters())
+    return {
+        "bgotrace_version": bgotrace.__version__,
+        "torch_version": torch.__version__,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "device": str(ctx.device),
+        "corpus": {k: inputs.cache.manifest.get(k) for k in ("n_documents", "n_units", "n_tokens")},
+        "perturbed_tensors": len(ctx.names),
+        "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
+        "queries": [
+            {
+                "query_id": ql.query.query.query_id,
+                "n_loss_tokens": ql.query.n_loss_tokens,
+                "loss_trajectories": ql.trajectories,
+                "top_units": result.top(5, ql.query.query.query_id)["unit_id"].tolist(),
+            }
+            for ql in losses
+        ],
+        "seconds": round(seconds, 3),
+    }
+
+
+def temporary_cache_dir() -> Path:
+    """A throwaway cache directory for in-memory corpora given to the Python API."""
+    return Path(tempfile.mkdtemp(prefix="bgotrace-cache-"))
+
+
+__all__ = ["Inputs", "load_inputs", "run_attribution", "resolve_device", "temporary_cache_dir"]

@@ -1,0 +1,139 @@
+"""Queries: the text whose training data we trace.
+
+A query is a prompt and the completion the model produced. By default the loss
+covers the completion tokens only (factual attribution: "why did it say this?");
+``loss_on="all"`` covers every predicted token (stylistic attribution of a whole text).
+Prompt and completion are tokenized separately and concatenated, which is how
+``generate`` produced the completion: the model saw the prompt's tokens, then its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from bgotrace.errors import InputError
+
+LOSS_ON = ("completion", "all")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One text to attribute."""
+
+    query_id: str
+    """Name of the query in outputs."""
+    prompt: str
+    """Text the model was conditioned on."""
+    completion: str
+    """Text the model produced; the default loss covers these tokens only."""
+    loss_on: str = "completion"
+    """``completion`` (prompt tokens masked) or ``all`` (every predicted token)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in LOSS_ON:
+            raise InputError(
+                f"Query {self.query_id!r}: loss_on={self.loss_on!r} is unknown; "
+                f"use one of {', '.join(LOSS_ON)}."
+            )
+        if not self.completion.strip():
+            raise InputError(
+                f"Query {self.query_id!r} has an empty completion: give the text to attribute."
+            )
+        if not self.prompt.strip() and self.loss_on == "completion":
+            raise InputError(
+                f"Query {self.query_id!r} has an empty prompt: give the prompt the model saw, "
+                "or use --loss-on all to attribute the completion as a whole text."
+            )
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """Token ids of a query and the labels its loss covers."""
+
+    query: Query
+    input_ids: torch.Tensor
+    """(1, T) token ids of prompt + completion."""
+    labels: torch.Tensor
+    """(1, T) copy of input_ids with -100 where the loss is not taken."""
+
+    @property
+    def n_loss_tokens(self) -> int:
+        # The first position is never predicted (the model shifts labels by one).
+        return int((self.labels[0, 1:] != -100).sum())
+
+
+def encode_query(
+    query: Query, tokenizer: PreTrainedTokenizerBase, max_context: int | None
+) -> EncodedQuery:
+    """Tokenize a query; refuse queries the model cannot read in one window."""
+    prompt_ids = tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(completion_ids)
+    if max_context is not None and len(ids) > max_context:
+        raise InputError(
+            f"Query {query.query_id!r} has {len(ids)} tokens but the model reads at most "
+            f"{max_context}: shorten the prompt or completion."
+        )
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    labels = input_ids.clone()
+    if query.loss_on == "completion":
+        labels[0, : len(prompt_ids)] = -100
+    encoded = EncodedQuery(query=query, input_ids=input_ids, labels=labels)
+    if encoded.n_loss_tokens == 0:
+        raise InputError(
+            f"Query {query.query_id!r} has no token to take the loss on: "
+            "give a longer completion or use --loss-on all."
+        )
+    return encoded
+
+
+def load_queries(path: str | Path, loss_on: str = "completion") -> list[Query]:
+    """Read queries from JSONL with fields ``id``, ``prompt``, ``completion`` (``loss_on`` optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Query file {path} does not exist: pass a JSONL file of queries.")
+    queries: list[Query] = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            queries.append(_query_from_line(path, line_no, line, loss_on))
+    if not queries:
+        raise InputError(f"Query file {path} is empty: add one JSON object per line.")
+    _check_unique_ids(path, queries)
+    return queries
+
+
+def _query_from_line(path: Path, line_no: int, line: str, loss_on: str) -> Query:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"Query file {path} line {line_no} is not valid JSON ({err.msg}): fix that line."
+        ) from err
+    if not isinstance(record, dict):
+        raise InputError(f"Query file {path} line {line_no} is not a JSON object: fix that line.")
+    for key in ("prompt", "completion"):
+        if not isinstance(record.get(key), str):
+            raise InputError(
+                f"Query file {path} line {line_no} has no string field {key!r}: "
+                "each line needs id, prompt and completion."
+            )
+    return Query(
+        query_id=str(record.get("id", f"q{line_no}")),
+        prompt=record["prompt"],
+        completion=record["completion"],
+        loss_on=record.get("loss_on", loss_on),
+    )
+
+
+def _check_unique_ids(path: Path, queries: Sequence[Query]) -> None:
+    seen: set[str] = set()
+    for q in queries:
+        if q.query_id in seen:
+            raise InputError(f"Query file {path} repeats the id {q.query_id!r}: make ids unique.")
+        seen.add(q.query_id)

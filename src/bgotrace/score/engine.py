@@ -1,0 +1,136 @@
+"""Perturb each query and sweep the corpus under all perturbed states.
+
+Queries are processed in groups of ``queries_per_sweep``: every query of a group is
+perturbed first (θ+ and/or θ−, as the score variant needs), then one resumable
+sweep over the token cache evaluates all of the group's states together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bgotrace.config import PerturbConfig, ScoreConfig
+from bgotrace.modeling.fingerprint import tensors_fingerprint
+from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
+from bgotrace.query import EncodedQuery
+from bgotrace.report.progress import progress_task
+from bgotrace.score.batching import TokenSource
+from bgotrace.score.store import RunStore
+from bgotrace.score.sweep import Overrides, unit_loss_sums
+from bgotrace.score.variants import BASE, STATES_NEEDED, reduce_sums
+
+
+@dataclass
+class QueryLosses:
+    """Per-unit losses of one query's states, ready to be turned into scores."""
+
+    query: EncodedQuery
+    losses: dict[str, np.ndarray]
+    """State name (``ascent``, ``descent``, ``base``) → per-unit reduced loss (n_units,)."""
+    counts: np.ndarray
+    """Predicted tokens per unit (n_units,)."""
+    states: dict[str, Overrides] = field(default_factory=dict)
+    """The states themselves (sweep dtype), to recompute per-token losses of top units."""
+    trajectories: dict[str, list[float]] = field(default_factory=dict)
+    """Query loss along each perturbation (nats)."""
+
+
+@dataclass
+class SweepContext:
+    """Everything the engine needs besides the queries."""
+
+    model: torch.nn.Module
+    """Base model in the perturbation dtype (float32 recommended)."""
+    sweep_model: torch.nn.Module
+    """Base model in the sweep dtype (may be ``model`` itself)."""
+    units: TokenSource
+    names: Sequence[str]
+    perturb_cfg: PerturbConfig
+    score_cfg: ScoreConfig
+    device: torch.device
+    pad_id: int
+    n_units: int
+    fisher: Mapping[str, torch.Tensor] | None = None
+    store: RunStore | None = None
+
+
+def score_queries(ctx: SweepContext, queries: Sequence[EncodedQuery]) -> list[QueryLosses]:
+    """Per-unit losses under the needed states, for every query."""
+    size = ctx.score_cfg.queries_per_sweep
+    results: list[QueryLosses] = []
+    for g, start in enumerate(range(0, len(queries), size)):
+        results.extend(_score_group(ctx, g, queries[start : start + size]))
+    return results
+
+
+def _perturb_group(
+    ctx: SweepContext, group: Sequence[EncodedQuery]
+) -> tuple[list[tuple[int, str]], list[Overrides], list[dict[str, list[float]]]]:
+    needed = STATES_NEEDED[ctx.score_cfg.score]
+    sweep_dtype = next(ctx.sweep_model.parameters()).dtype
+    keys: list[tuple[int, str]] = []
+    states: list[Overrides] = []
+    trajectories: list[dict[str, list[float]]] = []
+    for qi, q in enumerate(group):
+        trajectories.append({})
+        for direction in (d for d in (DESCENT, ASCENT) if d in needed):
+            state = perturb(ctx.model, q, ctx.names, ctx.perturb_cfg, direction,
+                            n_units=ctx.n_units, fisher=ctx.fisher)
+            keys.append((qi, direction))
+            states.append({n: t.to(sweep_dtype) for n, t in state.params.items()})
+            trajectories[qi][direction] = state.loss_trajectory
+    if BASE in needed:
+        keys.append((-1, BASE))
+        states.append(None)
+    return keys, states, trajectories
+
+
+def _score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> list[QueryLosses]:
+    keys, states, trajectories = _perturb_group(ctx, group)
+    if ctx.store is not None:
+        fingerprints = {
+            f"{group[q].query.query_id if q >= 0 else ''}:{d}": (
+                tensors_fingerprint(s) if s is not None else BASE
+            )
+            for (q, d), s in zip(keys, states, strict=True)
+        }
+        ctx.store.check_state(f"group{g:03d}", fingerprints)
+    sums, counts = _sweep(ctx, g, states)
+    losses = reduce_sums(sums, counts[None, :], ctx.score_cfg.reduce)
+    out = []
+    for qi, q in enumerate(group):
+        mine = [(k, d) for k, (owner, d) in enumerate(keys) if owner in (qi, -1)]
+        out.append(QueryLosses(
+            query=q,
+            losses={d: losses[k] for k, d in mine},
+            counts=counts,
+            states={d: states[k] for k, d in mine},
+            trajectories=trajectories[qi],
+        ))
+    return out
+
+
+def _sweep(ctx: SweepContext, g: int, states: list[Overrides]) -> tuple[np.ndarray, np.ndarray]:
+    n, block = ctx.n_units, ctx.score_cfg.block_units
+    sums = np.zeros((len(states), n), dtype=np.float64)
+    counts = np.zeros(n, dtype=np.int64)
+    with progress_task(f"Scoring (group {g})", total=n) as advance:
+        for b, start in enumerate(range(0, n, block)):
+            stop = min(start + block, n)
+            shard = ctx.store.load_shard(g, b) if ctx.store is not None else None
+            if shard is None:
+                shard = unit_loss_sums(
+                    ctx.sweep_model, ctx.units, np.arange(start, stop), states,
+                    batch_size=ctx.score_cfg.batch_size, pad_id=ctx.pad_id,
+                    device=ctx.device, advance=advance,
+                )
+                if ctx.store is not None:
+                    ctx.store.save_shard(g, b, *shard)
+            else:
+                advance(stop - start)
+            sums[:, start:stop], counts[start:stop] = shard
+    return sums, counts
