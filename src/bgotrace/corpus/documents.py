@@ -1,0 +1,169 @@
+"""Documents with stable ids: the unit of attribution that users see.
+
+Every later stage (cache, scores, reports) refers to a document by its ``doc_id``, so the id
+must not change when the same corpus is loaded again. A given id is kept (as a string); a
+document without one is named by a hash of its text, so reordering or appending documents
+never renames the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bgotrace.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "default"
+"""Source of a document that names none (and of `.txt` files directly in a corpus folder)."""
+
+HASH_ID_CHARS = 16
+"""Hex characters of ``sha1(text)`` used as the id of a document without one."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document."""
+
+    doc_id: str
+    """Given id (stringified) or the first 16 hex characters of ``sha1(text)``."""
+    text: str
+    """The full text; chunks keep character spans into it for snippets."""
+    source: str
+    """Given source, sub-folder name of a `.txt` corpus, or ``"default"``."""
+
+
+@dataclass(frozen=True)
+class CorpusFields:
+    """Names of the record fields that hold the text, the id and the source."""
+
+    text_field: str = "text"
+    """Field with the document text (required, a string)."""
+    id_field: str = "id"
+    """Field with the document id (optional; a hash of the text is used without it)."""
+    source_field: str = "source"
+    """Field with the source name (optional; ``"default"`` without it)."""
+
+
+DEFAULT_FIELDS = CorpusFields()
+"""``text``, ``id`` and ``source``: the field names used unless the user names others."""
+
+
+def documents_from_records(
+    records: Iterable[Mapping[str, Any] | str], fields: CorpusFields = DEFAULT_FIELDS
+) -> list[Document]:
+    """Turn in-memory records (mappings or bare strings) into documents with stable ids."""
+    located = ((f"record {i}", record) for i, record in enumerate(records, start=1))
+    return build_documents(located, fields, origin="records")
+
+
+def build_documents(
+    located: Iterable[tuple[str, Mapping[str, Any] | str]], fields: CorpusFields, origin: str
+) -> list[Document]:
+    """Build documents from ``(location, record)`` pairs; the location appears in errors.
+
+    ``origin`` names the whole input ("file data.jsonl") and each location names one record
+    in it ("line 7"), so an error message points at the exact record to fix.
+    """
+    ids = _IdAllocator(origin)
+    documents: list[Document] = []
+    n_empty = 0
+    for where, record in located:
+        text, given_id, source = _read_record(record, fields, origin, where)
+        if not text.strip():
+            n_empty += 1
+            continue
+        doc_id = ids.given(given_id, where) if given_id is not None else ids.hashed(text, where)
+        documents.append(Document(doc_id=doc_id, text=text, source=source))
+    if n_empty:
+        log.warning("Skipped %d empty or whitespace-only document(s) in %s.", n_empty, origin)
+    if not documents:
+        raise InputError(
+            f"Corpus {origin} has no documents with non-empty text: "
+            f"check the path and the text field ({fields.text_field!r})."
+        )
+    return documents
+
+
+def _read_record(
+    record: Mapping[str, Any] | str, fields: CorpusFields, origin: str, where: str
+) -> tuple[str, str | None, str]:
+    """Return ``(text, given id or None, source)`` of one record, or raise a pointed error."""
+    if isinstance(record, str):
+        return record, None, DEFAULT_SOURCE
+    if not isinstance(record, Mapping):
+        raise InputError(
+            f"Corpus {origin} {where} is a {type(record).__name__}, not a record with a "
+            f"{fields.text_field!r} field: store one object per document."
+        )
+    if fields.text_field not in record:
+        have = ", ".join(map(str, record.keys())) or "none"
+        raise InputError(
+            f"Corpus {origin} {where} has no {fields.text_field!r} field (fields: {have}): "
+            "pass --text-field with the name of the field that holds the text."
+        )
+    text = record[fields.text_field]
+    if not isinstance(text, str):
+        raise InputError(
+            f"Corpus {origin} {where} field {fields.text_field!r} is a {type(text).__name__}, "
+            "not a string: store the document text as a string."
+        )
+    given_id = _optional_str(record.get(fields.id_field))
+    source = _optional_str(record.get(fields.source_field)) or DEFAULT_SOURCE
+    return text, given_id, source
+
+
+def _optional_str(value: Any) -> str | None:
+    """Stringify a present value; ``None``, NaN and ``""`` count as absent (nullable columns)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value)
+    return text if text else None
+
+
+class _IdAllocator:
+    """Hands out unique document ids and remembers where each id was first seen."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self.seen: dict[str, str] = {}  # doc_id -> location of the record that took it
+
+    def given(self, doc_id: str, where: str) -> str:
+        """Keep a given id; two records with the same id cannot be told apart, so refuse."""
+        if doc_id in self.seen:
+            raise InputError(
+                f"Corpus {self.origin} has duplicate id {doc_id!r} at {self.seen[doc_id]} and "
+                f"{where}: give each document a unique id, or drop the id field."
+            )
+        self.seen[doc_id] = where
+        return doc_id
+
+    def hashed(self, text: str, where: str) -> str:
+        """Name a document by its text hash; repeats of a text get ``-1``, ``-2``, … in order."""
+        base = hashlib.sha1(text.encode("utf-8")).hexdigest()[:HASH_ID_CHARS]
+        doc_id, k = base, 0
+        while doc_id in self.seen:
+            k += 1
+            doc_id = f"{base}-{k}"
+        self.seen[doc_id] = where
+        return doc_id
+
+
+def corpus_fingerprint(documents: Sequence[Document]) -> str:
+    """sha256 over ids, sources and texts, in order.
+
+    Order matters because unit indices in the token cache follow document order. Each field is
+    length-prefixed so that no two different corpora serialise to the same bytes.
+    """
+    digest = hashlib.sha256()
+    for doc in documents:
+        for part in (doc.doc_id, doc.source, doc.text):
+            data = part.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()
