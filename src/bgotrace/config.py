@@ -120,8 +120,12 @@ class PerturbConfig:
     optimizer: str = _help("sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam")
     lr: float = _help("Step size η of both directions.", 1e-4)
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
-    params: str = _help("Parameters to perturb: all | last:N (last N blocks) | regex:PATTERN.", "all")
-    max_grad_norm: float | None = _help("Clip the query gradient to this norm (off if unset).", None)
+    params: str = _help(
+        "Parameters to perturb: all | last:N (last N blocks) | regex:PATTERN.", "all"
+    )
+    max_grad_norm: float | None = _help(
+        "Clip the query gradient to this norm (off if unset).", None
+    )
     fisher_samples: int = _help("Corpus units sampled to estimate the diagonal Fisher.", 256)
     fisher_eps: float = _help("ε added to the Fisher diagonal before dividing.", 1e-6)
     adam_beta1: float = _help("Adam β1.", 0.9)
@@ -148,12 +152,15 @@ class ScoreConfig:
     """How the corpus sweep turns loss changes into scores."""
 
     score: str = _help(
-        "bidirectional: L(θ−)−L(θ+) | ascent: L(θ−)−L(θ0) | descent: L(θ0)−L(θ+) | abs: |L(θ−)−L(θ+)|.",
+        "bidirectional: L(θ−)−L(θ+) | ascent: L(θ−)−L(θ0) | descent: L(θ0)−L(θ+) "
+        "| abs: |L(θ−)−L(θ+)|.",
         "bidirectional",
     )
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "mean")
     batch_size: int = _help("Units per forward pass.", 16)
-    dtype: str = _help("Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32")
+    dtype: str = _help(
+        "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32"
+    )
     block_units: int = _help("Units per resumable block of the sweep.", 4096)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
 

@@ -36,7 +36,8 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"Device {name!r} was asked for but CUDA is not available: use --device cpu or auto."
+                f"Device {name!r} was asked for but CUDA is not available: "
+                "use --device cpu or auto."
             )
         return torch.device(name)
     raise ConfigError(f"Unknown device {name!r}: use one of {', '.join(DEVICES)}.")

@@ -94,7 +94,7 @@ def encode_query(
 
 
 def load_queries(path: str | Path, loss_on: str = "completion") -> list[Query]:
-    """Read queries from JSONL with fields ``id``, ``prompt``, ``completion`` (``loss_on`` optional)."""
+    """Read queries from JSONL: fields ``id``, ``prompt``, ``completion``, optional ``loss_on``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Query file {path} does not exist: pass a JSONL file of queries.")

@@ -32,17 +32,19 @@ def add_rank(frame: pd.DataFrame, by: str, group: str = "query_id") -> pd.DataFr
 
 def unit_scores(units: pd.DataFrame, result: QueryLosses, variant: str) -> pd.DataFrame:
     """One row per unit: ids, score, rank and the losses it came from."""
-    frame = pd.DataFrame({
-        "query_id": result.query.query.query_id,
-        "unit_index": np.arange(len(units)),
-        "unit_id": units["unit_id"].to_numpy(),
-        "doc_id": units["doc_id"].to_numpy(),
-        "source": units["source"].to_numpy(),
-        "score": score_losses(variant, result.losses),
-        "n_tokens": result.counts,
-        "char_start": units["char_start"].to_numpy(),
-        "char_end": units["char_end"].to_numpy(),
-    })
+    frame = pd.DataFrame(
+        {
+            "query_id": result.query.query.query_id,
+            "unit_index": np.arange(len(units)),
+            "unit_id": units["unit_id"].to_numpy(),
+            "doc_id": units["doc_id"].to_numpy(),
+            "source": units["source"].to_numpy(),
+            "score": score_losses(variant, result.losses),
+            "n_tokens": result.counts,
+            "char_start": units["char_start"].to_numpy(),
+            "char_end": units["char_end"].to_numpy(),
+        }
+    )
     for state, loss in sorted(result.losses.items()):
         frame[f"loss_{state}"] = loss
     return add_rank(frame, "score")

@@ -52,10 +52,14 @@ class AttributionResult:
             raise InputError(f"No query {query_id!r} in this result: use one of {self.query_ids}.")
         return table[table["query_id"] == query_id]
 
-    def top(self, k: int = 10, query_id: str | None = None, granularity: str = "unit") -> pd.DataFrame:
+    def top(
+        self, k: int = 10, query_id: str | None = None, granularity: str = "unit"
+    ) -> pd.DataFrame:
         """The k highest-ranked units, documents or sources of one query."""
         if granularity not in TABLES:
-            raise InputError(f"granularity={granularity!r} is unknown: use unit, document or source.")
+            raise InputError(
+                f"granularity={granularity!r} is unknown: use unit, document or source."
+            )
         table = getattr(self, TABLES[granularity])
         return self._pick(table, query_id).sort_values("rank").head(k).reset_index(drop=True)
 
@@ -86,7 +90,8 @@ class AttributionResult:
         root = Path(run_dir)
         if not (root / SUMMARY).is_file():
             raise InputError(
-                f"{root} is not a complete run (no {SUMMARY}): rerun it, or resume it with --resume."
+                f"{root} is not a complete run (no {SUMMARY}): rerun it, or continue it "
+                "with --resume."
             )
         tables = {n: pd.read_parquet(root / f"{n}.parquet") for n in TABLES.values()}
         top_tokens = [

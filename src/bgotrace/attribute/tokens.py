@@ -39,12 +39,14 @@ def top_token_changes(
         )
         token_scores = score_losses(variant, dict(zip(names, per_state, strict=True)))
         ids = units.unit_tokens(index).tolist()
-        rows.append({
-            "query_id": result.query.query.query_id,
-            "unit_id": row.unit_id,
-            "rank": int(row.rank),
-            "score": float(row.score),
-            "tokens": [tokenizer.decode([t]) for t in ids],
-            "token_scores": [round(float(s), 6) for s in token_scores],
-        })
+        rows.append(
+            {
+                "query_id": result.query.query.query_id,
+                "unit_id": row.unit_id,
+                "rank": int(row.rank),
+                "score": float(row.score),
+                "tokens": [tokenizer.decode([t]) for t in ids],
+                "token_scores": [round(float(s), 6) for s in token_scores],
+            }
+        )
     return rows

@@ -21,7 +21,5 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 def model_fingerprint(model: torch.nn.Module, names: Iterable[str] | None = None) -> str:
     """Fingerprint of a model's parameters (all, or only ``names``)."""
     wanted = None if names is None else set(names)
-    params = {
-        n: p for n, p in model.named_parameters() if wanted is None or n in wanted
-    }
+    params = {n: p for n, p in model.named_parameters() if wanted is None or n in wanted}
     return tensors_fingerprint(params)

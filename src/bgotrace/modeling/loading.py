@@ -96,7 +96,7 @@ def load_model_and_tokenizer(
     model = _load_causal_lm(path, resolve_dtype(dtype), trust_remote_code)
     if adapter is not None:
         model = _merge_adapter(model, Path(adapter))
-    model.to(resolve_device(device))
+    model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers types .to oddly
     model.eval()  # dropout off: scores must not depend on dropout masks
     return model, tokenizer
 

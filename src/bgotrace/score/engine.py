@@ -78,8 +78,15 @@ def _perturb_group(
     for qi, q in enumerate(group):
         trajectories.append({})
         for direction in (d for d in (DESCENT, ASCENT) if d in needed):
-            state = perturb(ctx.model, q, ctx.names, ctx.perturb_cfg, direction,
-                            n_units=ctx.n_units, fisher=ctx.fisher)
+            state = perturb(
+                ctx.model,
+                q,
+                ctx.names,
+                ctx.perturb_cfg,
+                direction,
+                n_units=ctx.n_units,
+                fisher=ctx.fisher,
+            )
             keys.append((qi, direction))
             states.append({n: t.to(sweep_dtype) for n, t in state.params.items()})
             trajectories[qi][direction] = state.loss_trajectory
@@ -104,13 +111,15 @@ def _score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> li
     out = []
     for qi, q in enumerate(group):
         mine = [(k, d) for k, (owner, d) in enumerate(keys) if owner in (qi, -1)]
-        out.append(QueryLosses(
-            query=q,
-            losses={d: losses[k] for k, d in mine},
-            counts=counts,
-            states={d: states[k] for k, d in mine},
-            trajectories=trajectories[qi],
-        ))
+        out.append(
+            QueryLosses(
+                query=q,
+                losses={d: losses[k] for k, d in mine},
+                counts=counts,
+                states={d: states[k] for k, d in mine},
+                trajectories=trajectories[qi],
+            )
+        )
     return out
 
 
@@ -124,9 +133,14 @@ def _sweep(ctx: SweepContext, g: int, states: list[Overrides]) -> tuple[np.ndarr
             shard = ctx.store.load_shard(g, b) if ctx.store is not None else None
             if shard is None:
                 shard = unit_loss_sums(
-                    ctx.sweep_model, ctx.units, np.arange(start, stop), states,
-                    batch_size=ctx.score_cfg.batch_size, pad_id=ctx.pad_id,
-                    device=ctx.device, advance=advance,
+                    ctx.sweep_model,
+                    ctx.units,
+                    np.arange(start, stop),
+                    states,
+                    batch_size=ctx.score_cfg.batch_size,
+                    pad_id=ctx.pad_id,
+                    device=ctx.device,
+                    advance=advance,
                 )
                 if ctx.store is not None:
                     ctx.store.save_shard(g, b, *shard)

@@ -104,7 +104,7 @@ class RunStore:
         tmp.replace(path)
 
     # --- final outputs -----------------------------------------------------------------
-    def write_atomic(self, name: str, write: Callable[[Path], None]) -> Path:
+    def write_atomic(self, name: str, write: Callable[[Path], object]) -> Path:
         """Write ``name`` through ``write(tmp_path)`` and rename it into place."""
         path = self.root / name
         tmp = path.with_name(path.name + ".part")

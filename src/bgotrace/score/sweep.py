@@ -63,7 +63,6 @@ def unit_token_losses(
     """Per-token NLL (n_states, L-1) of one unit under each state (token t predicted from < t)."""
     input_ids, attention_mask, labels = collate(units, np.array([index]), 0, device)
     rows = [
-        token_losses(forward_logits(model, input_ids, attention_mask, o), labels)[0]
-        for o in states
+        token_losses(forward_logits(model, input_ids, attention_mask, o), labels)[0] for o in states
     ]
     return torch.stack(rows).double().cpu().numpy()
