@@ -76,7 +76,9 @@ def load_inputs(
     queries = list(queries) if queries is not None else queries_from_spec(config)
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(
-            config.model.path, adapter=config.model.adapter, device=config.model.device,
+            config.model.path,
+            adapter=config.model.adapter,
+            device=config.model.device,
             trust_remote_code=config.model.trust_remote_code,
         )
     model.eval()  # scores must not depend on dropout masks
@@ -85,8 +87,9 @@ def load_inputs(
         fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
         documents = load_documents(spec.path, fields)
     chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride)
-    cache = get_token_cache(documents, tokenizer, chunking, spec.resolved_cache_dir(),
-                            rebuild=rebuild_cache)
+    cache = get_token_cache(
+        documents, tokenizer, chunking, spec.resolved_cache_dir(), rebuild=rebuild_cache
+    )
     encoded = [encode_query(q, tokenizer, context_length(model)) for q in queries]
     return Inputs(model, tokenizer, cache, encoded)
 
@@ -122,12 +125,25 @@ def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | No
         store.check_state("cache", cache.manifest.get("corpus_fingerprint"))
     fisher = None
     if config.perturb.optimizer == "fisher":
-        fisher = cached_fisher(model, cache, names, n_samples=config.perturb.fisher_samples,
-                               seed=config.seed, device=device)
+        fisher = cached_fisher(
+            model,
+            cache,
+            names,
+            n_samples=config.perturb.fisher_samples,
+            seed=config.seed,
+            device=device,
+        )
     return SweepContext(
-        model=model, sweep_model=_sweep_model(model, config.scoring.dtype), units=cache,
-        names=names, perturb_cfg=config.perturb, score_cfg=config.scoring, device=device,
-        pad_id=int(inputs.tokenizer.pad_token_id or 0), n_units=len(cache), fisher=fisher,
+        model=model,
+        sweep_model=_sweep_model(model, config.scoring.dtype),
+        units=cache,
+        names=names,
+        perturb_cfg=config.perturb,
+        score_cfg=config.scoring,
+        device=device,
+        pad_id=int(inputs.tokenizer.pad_token_id or 0),
+        n_units=len(cache),
+        fisher=fisher,
         store=store,
     )
 
@@ -139,35 +155,53 @@ def _sweep_model(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
         return model
     log.warning(
         "sweeping in %s: perturbations smaller than its rounding step vanish; "
-        "use float32 if scores look flat", dtype_name,
+        "use float32 if scores look flat",
+        dtype_name,
     )
     return copy.deepcopy(model).to(dtype)
 
 
-def _rank(config: AttributeConfig, inputs: Inputs, ctx: SweepContext,
-          losses: list[QueryLosses]) -> AttributionResult:
+def _rank(
+    config: AttributeConfig, inputs: Inputs, ctx: SweepContext, losses: list[QueryLosses]
+) -> AttributionResult:
     variant = config.scoring.score
     per_query = [unit_scores(inputs.cache.units, ql, variant) for ql in losses]
     scores = pd.concat(per_query, ignore_index=True)
     top_tokens: list[dict[str, Any]] = []
     for ql, ranked in zip(losses, per_query, strict=True):
         top_tokens += top_token_changes(
-            ctx.sweep_model, inputs.cache, inputs.tokenizer, ql, ranked,
-            k=config.output.top_tokens, variant=variant, device=ctx.device,
+            ctx.sweep_model,
+            inputs.cache,
+            inputs.tokenizer,
+            ql,
+            ranked,
+            k=config.output.top_tokens,
+            variant=variant,
+            device=ctx.device,
         )
     shown = max(config.output.top_k, config.output.top_tokens)
     snippets = {
         str(r.unit_id): inputs.cache.unit_text(int(r.unit_index))
-        for ranked in per_query for r in ranked.head(shown).itertuples()
+        for ranked in per_query
+        for r in ranked.head(shown).itertuples()
     }
     return AttributionResult(
-        scores=scores, documents=aggregate(scores, "doc_id"), sources=aggregate(scores, "source"),
-        top_tokens=top_tokens, snippets=snippets,
+        scores=scores,
+        documents=aggregate(scores, "doc_id"),
+        sources=aggregate(scores, "source"),
+        top_tokens=top_tokens,
+        snippets=snippets,
     )
 
 
-def _summary(config: AttributeConfig, inputs: Inputs, ctx: SweepContext,
-             losses: list[QueryLosses], result: AttributionResult, seconds: float) -> dict:
+def _summary(
+    config: AttributeConfig,
+    inputs: Inputs,
+    ctx: SweepContext,
+    losses: list[QueryLosses],
+    result: AttributionResult,
+    seconds: float,
+) -> dict:
     params = dict(inputs.model.named_parameters())
     return {
         "bgotrace_version": bgotrace.__version__,
@@ -181,6 +215,9 @@ def _summary(config: AttributeConfig, inputs: Inputs, ctx: SweepContext,
         "queries": [
             {
                 "query_id": ql.query.query.query_id,
+                "prompt": ql.query.query.prompt,
+                "completion": ql.query.query.completion,
+                "loss_on": ql.query.query.loss_on,
                 "n_loss_tokens": ql.query.n_loss_tokens,
                 "loss_trajectories": ql.trajectories,
                 "top_units": result.top(5, ql.query.query.query_id)["unit_id"].tolist(),

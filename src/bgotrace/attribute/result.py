@@ -82,6 +82,9 @@ class AttributionResult:
         lines = "".join(json.dumps(r) + "\n" for r in self.top_tokens)
         store.write_text("top_tokens.jsonl", lines)
         store.write_text("snippets.json", json.dumps(self.snippets, indent=1))
+        from bgotrace.report.html import render_report  # the report imports this module
+
+        store.write_text("report.html", render_report(self, self.summary.get("queries", [])))
         store.write_text(SUMMARY, json.dumps(self.summary, indent=2, default=str))
 
     @classmethod

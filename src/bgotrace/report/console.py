@@ -27,24 +27,40 @@ def result_table(result: AttributionResult, query_id: str, granularity: str, k: 
             table.add_column(col, overflow="fold")
         for r in top.itertuples():
             snippet = _snippet(result.snippets.get(str(r.unit_id), ""))
-            table.add_row(str(r.rank), f"{r.score:+.4f}", escape(str(r.unit_id)),
-                          escape(str(r.source)), snippet)
+            table.add_row(
+                str(r.rank),
+                f"{r.score:+.4f}",
+                escape(str(r.unit_id)),
+                escape(str(r.source)),
+                snippet,
+            )
         return table
     key = "doc_id" if granularity == "document" else "source"
     for col in (key, "score_sum", "score_mean", "units"):
         table.add_column(col, justify="right" if col != key else "left")
     for r in top.itertuples():
-        table.add_row(str(r.rank), escape(str(getattr(r, key))), f"{r.score_sum:+.4f}",
-                      f"{r.score_mean:+.5f}", str(r.n_units))
+        table.add_row(
+            str(r.rank),
+            escape(str(getattr(r, key))),
+            f"{r.score_sum:+.4f}",
+            f"{r.score_mean:+.5f}",
+            str(r.n_units),
+        )
     return table
 
 
 def print_result(
-    result: AttributionResult, *, granularity: str, k: int, out: str | None,
+    result: AttributionResult,
+    *,
+    granularity: str,
+    k: int,
+    out: str | None,
     console: Console | None = None,
 ) -> None:
     console = console or Console()
     for query_id in result.query_ids:
         console.print(result_table(result, query_id, granularity, k))
     if out is not None:
-        console.print(f"Results written to [bold]{escape(out)}[/bold] (scores.parquet, summary.json).")
+        console.print(
+            f"Results written to [bold]{escape(out)}[/bold] (scores.parquet, summary.json)."
+        )

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
-
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
