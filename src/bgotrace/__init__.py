@@ -7,13 +7,36 @@ training unit z by ``L(z; θ−) − L(z; θ+)`` in nats: high = z supports the 
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from bgotrace.api import attribute
-from bgotrace.attribute.result import AttributionResult
-from bgotrace.config import AttributeConfig, PerturbConfig, ScoreConfig
-from bgotrace.errors import BgotraceError
-from bgotrace.query import Query
+# Names are imported on first use: torch and transformers take seconds to import,
+# and the pure modules (metrics, corpus readers) should not pay for them.
+_EXPORTS = {
+    "attribute": "bgotrace.api",
+    "AttributionResult": "bgotrace.attribute.result",
+    "AttributeConfig": "bgotrace.config",
+    "PerturbConfig": "bgotrace.config",
+    "ScoreConfig": "bgotrace.config",
+    "BgotraceError": "bgotrace.errors",
+    "Query": "bgotrace.query",
+}
+
+if TYPE_CHECKING:
+    from bgotrace.api import attribute
+    from bgotrace.attribute.result import AttributionResult
+    from bgotrace.config import AttributeConfig, PerturbConfig, ScoreConfig
+    from bgotrace.errors import BgotraceError
+    from bgotrace.query import Query
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bgotrace' has no attribute {name!r}")
+
 
 __all__ = [
     "AttributeConfig",

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import bgotrace
+from bgotrace import __version__
 from bgotrace.attribute.ranking import aggregate, unit_scores
 from bgotrace.attribute.result import AttributionResult
 from bgotrace.attribute.tokens import top_token_changes
@@ -204,7 +204,7 @@ def _summary(
 ) -> dict:
     params = dict(inputs.model.named_parameters())
     return {
-        "bgotrace_version": bgotrace.__version__,
+        "bgotrace_version": __version__,
         "torch_version": torch.__version__,
         "config": config.to_dict(),
         "seed": config.seed,
