@@ -22,7 +22,9 @@ def unit_token_nll(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
     return np.array([-float(logp[t - 1, ids[t]]) for t in range(1, len(ids))])
 
 
-def query_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def query_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     logits = model(input_ids=input_ids).logits[0, :-1].float()
     target = labels[0, 1:]
     keep = target != IGNORE
@@ -42,8 +44,21 @@ def fisher_diag(model: torch.nn.Module, units: list[list[int]], indices: np.ndar
     return {n: a / len(indices) for n, a in acc.items()}
 
 
-def perturbed_copy(model, input_ids, labels, *, optimizer, lr, steps, sign, n_units=1,
-                   fisher=None, fisher_eps=1e-6, betas=(0.9, 0.999), eps=1e-8):
+def perturbed_copy(
+    model,
+    input_ids,
+    labels,
+    *,
+    optimizer,
+    lr,
+    steps,
+    sign,
+    n_units=1,
+    fisher=None,
+    fisher_eps=1e-6,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+):
     """sign=-1: descent (θ+), sign=+1: ascent (θ−); every update written out."""
     m = copy.deepcopy(model)
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in m.named_parameters()}

@@ -15,9 +15,9 @@ import bgotrace
 from bgotrace.corpus import Document
 from bgotrace.perturb.fisher import sample_units
 from bgotrace.query import Query, encode_query
+from tests.bgo_reference import fisher_diag, perturbed_copy, unit_token_nll
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
-from tests.bgo_reference import fisher_diag, perturbed_copy, unit_token_nll
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 LR = {"sgd": 0.5, "adam": 3e-3, "fisher": 1e-6}
@@ -31,15 +31,20 @@ def model_and_tokenizer():
 
 DOCS = [
     Document(f"d{i}", text, src)
-    for i, (text, src) in enumerate([
-        ("The quick brown fox jumps over the lazy dog.", "animals"),
-        ("The cat sleeps on a warm mat while rivers carry sand.", "animals"),
-        ("Paris is the capital of France, Berlin of Germany.", "geo"),
-        ("Rome is the capital of Italy and Madrid of Spain.", "geo"),
-        ("Water boils at one hundred degrees and ice melts at zero.", "science"),
-        ("def add(a, b): return a + b", "code"),
-        ("Gradients point uphill; a small step against the gradient lowers the loss.", "science"),
-    ])
+    for i, (text, src) in enumerate(
+        [
+            ("The quick brown fox jumps over the lazy dog.", "animals"),
+            ("The cat sleeps on a warm mat while rivers carry sand.", "animals"),
+            ("Paris is the capital of France, Berlin of Germany.", "geo"),
+            ("Rome is the capital of Italy and Madrid of Spain.", "geo"),
+            ("Water boils at one hundred degrees and ice melts at zero.", "science"),
+            ("def add(a, b): return a + b", "code"),
+            (
+                "Gradients point uphill; a small step against the gradient lowers the loss.",
+                "science",
+            ),
+        ]
+    )
 ]
 QUERY = Query("q", "Paris is the capital of", " France.")
 
@@ -62,10 +67,14 @@ def _reference(model, tokenizer, units, optimizer, variant, reduce, n_fisher=4):
         "abs": lambda a, d, b: np.abs(a - d),
     }[variant]
     red = np.mean if reduce == "mean" else np.sum
-    unit = np.array([
-        combine(red(per_token["ascent"][i]), red(per_token["descent"][i]), red(per_token["base"][i]))
-        for i in range(len(units))
-    ])
+    unit = np.array(
+        [
+            combine(
+                red(per_token["ascent"][i]), red(per_token["descent"][i]), red(per_token["base"][i])
+            )
+            for i in range(len(units))
+        ]
+    )
     tokens = [
         combine(per_token["ascent"][i], per_token["descent"][i], per_token["base"][i])
         for i in range(len(units))
@@ -80,8 +89,9 @@ def _run(model, tokenizer, tmp_path, optimizer, variant, reduce, batch_size=3):
         "scoring": {"score": variant, "reduce": reduce, "batch_size": batch_size},
         "output": {"top_tokens": 100},
     }
-    result = bgotrace.attribute(model, tokenizer, DOCS, prompt=QUERY.prompt,
-                                completion=QUERY.completion, config=cfg)
+    result = bgotrace.attribute(
+        model, tokenizer, DOCS, prompt=QUERY.prompt, completion=QUERY.completion, config=cfg
+    )
     from bgotrace.cache import get_token_cache
     from bgotrace.corpus import ChunkingConfig
 

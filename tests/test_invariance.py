@@ -45,8 +45,11 @@ def tok():
 
 
 def run(model, tok, tmp_path, docs=DOCS, queries=QUERIES, **sections):
-    config = {"corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},
-              "perturb": {"lr": 3e-3, "steps": 2}, "output": {"top_tokens": 0}}
+    config = {
+        "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},
+        "perturb": {"lr": 3e-3, "steps": 2},
+        "output": {"top_tokens": 0},
+    }
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     return bgotrace.attribute(model, tok, docs, queries=queries, config=config)
@@ -74,8 +77,9 @@ def test_corpus_order_does_not_change_scores(tok, tmp_path):
     model = tiny_gpt2(tok)
     shuffled = DOCS[:]
     random.Random(1).shuffle(shuffled)
-    assert_same(run(model, tok, tmp_path / "a", docs=DOCS),
-                run(model, tok, tmp_path / "b", docs=shuffled))
+    assert_same(
+        run(model, tok, tmp_path / "a", docs=DOCS), run(model, tok, tmp_path / "b", docs=shuffled)
+    )
 
 
 def test_query_order_and_grouping_do_not_change_scores(tok, tmp_path):
@@ -90,7 +94,12 @@ def test_base_model_is_bit_identical_after_attribution(tok, tmp_path, optimizer)
     model = tiny_gpt2(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    run(model, tok, tmp_path, perturb={"optimizer": optimizer, "lr": 1e-6 if optimizer == "fisher" else 1e-3})
+    run(
+        model,
+        tok,
+        tmp_path,
+        perturb={"optimizer": optimizer, "lr": 1e-6 if optimizer == "fisher" else 1e-3},
+    )
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p.requires_grad == flags[n]
@@ -111,8 +120,11 @@ def test_resume_after_interruption_gives_the_same_scores(tok, tmp_path, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "unit_loss_sums", crash_on_third_block)
-    config = {"scoring": scoring, "perturb": {"lr": 3e-3, "steps": 2},
-              "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")}}
+    config = {
+        "scoring": scoring,
+        "perturb": {"lr": 3e-3, "steps": 2},
+        "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},
+    }
     with pytest.raises(KeyboardInterrupt):
         bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config, out=out)
     assert not (out / "summary.json").exists()  # an interrupted run never looks complete
@@ -121,8 +133,9 @@ def test_resume_after_interruption_gives_the_same_scores(tok, tmp_path, monkeypa
         bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config, out=out)
     monkeypatch.setattr(engine, "unit_loss_sums", real)
     calls["n"] = 0
-    resumed = bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config, out=out,
-                                 resume=True)
+    resumed = bgotrace.attribute(
+        model, tok, DOCS, queries=QUERIES, config=config, out=out, resume=True
+    )
     assert (out / "summary.json").exists()
     assert_same(clean, resumed)
     again = bgotrace.AttributionResult.load(out)
@@ -131,11 +144,14 @@ def test_resume_after_interruption_gives_the_same_scores(tok, tmp_path, monkeypa
 
 def test_resume_refuses_a_run_with_other_perturbed_states(tok, tmp_path):
     model = tiny_gpt2(tok)
-    config = {"corpus": {"max_length": 10, "cache_dir": str(tmp_path / "c")},
-              "perturb": {"lr": 3e-3, "steps": 1}}
+    config = {
+        "corpus": {"max_length": 10, "cache_dir": str(tmp_path / "c")},
+        "perturb": {"lr": 3e-3, "steps": 1},
+    }
     out = tmp_path / "run"
     bgotrace.attribute(model, tok, DOCS, queries=QUERIES[:1], config=config, out=out)
     config["perturb"]["lr"] = 1e-2
     with pytest.raises(RunDirectoryError, match="config.yaml differs"):
-        bgotrace.attribute(model, tok, DOCS, queries=QUERIES[:1], config=config, out=out,
-                           resume=True)
+        bgotrace.attribute(
+            model, tok, DOCS, queries=QUERIES[:1], config=config, out=out, resume=True
+        )

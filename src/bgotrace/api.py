@@ -63,8 +63,9 @@ def attribute(
         model, tokenizer = load_model_and_tokenizer(model, device=cfg.model.device)
     if tokenizer is None:
         raise InputError("A loaded model needs its tokenizer: pass tokenizer=... as well.")
-    inputs = load_inputs(cfg, model=model, tokenizer=tokenizer, documents=documents,
-                         queries=queries)
+    inputs = load_inputs(
+        cfg, model=model, tokenizer=tokenizer, documents=documents, queries=queries
+    )
     return run_attribution(cfg, inputs, overwrite=overwrite, resume=resume)
 
 
@@ -88,8 +89,10 @@ def _build_config(
         data = config.to_dict()
     else:
         data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (config or {}).items()}
-    model_path = str(model) if isinstance(model, (str, Path)) else getattr(
-        model, "name_or_path", "<in-memory model>"
+    model_path = (
+        str(model)
+        if isinstance(model, (str, Path))
+        else getattr(model, "name_or_path", "<in-memory model>")
     )
     data.setdefault("model", {}).setdefault("path", model_path)
     corpus_path = str(corpus) if isinstance(corpus, (str, Path)) else "<in-memory corpus>"

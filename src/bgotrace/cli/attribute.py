@@ -42,7 +42,9 @@ def attribute(
     completion: Annotated[str | None, _opt(QuerySpec, "completion")] = None,
     queries: Annotated[str | None, _opt(QuerySpec, "queries")] = None,
     out: Annotated[str | None, _opt(OutputSpec, "out")] = None,
-    config: Annotated[Path | None, typer.Option(help="Replay a run's config.yaml; other flags override it.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Replay a run's config.yaml; other flags override it.")
+    ] = None,
     loss_on: Annotated[str | None, _opt(QuerySpec, "loss_on")] = None,
     adapter: Annotated[str | None, _opt(ModelSpec, "adapter")] = None,
     device: Annotated[str | None, _opt(ModelSpec, "device")] = None,
@@ -68,10 +70,14 @@ def attribute(
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
     granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
     top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of every random choice (Fisher sample).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of every random choice (Fisher sample).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
-    rebuild_cache: Annotated[bool, typer.Option(help="Rebuild a token cache made with other settings.")] = False,
+    rebuild_cache: Annotated[
+        bool, typer.Option(help="Rebuild a token cache made with other settings.")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Rank the training units, documents and sources that support a model's text (BGO)."""
@@ -84,22 +90,32 @@ def attribute(
 
 
 SECTION_OF = {
-    "model": ("model", "path"), "corpus": ("corpus", "path"), "seed": (None, "seed"),
+    "model": ("model", "path"),
+    "corpus": ("corpus", "path"),
+    "seed": (None, "seed"),
     **{n: ("model", n) for n in ("adapter", "device", "trust_remote_code")},
-    **{n: ("corpus", n) for n in ("text_field", "id_field", "source_field", "max_length",
-                                  "stride", "cache_dir")},
+    **{
+        n: ("corpus", n)
+        for n in ("text_field", "id_field", "source_field", "max_length", "stride", "cache_dir")
+    },
     **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on")},
-    **{n: ("perturb", n) for n in ("optimizer", "lr", "steps", "params", "max_grad_norm",
-                                   "fisher_samples")},
-    **{n: ("scoring", n) for n in ("score", "reduce", "batch_size", "dtype", "block_units",
-                                   "queries_per_sweep")},
+    **{
+        n: ("perturb", n)
+        for n in ("optimizer", "lr", "steps", "params", "max_grad_norm", "fisher_samples")
+    },
+    **{
+        n: ("scoring", n)
+        for n in ("score", "reduce", "batch_size", "dtype", "block_units", "queries_per_sweep")
+    },
     **{n: ("output", n) for n in ("out", "top_k", "granularity", "top_tokens")},
 }
 
 
 def build_config(values: dict[str, Any]) -> AttributeConfig:
     """Config file (if any) overridden by every flag given on the command line."""
-    data: dict[str, Any] = AttributeConfig.load(values["config"]).to_dict() if values["config"] else {}
+    data: dict[str, Any] = (
+        AttributeConfig.load(values["config"]).to_dict() if values["config"] else {}
+    )
     given = {k: v for k, v in values.items() if k in SECTION_OF and v is not None}
     if given.get("prompt") is not None or given.get("completion") is not None:
         data.get("query", {}).pop("queries", None)

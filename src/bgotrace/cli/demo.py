@@ -25,7 +25,9 @@ from bgotrace.report.progress import set_progress
 
 def demo(
     out: Annotated[str, typer.Option(help="Run directory to write.")] = "runs/demo",
-    prompt: Annotated[str | None, typer.Option(help="Prompt to continue (default: a shipped one).")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Prompt to continue (default: a shipped one).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 24,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -40,8 +42,7 @@ def demo(
     console.print(f"[bold]completion[/bold] {escape(completion)}")
     config = AttributeConfig(
         model=ModelSpec(path=str(demo_model_path()), device="cpu"),
-        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=128,
-                          cache_dir=f"{out}-cache"),
+        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=128, cache_dir=f"{out}-cache"),
         query=QuerySpec(prompt=prompt, completion=completion),
         output=OutputSpec(out=out, top_k=10),
     )

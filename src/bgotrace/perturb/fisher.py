@@ -52,8 +52,11 @@ def estimate_fisher(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Mean squared per-unit gradient of each named parameter, in float32."""
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
-           if n in set(names)}
+    acc = {
+        n: torch.zeros_like(p, dtype=torch.float32)
+        for n, p in model.named_parameters()
+        if n in set(names)
+    }
     with grads_only_for(model, names) as params:
         for i in progress_bar(indices.tolist(), "Fisher"):
             ids = torch.as_tensor(units.unit_tokens(i).astype(np.int64), device=device)[None]
@@ -64,7 +67,9 @@ def estimate_fisher(
     return {n: a / len(indices) for n, a in acc.items()}
 
 
-def fisher_key(units: UnitSource, model: torch.nn.Module, names: Sequence[str], n: int, seed: int) -> str:
+def fisher_key(
+    units: UnitSource, model: torch.nn.Module, names: Sequence[str], n: int, seed: int
+) -> str:
     """Cache key: corpus cache, model weights, parameter selection, sample size and seed."""
     parts = {
         "cache": json.dumps(units.manifest, sort_keys=True, default=str),

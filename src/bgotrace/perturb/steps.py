@@ -50,7 +50,10 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            work, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            work,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
             maximize=ascent,
         )
     # sgd and fisher are both plain steps; fisher divides the gradient by (F̂+ε) first.
