@@ -70,3 +70,14 @@ def tiny_documents() -> list[Document]:
         Document("code", "def add(a, b): return a + b", "code"),
         Document("cafe", "Cafés serve crème brûlée in Zürich.", "code"),
     ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models run far faster on one thread than on two contended ones."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -157,8 +157,11 @@ def test_rebuild_replaces_a_stale_cache(
     tiny_tokenizer: Any, tiny_documents: list[Document], cache_dir: Path
 ) -> None:
     build(tiny_documents, tiny_tokenizer, cache_dir)
+    (cache_dir / "fisher").mkdir()  # derived from the old units: replaced with them
+    (cache_dir / "fisher" / "old.safetensors").write_text("stale")
     other = ChunkingConfig(max_length=16)
     cache = build(tiny_documents, tiny_tokenizer, cache_dir, chunking=other, rebuild=True)
+    assert not (cache_dir / "fisher").exists()
     assert cache.manifest["chunking"]["max_length"] == 16
     assert len(cache) == len(tokenize_and_chunk(tiny_documents, tiny_tokenizer, other))
     assert siblings(cache_dir) == ["cache"]

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # and the pure modules (metrics, corpus readers) should not pay for them.
 _EXPORTS = {
     "attribute": "bgotrace.api",
-    "AttributionResult": "bgotrace.attribute.result",
+    "AttributionResult": "bgotrace.ranking.result",
     "AttributeConfig": "bgotrace.config",
     "PerturbConfig": "bgotrace.config",
     "ScoreConfig": "bgotrace.config",
@@ -26,10 +26,10 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from bgotrace.api import attribute
-    from bgotrace.attribute.result import AttributionResult
     from bgotrace.config import AttributeConfig, PerturbConfig, ScoreConfig
     from bgotrace.errors import BgotraceError
     from bgotrace.query import Query
+    from bgotrace.ranking.result import AttributionResult
 
 
 def __getattr__(name: str) -> Any:

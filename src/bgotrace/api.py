@@ -23,13 +23,13 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bgotrace.attribute.result import AttributionResult
 from bgotrace.config import AttributeConfig
 from bgotrace.corpus import Document, documents_from_records
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.pipeline import load_inputs, run_attribution, temporary_cache_dir
 from bgotrace.query import Query
+from bgotrace.ranking.result import AttributionResult
 
 CorpusLike = str | Path | Sequence[Document] | Iterable[Mapping[str, Any] | str]
 

@@ -23,9 +23,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace import __version__
-from bgotrace.attribute.ranking import aggregate, unit_scores
-from bgotrace.attribute.result import AttributionResult
-from bgotrace.attribute.tokens import top_token_changes
 from bgotrace.cache import TokenCache, get_token_cache
 from bgotrace.config import AttributeConfig
 from bgotrace.corpus import ChunkingConfig, CorpusFields, Document, load_documents
@@ -34,6 +31,9 @@ from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
+from bgotrace.ranking.aggregate import aggregate, unit_scores
+from bgotrace.ranking.result import AttributionResult
+from bgotrace.ranking.tokens import top_token_changes
 from bgotrace.score.engine import QueryLosses, SweepContext, score_queries
 from bgotrace.score.store import RunStore
 
@@ -135,7 +135,7 @@ def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | No
         )
     return SweepContext(
         model=model,
-        sweep_model=_sweep_model(model, config.scoring.dtype),
+        sweep_model=sweep_model_in(model, config.scoring.dtype),
         units=cache,
         names=names,
         perturb_cfg=config.perturb,
@@ -148,7 +148,7 @@ def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | No
     )
 
 
-def _sweep_model(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
     """The base model in the sweep dtype; a copy only when the dtype differs."""
     dtype = resolve_dtype(dtype_name)
     if next(model.parameters()).dtype == dtype:

@@ -48,6 +48,9 @@ UNITS_FILE = "units.parquet"
 DOCUMENTS_FILE = "documents.parquet"
 MANIFEST_FILE = "manifest.json"
 CACHE_FILES = (TOKENS_FILE, UNITS_FILE, DOCUMENTS_FILE, MANIFEST_FILE)
+DERIVED_DIRS = ("fisher", "kronfluence")
+"""Artefacts computed from a cache's units and kept beside it (keyed by its manifest);
+a rebuild replaces them together with the cache."""
 
 COMPARED_KEYS = ("format_version", "tokenizer_fingerprint", "corpus_fingerprint", "n_documents")
 """Manifest keys (besides each ``chunking.*`` setting) that must match for reuse."""
@@ -210,7 +213,8 @@ def _refuse_foreign_files(root: Path) -> None:
         raise CacheMismatchError(
             f"Cache path {root} is a file, not a directory: choose another --cache-dir."
         )
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in CACHE_FILES)
+    known = CACHE_FILES + DERIVED_DIRS
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in known)
     if foreign:
         raise CacheMismatchError(
             f"Cache directory {root} holds files that are not part of a token cache "

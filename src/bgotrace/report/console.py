@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bgotrace.attribute.result import AttributionResult
+from bgotrace.ranking.result import AttributionResult
 
 SNIPPET_CHARS = 90
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from bgotrace.attribute.result import AttributionResult
+from bgotrace.ranking.result import AttributionResult
 
 FORMULAS = {
     "bidirectional": "L(z; θ−) − L(z; θ+)",

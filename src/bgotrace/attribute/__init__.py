@@ -1,1 +1,0 @@
-"""attribute stage of bgotrace."""

@@ -1,0 +1,1 @@
+"""Ranking stage: scores -> ranked units, documents and sources; the result object."""
