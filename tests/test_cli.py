@@ -99,6 +99,26 @@ def test_attribute_writes_a_complete_replayable_run(model_dir, corpus, tmp_path)
     pd.testing.assert_frame_equal(scores, again)
 
 
+def test_baseline_method_writes_the_same_outputs(model_dir, corpus, tmp_path):
+    out = tmp_path / "bm25"
+    args = base_args(model_dir, corpus, tmp_path, out=out, method="bm25", max_length="64")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert scores.loc[scores["rank"] == 1, "doc_id"].item() == "d1"  # shares "France"
+    assert json.loads((out / "summary.json").read_text())["method"] == "bm25"
+    assert "method bm25" in (out / "report.html").read_text()
+    bad = invoke(*base_args(model_dir, corpus, tmp_path, method="tracin"))
+    assert_one_line_error(bad, "Unknown attribution method 'tracin'")
+
+
+def test_method_names_match_the_registry():
+    from bgotrace.baselines import available_methods
+    from bgotrace.config import METHODS
+
+    assert sorted(METHODS) == available_methods()
+
+
 def test_existing_run_is_not_clobbered(model_dir, corpus, tmp_path):
     args = base_args(model_dir, corpus, tmp_path, out=tmp_path / "run")
     assert invoke(*args).exit_code == 0

@@ -25,6 +25,19 @@ OPTIMIZERS = ("sgd", "adam", "fisher")
 SCORES = ("bidirectional", "ascent", "descent", "abs")
 REDUCTIONS = ("mean", "sum")
 GRANULARITIES = ("unit", "document", "source")
+METHODS = (
+    "bgo",
+    "untrac-inv",
+    "random",
+    "bm25",
+    "repsim",
+    "graddot",
+    "gradcos",
+    "fisher-graddot",
+    "trackstar",
+    "ekfac",
+)
+"""Names of the attribution methods (the registry in ``bgotrace.baselines`` must match)."""
 _PARAMS_RE = re.compile(r"^(all|last:\d+|regex:.+)$")
 
 
@@ -199,6 +212,14 @@ class AttributeConfig:
     scoring: ScoreConfig = field(default_factory=ScoreConfig)
     output: OutputSpec = field(default_factory=OutputSpec)
     seed: int = 0
+    method: str = "bgo"
+    """``bgo`` (perturbation + sweep) or a baseline name (``bgotrace.baselines``)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"Unknown attribution method {self.method!r}: use one of {', '.join(METHODS)}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,6 +238,8 @@ class AttributeConfig:
                 kwargs[name] = build_section(section_cls, data[name] or {}, name)
         if "seed" in data:
             kwargs["seed"] = int(data["seed"])
+        if "method" in data:
+            kwargs["method"] = str(data["method"])
         for required in ("model", "corpus", "query"):
             if required not in kwargs:
                 raise ConfigError(f"Config has no {required!r} section: add it.")

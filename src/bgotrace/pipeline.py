@@ -34,8 +34,9 @@ from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
 from bgotrace.ranking.tokens import top_token_changes
-from bgotrace.score.engine import QueryLosses, SweepContext, score_queries
+from bgotrace.score.engine import SweepContext, score_queries
 from bgotrace.score.store import RunStore
+from bgotrace.score.variants import score_losses
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,82 @@ def run_attribution(
     overwrite: bool = False,
     resume: bool = False,
 ) -> AttributionResult:
-    """Perturb, sweep, rank and (when ``config.output.out`` is set) write a run directory."""
+    """Score, rank and (when ``config.output.out`` is set) write a run directory."""
     seed_everything(config.seed)
     started = time.time()
     store = None
     if config.output.out is not None:
         store = RunStore.open(config.output.out, overwrite=overwrite, resume=resume)
         store.check_config(config)
-    ctx = _sweep_context(config, inputs, store)
-    losses = score_queries(ctx, inputs.queries)
-    result = _rank(config, inputs, ctx, losses)
-    result.summary = _summary(config, inputs, ctx, losses, result, time.time() - started)
+    if config.method == "bgo":
+        result, details = _run_bgo(config, inputs, store)
+    else:
+        result, details = _run_method(config, inputs)
+    result.summary = _summary(config, inputs, result, details, time.time() - started)
     if store is not None:
         result.save(store)
     return result
+
+
+def _run_bgo(
+    config: AttributeConfig, inputs: Inputs, store: RunStore | None
+) -> tuple[AttributionResult, dict[str, Any]]:
+    ctx = _sweep_context(config, inputs, store)
+    losses = score_queries(ctx, inputs.queries)
+    variant = config.scoring.score
+    per_query = [
+        unit_scores(
+            inputs.cache.units,
+            ql.query.query.query_id,
+            score_losses(variant, ql.losses),
+            ql.counts,
+            ql.losses,
+        )
+        for ql in losses
+    ]
+    top_tokens: list[dict[str, Any]] = []
+    for ql, ranked in zip(losses, per_query, strict=True):
+        top_tokens += top_token_changes(
+            ctx.sweep_model,
+            inputs.cache,
+            inputs.tokenizer,
+            ql,
+            ranked,
+            k=config.output.top_tokens,
+            variant=variant,
+            device=ctx.device,
+        )
+    params = dict(inputs.model.named_parameters())
+    details = {
+        "device": str(ctx.device),
+        "perturbed_tensors": len(ctx.names),
+        "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
+        "loss_trajectories": [ql.trajectories for ql in losses],
+    }
+    return _assemble(config, inputs, per_query, top_tokens), details
+
+
+def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionResult, dict]:
+    """A baseline from ``bgotrace.baselines``, ranked and written exactly like BGO."""
+    from bgotrace.baselines import MethodContext, get_attributor
+
+    method = get_attributor(config.method)
+    ctx = MethodContext(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.cache,
+        seed=config.seed,
+        params=config.perturb.params,
+        batch_size=config.scoring.batch_size,
+    )
+    method.prepare(ctx)
+    scores = method.score(inputs.queries)  # (n_queries, n_units)
+    n_tokens = np.maximum(inputs.cache.lengths.astype(np.int64) - 1, 0)
+    per_query = [
+        unit_scores(inputs.cache.units, q.query.query_id, scores[i], n_tokens)
+        for i, q in enumerate(inputs.queries)
+    ]
+    return _assemble(config, inputs, per_query, []), {"device": str(ctx.device)}
 
 
 def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | None) -> SweepContext:
@@ -161,24 +224,13 @@ def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def _rank(
-    config: AttributeConfig, inputs: Inputs, ctx: SweepContext, losses: list[QueryLosses]
+def _assemble(
+    config: AttributeConfig,
+    inputs: Inputs,
+    per_query: list[pd.DataFrame],
+    top_tokens: list[dict[str, Any]],
 ) -> AttributionResult:
-    variant = config.scoring.score
-    per_query = [unit_scores(inputs.cache.units, ql, variant) for ql in losses]
     scores = pd.concat(per_query, ignore_index=True)
-    top_tokens: list[dict[str, Any]] = []
-    for ql, ranked in zip(losses, per_query, strict=True):
-        top_tokens += top_token_changes(
-            ctx.sweep_model,
-            inputs.cache,
-            inputs.tokenizer,
-            ql,
-            ranked,
-            k=config.output.top_tokens,
-            variant=variant,
-            device=ctx.device,
-        )
     shown = max(config.output.top_k, config.output.top_tokens)
     snippets = {
         str(r.unit_id): inputs.cache.unit_text(int(r.unit_index))
@@ -197,32 +249,30 @@ def _rank(
 def _summary(
     config: AttributeConfig,
     inputs: Inputs,
-    ctx: SweepContext,
-    losses: list[QueryLosses],
     result: AttributionResult,
+    details: dict[str, Any],
     seconds: float,
 ) -> dict:
-    params = dict(inputs.model.named_parameters())
+    trajectories = details.pop("loss_trajectories", [{}] * len(inputs.queries))
     return {
         "bgotrace_version": __version__,
         "torch_version": torch.__version__,
+        "method": config.method,
         "config": config.to_dict(),
         "seed": config.seed,
-        "device": str(ctx.device),
         "corpus": {k: inputs.cache.manifest.get(k) for k in ("n_documents", "n_units", "n_tokens")},
-        "perturbed_tensors": len(ctx.names),
-        "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
+        **details,
         "queries": [
             {
-                "query_id": ql.query.query.query_id,
-                "prompt": ql.query.query.prompt,
-                "completion": ql.query.query.completion,
-                "loss_on": ql.query.query.loss_on,
-                "n_loss_tokens": ql.query.n_loss_tokens,
-                "loss_trajectories": ql.trajectories,
-                "top_units": result.top(5, ql.query.query.query_id)["unit_id"].tolist(),
+                "query_id": q.query.query_id,
+                "prompt": q.query.prompt,
+                "completion": q.query.completion,
+                "loss_on": q.query.loss_on,
+                "n_loss_tokens": q.n_loss_tokens,
+                "loss_trajectories": traj,
+                "top_units": result.top(5, q.query.query_id)["unit_id"].tolist(),
             }
-            for ql in losses
+            for q, traj in zip(inputs.queries, trajectories, strict=True)
         ],
         "seconds": round(seconds, 3),
     }

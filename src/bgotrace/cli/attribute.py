@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from bgotrace.config import (
+    METHODS,
     AttributeConfig,
     CorpusSpec,
     ModelSpec,
@@ -70,6 +71,10 @@ def attribute(
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
     granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
     top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="bgo (default) or a baseline: " + ", ".join(METHODS[1:]) + "."),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of every random choice (Fisher sample).")
     ] = None,
@@ -93,6 +98,7 @@ SECTION_OF = {
     "model": ("model", "path"),
     "corpus": ("corpus", "path"),
     "seed": (None, "seed"),
+    "method": (None, "method"),
     **{n: ("model", n) for n in ("adapter", "device", "trust_remote_code")},
     **{
         n: ("corpus", n)

@@ -17,9 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bgotrace.score.engine import QueryLosses
-from bgotrace.score.variants import score_losses
-
 RANK_KEY = {"doc_id": "score_sum", "source": "score_mean"}
 
 
@@ -30,22 +27,28 @@ def add_rank(frame: pd.DataFrame, by: str, group: str = "query_id") -> pd.DataFr
     return frame.reset_index(drop=True)
 
 
-def unit_scores(units: pd.DataFrame, result: QueryLosses, variant: str) -> pd.DataFrame:
-    """One row per unit: ids, score, rank and the losses it came from."""
+def unit_scores(
+    units: pd.DataFrame,
+    query_id: str,
+    scores: np.ndarray,
+    n_tokens: np.ndarray,
+    losses: dict[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """One row per unit: ids, score, rank and (for BGO) the losses it came from."""
     frame = pd.DataFrame(
         {
-            "query_id": result.query.query.query_id,
+            "query_id": query_id,
             "unit_index": np.arange(len(units)),
             "unit_id": units["unit_id"].to_numpy(),
             "doc_id": units["doc_id"].to_numpy(),
             "source": units["source"].to_numpy(),
-            "score": score_losses(variant, result.losses),
-            "n_tokens": result.counts,
+            "score": scores,
+            "n_tokens": n_tokens,
             "char_start": units["char_start"].to_numpy(),
             "char_end": units["char_end"].to_numpy(),
         }
     )
-    for state, loss in sorted(result.losses.items()):
+    for state, loss in sorted((losses or {}).items()):
         frame[f"loss_{state}"] = loss
     return add_rank(frame, "score")
 
