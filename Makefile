@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU wheel first: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,dist]"
 	# kronfluence without its torchvision requirement (PyPI torchvision breaks the CPU torch).
 	$(BIN)/python -m pip install -q --no-deps kronfluence==1.0.1
 	touch $(STAMP)

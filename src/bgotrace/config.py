@@ -174,8 +174,9 @@ class ScoreConfig:
     dtype: str = _help(
         "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32"
     )
-    block_units: int = _help("Units per resumable block of the sweep.", 4096)
+    block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
+    workers: int = _help("Ray workers sharing the sweep's blocks (0: this process only).", 0)
 
     def __post_init__(self) -> None:
         _one_of(self.score, SCORES, "--score")
@@ -184,6 +185,8 @@ class ScoreConfig:
         for name in ("batch_size", "block_units", "queries_per_sweep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
 
 
 @dataclass

@@ -196,18 +196,33 @@ def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | No
             seed=config.seed,
             device=device,
         )
+    sweep_model = sweep_model_in(model, config.scoring.dtype)
+    pad_id = int(inputs.tokenizer.pad_token_id or 0)
+    executor = None
+    if config.scoring.workers > 0:
+        from bgotrace.dist.ray_executor import RayExecutor
+
+        executor = RayExecutor(
+            sweep_model,
+            cache.root,
+            n_workers=config.scoring.workers,
+            batch_size=config.scoring.batch_size,
+            pad_id=pad_id,
+            gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+        )
     return SweepContext(
         model=model,
-        sweep_model=sweep_model_in(model, config.scoring.dtype),
+        sweep_model=sweep_model,
         units=cache,
         names=names,
         perturb_cfg=config.perturb,
         score_cfg=config.scoring,
         device=device,
-        pad_id=int(inputs.tokenizer.pad_token_id or 0),
+        pad_id=pad_id,
         n_units=len(cache),
         fisher=fisher,
         store=store,
+        block_executor=executor,
     )
 
 

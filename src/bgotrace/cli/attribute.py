@@ -68,6 +68,7 @@ def attribute(
     dtype: Annotated[str | None, _opt(ScoreConfig, "dtype")] = None,
     block_units: Annotated[int | None, _opt(ScoreConfig, "block_units")] = None,
     queries_per_sweep: Annotated[int | None, _opt(ScoreConfig, "queries_per_sweep")] = None,
+    workers: Annotated[int | None, _opt(ScoreConfig, "workers")] = None,
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
     granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
     top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
@@ -111,7 +112,15 @@ SECTION_OF = {
     },
     **{
         n: ("scoring", n)
-        for n in ("score", "reduce", "batch_size", "dtype", "block_units", "queries_per_sweep")
+        for n in (
+            "score",
+            "reduce",
+            "batch_size",
+            "dtype",
+            "block_units",
+            "queries_per_sweep",
+            "workers",
+        )
     },
     **{n: ("output", n) for n in ("out", "top_k", "granularity", "top_tokens")},
 }

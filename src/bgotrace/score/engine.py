@@ -19,8 +19,9 @@ from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.report.progress import progress_task
 from bgotrace.score.batching import TokenSource
+from bgotrace.score.executor import Block, BlockExecutor, LocalExecutor
 from bgotrace.score.store import RunStore
-from bgotrace.score.sweep import Overrides, unit_loss_sums
+from bgotrace.score.sweep import Overrides
 from bgotrace.score.variants import BASE, STATES_NEEDED, reduce_sums
 
 
@@ -56,6 +57,15 @@ class SweepContext:
     n_units: int
     fisher: Mapping[str, torch.Tensor] | None = None
     store: RunStore | None = None
+    block_executor: BlockExecutor | None = None
+    """Where blocks are computed; this process when None."""
+
+    def executor(self) -> BlockExecutor:
+        if self.block_executor is None:
+            self.block_executor = LocalExecutor(
+                self.sweep_model, self.units, self.score_cfg.batch_size, self.pad_id, self.device
+            )
+        return self.block_executor
 
 
 def score_queries(ctx: SweepContext, queries: Sequence[EncodedQuery]) -> list[QueryLosses]:
@@ -124,27 +134,23 @@ def _score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> li
 
 
 def _sweep(ctx: SweepContext, g: int, states: list[Overrides]) -> tuple[np.ndarray, np.ndarray]:
-    n, block = ctx.n_units, ctx.score_cfg.block_units
+    n, size = ctx.n_units, ctx.score_cfg.block_units
     sums = np.zeros((len(states), n), dtype=np.float64)
     counts = np.zeros(n, dtype=np.int64)
+    todo = []
+    for b, start in enumerate(range(0, n, size)):
+        block = Block(b, start, min(start + size, n))
+        shard = ctx.store.load_shard(g, b) if ctx.store is not None else None
+        if shard is None:
+            todo.append(block)
+        else:  # done before an interruption
+            sums[:, block.start : block.stop], counts[block.start : block.stop] = shard
     with progress_task(f"Scoring (group {g})", total=n) as advance:
-        for b, start in enumerate(range(0, n, block)):
-            stop = min(start + block, n)
-            shard = ctx.store.load_shard(g, b) if ctx.store is not None else None
-            if shard is None:
-                shard = unit_loss_sums(
-                    ctx.sweep_model,
-                    ctx.units,
-                    np.arange(start, stop),
-                    states,
-                    batch_size=ctx.score_cfg.batch_size,
-                    pad_id=ctx.pad_id,
-                    device=ctx.device,
-                    advance=advance,
-                )
-                if ctx.store is not None:
-                    ctx.store.save_shard(g, b, *shard)
-            else:
-                advance(stop - start)
-            sums[:, start:stop], counts[start:stop] = shard
+        advance(n - sum(b.stop - b.start for b in todo))
+        for block, block_sums, block_counts in ctx.executor().run(todo, states):
+            if ctx.store is not None:
+                ctx.store.save_shard(g, block.index, block_sums, block_counts)
+            sums[:, block.start : block.stop] = block_sums
+            counts[block.start : block.stop] = block_counts
+            advance(block.stop - block.start)
     return sums, counts

@@ -1,0 +1,61 @@
+"""Who computes the blocks of a sweep: this process, or a pool of workers.
+
+The engine hands an executor the blocks still missing (a resumed run skips the
+rest) and the states to evaluate; the executor yields each block's loss sums as soon
+as it is done, in any order, and the engine writes it as a resume point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from bgotrace.score.batching import TokenSource
+from bgotrace.score.sweep import Overrides, unit_loss_sums
+
+
+@dataclass(frozen=True)
+class Block:
+    """Units ``start:stop`` of the token cache, the ``index``-th block of the sweep."""
+
+    index: int
+    start: int
+    stop: int
+
+
+BlockResult = tuple[Block, np.ndarray, np.ndarray]
+"""A block, its loss sums (n_states, n_block) and token counts (n_block,)."""
+
+
+class BlockExecutor(Protocol):
+    def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
+        """Yield every block's sums and counts, in any order."""
+        ...
+
+
+@dataclass
+class LocalExecutor:
+    """Computes blocks one after another in this process."""
+
+    model: torch.nn.Module
+    units: TokenSource
+    batch_size: int
+    pad_id: int
+    device: torch.device
+
+    def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
+        for block in blocks:
+            sums, counts = unit_loss_sums(
+                self.model,
+                self.units,
+                np.arange(block.start, block.stop),
+                states,
+                batch_size=self.batch_size,
+                pad_id=self.pad_id,
+                device=self.device,
+            )
+            yield block, sums, counts
