@@ -7,6 +7,7 @@ sweep over the token cache evaluates all of the group's states together.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -81,13 +82,13 @@ def _perturb_group(
     ctx: SweepContext, group: Sequence[EncodedQuery]
 ) -> tuple[list[tuple[int, str]], list[Overrides], list[dict[str, list[float]]]]:
     needed = STATES_NEEDED[ctx.score_cfg.score]
+    directions = [d for d in (DESCENT, ASCENT) if d in needed]
     sweep_dtype = next(ctx.sweep_model.parameters()).dtype
     keys: list[tuple[int, str]] = []
     states: list[Overrides] = []
-    trajectories: list[dict[str, list[float]]] = []
-    for qi, q in enumerate(group):
-        trajectories.append({})
-        for direction in (d for d in (DESCENT, ASCENT) if d in needed):
+    trajectories: list[dict[str, list[float]]] = [{} for _ in group]
+    with progress_task("Perturbing", total=len(group) * len(directions)) as advance:
+        for (qi, q), direction in itertools.product(enumerate(group), directions):
             state = perturb(
                 ctx.model,
                 q,
@@ -100,6 +101,7 @@ def _perturb_group(
             keys.append((qi, direction))
             states.append({n: t.to(sweep_dtype) for n, t in state.params.items()})
             trajectories[qi][direction] = state.loss_trajectory
+            advance(1)
     if BASE in needed:
         keys.append((-1, BASE))
         states.append(None)
