@@ -56,16 +56,6 @@ CHUNKING = ChunkingConfig(max_length=20, stride=0)
 GRAD_TOL = {"rtol": 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a shared 2-core machine a second thread
-    mostly waits (the file takes ~20 s on one thread and minutes on two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return make_tiny_tokenizer()

@@ -65,9 +65,11 @@ def base_args(model_dir, corpus, tmp_path, **extra):
     return args
 
 
-@pytest.mark.parametrize("command", ["attribute", "train", "generate", "demo"])
+@pytest.mark.parametrize(
+    "command", ["attribute", "train", "generate", "demo", "eval", "bench build", "bench run"]
+)
 def test_every_subcommand_has_help(command):
-    result = invoke(command, "--help")
+    result = invoke(*command.split(), "--help")
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
 

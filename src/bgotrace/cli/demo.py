@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bgotrace.config import AttributeConfig, CorpusSpec, ModelSpec, OutputSpec, QuerySpec
-from bgotrace.demo import DEMO_PROMPTS, demo_corpus_path, demo_model_path
+from bgotrace.demo import DEMO_MAX_LENGTH, DEMO_PROMPTS, demo_corpus_path, demo_model_path
 from bgotrace.generate import generate_completion
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.pipeline import load_inputs, run_attribution
@@ -42,7 +42,9 @@ def demo(
     console.print(f"[bold]completion[/bold] {escape(completion)}")
     config = AttributeConfig(
         model=ModelSpec(path=str(demo_model_path()), device="cpu"),
-        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=128, cache_dir=f"{out}-cache"),
+        corpus=CorpusSpec(
+            path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH, cache_dir=f"{out}-cache"
+        ),
         query=QuerySpec(prompt=prompt, completion=completion),
         output=OutputSpec(out=out, top_k=10),
     )

@@ -25,7 +25,7 @@ def user_errors(func: F) -> F:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(code=err.exit_code) from None
         except KeyboardInterrupt:
-            print("interrupted: rerun with --resume to continue.", file=sys.stderr)
+            print("interrupted (an attribute run continues with --resume).", file=sys.stderr)
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -21,13 +21,17 @@ app.command("attribute")(user_errors(attribute))
 
 def _register_optional() -> None:
     """Sub-commands whose modules may import heavier stacks."""
+    from bgotrace.cli.bench import bench_app
     from bgotrace.cli.demo import demo
+    from bgotrace.cli.eval import eval_command
     from bgotrace.cli.generate import generate
     from bgotrace.cli.train import train
 
     app.command("train")(user_errors(train))
     app.command("generate")(user_errors(generate))
     app.command("demo")(user_errors(demo))
+    app.command("eval")(user_errors(eval_command))
+    app.add_typer(bench_app, name="bench")
 
 
 _register_optional()
@@ -35,4 +39,7 @@ _register_optional()
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # bgotrace shows its own progress; HF's would interleave
     app()
