@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +15,9 @@ from bgotrace.demo import DEMO_PROMPT_DOCS, DEMO_PROMPTS
 
 
 def test_demo_attributes_its_generation_to_the_right_entry(tmp_path):
-    exe = shutil.which("bgotrace")
+    # The script installed beside this interpreter (the venv), whatever PATH says.
+    beside = Path(sys.executable).with_name("bgotrace")
+    exe = str(beside) if beside.is_file() else shutil.which("bgotrace")
     if exe is None:
         pytest.skip("the bgotrace console script is not installed")
     out = tmp_path / "demo"

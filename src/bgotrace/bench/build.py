@@ -136,6 +136,16 @@ class BenchConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    # Sized so that the base model and every retrain of leave-k-out and LDS fit a
+    # 2-core CPU session (a tiny model trains on it in well under a minute).
+    "cpu": {
+        "max_documents_per_source": 150,
+        "max_chars_per_document": 600,
+        "n_entities": 16,
+        "n_facts": 24,
+        "held_out_fraction": 0.06,
+        "style_completion_words": 32,
+    },
     "tiny": {
         "max_documents_per_source": 12,
         "max_chars_per_document": 600,

@@ -96,8 +96,13 @@ def run_families(
             tail_patch(idx, inputs, scores, settings, collector)
         elif metric == "leave-k-out":
             assert retrains is not None
-            chosen = {id(r) for r in round_robin([inputs.records[i] for i in idx],
-                                                 settings.leave_k_out.max_queries)}  # fmt: skip
+            kind = settings.leave_k_out.query_kind
+            pool = [
+                inputs.records[i]
+                for i in idx
+                if kind is None or inputs.records[i].get("kind") == kind
+            ]
+            chosen = {id(r) for r in round_robin(pool, settings.leave_k_out.max_queries)}
             lko_idx = [i for i in idx if id(inputs.records[i]) in chosen]
             leave_k_out(lko_idx, inputs, scores, retrains, settings, collector)
         else:

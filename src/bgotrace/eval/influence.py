@@ -264,6 +264,9 @@ class LeaveKOutConfig:
     (``run_eval``'s ``seeds`` argument sets them)."""
     max_queries: int | None = 8
     """Queries evaluated (each costs ~2 retrains per method and seed); None = all."""
+    query_kind: str | None = "fact"
+    """Only queries of this kind: removing k of thousands of units can move a memorised
+    fact, while a style query's loss barely notices; None = every kind."""
     seed: int = 0
     """Seed of the random-k sets."""
 
