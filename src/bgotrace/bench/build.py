@@ -144,7 +144,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_entities": 16,
         "n_facts": 24,
         "held_out_fraction": 0.06,
-        "style_completion_words": 32,
+        "style_prompt_words": 6,
+        "style_completion_words": 18,  # prompt + completion stay within a 128-token context
     },
     "tiny": {
         "max_documents_per_source": 12,

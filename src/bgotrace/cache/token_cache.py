@@ -21,8 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from bgotrace.cache.fingerprint import short, tokenizer_fingerprint
 from bgotrace.corpus.chunking import ChunkingConfig, Unit, iter_unit_batches
 from bgotrace.corpus.documents import Document, corpus_fingerprint
 from bgotrace.errors import CacheMismatchError, InputError
+from bgotrace.report.progress import progress_task
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,10 @@ def _write_contents(
 ) -> dict[str, int]:
     """Stream tokens to ``tokens.bin`` batch by batch; write both tables at the end."""
     rows = _UnitRows()
-    with (tmp / TOKENS_FILE).open("wb") as out, _progress(len(documents), progress) as advance:
+    with (
+        (tmp / TOKENS_FILE).open("wb") as out,
+        progress_task("Tokenizing", len(documents), enabled=progress) as advance,
+    ):
         for n_done, units in iter_unit_batches(documents, tokenizer, chunking):
             for unit in units:
                 out.write(np.asarray(unit.token_ids, dtype=TOKEN_DTYPE).tobytes())
@@ -323,24 +326,6 @@ def _documents_table(documents: Sequence[Document]) -> pa.Table:
             "text": pa.array([d.text for d in documents], type=pa.large_string()),
         }
     )
-
-
-@contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (stdout stays clean for results); yields ``advance``."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
-        task = bar.add_task("tokenizing", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

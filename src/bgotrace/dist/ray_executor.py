@@ -19,12 +19,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bgotrace.errors import ConfigError
-from bgotrace.score.executor import Block, BlockResult
-from bgotrace.score.sweep import Overrides, unit_loss_sums
+from bgotrace.score.executor import Block, BlockResult, compute_block
+from bgotrace.score.sweep import Overrides
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,10 @@ class _SweepWorker:
     def run_block(self, block: Block, states: Sequence[Overrides]) -> BlockResult:
         states = [None if s is None else {k: v.to(self.device) for k, v in s.items()}
                   for s in states]
-        sums, counts = unit_loss_sums(
-            self.model,
-            self.units,
-            np.arange(block.start, block.stop),
-            states,
-            batch_size=self.batch_size,
-            pad_id=self.pad_id,
-            device=self.device,
-        )
-        return block, sums, counts
+        return compute_block(
+            self.model, self.units, block, states,
+            batch_size=self.batch_size, pad_id=self.pad_id, device=self.device,
+        )  # fmt: skip
 
 
 def _ray() -> Any:

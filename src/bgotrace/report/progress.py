@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -47,12 +47,21 @@ def progress_bar(items: Iterable[T], description: str, total: int | None = None)
         yield from progress.track(items, total=total, description=description)
 
 
+class Advance(Protocol):
+    def __call__(self, n: int, status: str = "") -> None: ...
+
+
 @contextmanager
-def progress_task(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar advanced by hand: ``with progress_task(...) as advance: advance(n)``."""
-    if not _enabled:
-        yield lambda n: None
+def progress_task(description: str, total: int, *, enabled: bool = True) -> Iterator[Advance]:
+    """A bar advanced by hand: ``with progress_task(...) as advance: advance(n, "status")``."""
+    if not (_enabled and enabled):
+        yield lambda n, status="": None
         return
-    with Progress(*_columns(), console=Console(file=sys.stderr)) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    columns = (*_columns(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=Console(file=sys.stderr)) as progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int, status: str = "") -> None:
+            progress.update(task, advance=n, status=status)
+
+        yield advance

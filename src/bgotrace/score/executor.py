@@ -31,6 +31,24 @@ BlockResult = tuple[Block, np.ndarray, np.ndarray]
 """A block, its loss sums (n_states, n_block) and token counts (n_block,)."""
 
 
+def compute_block(
+    model: torch.nn.Module,
+    units: TokenSource,
+    block: Block,
+    states: Sequence[Overrides],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> BlockResult:
+    """Loss sums of one block under every state (what each executor runs)."""
+    indices = np.arange(block.start, block.stop)
+    sums, counts = unit_loss_sums(
+        model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device
+    )
+    return block, sums, counts
+
+
 class BlockExecutor(Protocol):
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         """Yield every block's sums and counts, in any order."""
@@ -49,13 +67,7 @@ class LocalExecutor:
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         for block in blocks:
-            sums, counts = unit_loss_sums(
-                self.model,
-                self.units,
-                np.arange(block.start, block.stop),
-                states,
-                batch_size=self.batch_size,
-                pad_id=self.pad_id,
-                device=self.device,
-            )
-            yield block, sums, counts
+            yield compute_block(
+                self.model, self.units, block, states,
+                batch_size=self.batch_size, pad_id=self.pad_id, device=self.device,
+            )  # fmt: skip

@@ -18,28 +18,20 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence, Set
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace.corpus import ChunkingConfig, Document, Unit, corpus_fingerprint, tokenize_and_chunk
 from bgotrace.devices import resolve_device
 from bgotrace.errors import ConfigError, InputError, NonFiniteLossError, RunDirectoryError
+from bgotrace.report.progress import progress_task
 from bgotrace.train.presets import ARCHS, PRESETS, ModelPreset, build_model, get_preset
 from bgotrace.train.tokenizer import save_tokenizer, train_tokenizer
 
@@ -214,7 +206,7 @@ def _fit(
     model.train()
     epoch_losses: list[float] = []
     step = 0
-    with _progress_bar(total, progress) as advance:
+    with progress_task("Training", total, enabled=progress) as advance:
         for epoch, order in enumerate(orders):
             running, n_batches = 0.0, 0
             for start in range(0, len(order), config.batch_size):
@@ -225,7 +217,7 @@ def _fit(
                 scheduler.step()
                 step += 1
                 running, n_batches = running + loss, n_batches + 1
-                advance(epoch, running / n_batches)
+                advance(1, f"epoch {epoch} loss {running / n_batches:.4f}")
                 if step % config.log_every == 0:
                     log.info("epoch %d step %d/%d loss %.4f", epoch, step, total, loss)
             epoch_losses.append(running / steps_per_epoch)
@@ -394,22 +386,3 @@ def save_optimizer_state(
         "lr": str(optimizer.param_groups[0]["initial_lr"]),
     }
     save_file(tensors, str(path), metadata=metadata)
-
-
-@contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int, float], None]]:
-    """Yield ``advance(epoch, mean_loss)``; a rich bar when enabled, a no-op otherwise."""
-    if not enabled:
-        yield lambda epoch, loss: None
-        return
-    columns = (
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as bar:
-        task = bar.add_task("train", total=total, epoch=0, loss=float("nan"))
-        yield lambda epoch, loss: bar.update(task, advance=1, epoch=epoch, loss=loss)

@@ -1,0 +1,110 @@
+"""BGO sensitivity sweep on the validation queries of a benchmark (fact + source metrics).
+
+    bgotrace bench build --out /work/bench/cpu --bench-preset cpu --preset test --epochs 8 \\
+        --model-out /work/bench/cpu/model-test
+    python benchmarks/bgo_sensitivity.py --bench /work/bench/cpu --model /work/bench/cpu/model-test
+
+Varies one thing at a time around the current default (optimizer and preconditioner, lr,
+steps, reduce, score variant), ranks the settings by the mean of fact MRR and source
+precision@10 on the **validation** split, and appends the table to benchmarks/RESULTS.md.
+The best setting is then confirmed on the test split with ``--confirm KEY=VALUE ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from bgotrace.eval.runner import run_eval
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+DEFAULT: dict[str, Any] = {
+    "optimizer": "adam",
+    "lr": 1e-4,
+    "steps": 10,
+    "reduce": "mean",
+    "score": "bidirectional",
+}
+VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"lr": 1e-3},
+    {"lr": 1e-5},
+    {"steps": 1},
+    {"steps": 3},
+    {"optimizer": "sgd", "lr": 1e-1},
+    {"optimizer": "fisher", "lr": 1e-4},
+    {"optimizer": "fisher", "lr": 1e-2},
+    {"reduce": "sum"},
+    {"score": "ascent"},
+    {"score": "descent"},
+    {"score": "abs"},
+]
+METRICS = ("mrr", "recall@10", "precision@10", "source_rank")
+
+
+def evaluate(bench: str, model: str, split: str, change: dict[str, Any], max_q: int | None):
+    options = {"method_options": {"bgo": {**DEFAULT, **change}}, "max_queries": max_q}
+    t0 = time.perf_counter()
+    result = run_eval(bench, model, ["bgo"], ["fact", "source"], split=split, options=options)
+    row = {m: result.value("bgo", m) for m in METRICS}
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def describe(change: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in change.items()) or "default"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--confirm", nargs="*", help="KEY=VALUE of a setting to run on test")
+    args = parser.parse_args()
+    if args.confirm is not None:
+        change = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.confirm)}
+        rows = [
+            (f"test: {describe(c)}", evaluate(args.bench, args.model, "test", c, None))
+            for c in ({}, change)
+        ]
+    else:
+        rows = [
+            (describe(c), evaluate(args.bench, args.model, "validation", c, args.max_queries))
+            for c in VARIANTS
+        ]
+        rows.sort(key=lambda r: -(r[1]["mrr"] + r[1]["precision@10"]))
+    write(rows, args)
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def write(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    split = "test" if args.confirm is not None else "validation"
+    lines = [
+        f"\n### BGO sensitivity ({split} split, `{args.bench}`, default = {describe(DEFAULT)})\n",
+        "| setting | fact MRR | fact recall@10 | source precision@10 | true-source rank | s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['mrr']:.3f} | {r['recall@10']:.3f} | "
+            f"{r['precision@10']:.3f} | {r['source_rank']:.2f} | {r['seconds']:.0f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with RESULTS.open("a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
