@@ -31,7 +31,11 @@ def test_cuda_float32_matches_cpu_and_bf16_keeps_the_ranking():
     kwargs = dict(prompt="Document 3 says the", completion=" river 3 runs", config=config)
     cpu = bgotrace.attribute(tiny_gpt2(tokenizer), tokenizer, DOCS, **kwargs)
     gpu = bgotrace.attribute(tiny_gpt2(tokenizer).cuda(), tokenizer, DOCS, **kwargs)
-    np.testing.assert_allclose(gpu.scores["score"], cpu.scores["score"], atol=1e-4)
+
+    def by_unit(r):
+        return r.scores.sort_values("unit_index")["score"].to_numpy()
+
+    np.testing.assert_allclose(by_unit(gpu), by_unit(cpu), atol=1e-4)
     bf16_config = {**config, "scoring": {"dtype": "bfloat16"}}
     bf16 = bgotrace.attribute(
         tiny_gpt2(tokenizer).cuda(), tokenizer, DOCS, **{**kwargs, "config": bf16_config}
