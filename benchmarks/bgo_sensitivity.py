@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from bgotrace.errors import NonFiniteLossError
 from bgotrace.eval.runner import run_eval
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -40,6 +43,12 @@ VARIANTS: list[dict[str, Any]] = [
     {"score": "ascent"},
     {"score": "descent"},
     {"score": "abs"},
+    # combinations of the best single changes of a first pass
+    {"lr": 1e-2},
+    {"lr": 1e-3, "reduce": "sum"},
+    {"lr": 1e-3, "score": "ascent"},
+    {"optimizer": "fisher", "lr": 1e-3},
+    {"optimizer": "fisher", "lr": 1e-4, "reduce": "sum"},
 ]
 METRICS = ("mrr", "recall@10", "precision@10", "source_rank")
 
@@ -47,9 +56,13 @@ METRICS = ("mrr", "recall@10", "precision@10", "source_rank")
 def evaluate(bench: str, model: str, split: str, change: dict[str, Any], max_q: int | None):
     options = {"method_options": {"bgo": {**DEFAULT, **change}}, "max_queries": max_q}
     t0 = time.perf_counter()
-    result = run_eval(bench, model, ["bgo"], ["fact", "source"], split=split, options=options)
-    row = {m: result.value("bgo", m) for m in METRICS}
+    try:
+        result = run_eval(bench, model, ["bgo"], ["fact", "source"], split=split, options=options)
+        row = {m: result.value("bgo", m) for m in METRICS}
+    except NonFiniteLossError:  # a setting that diverges is a result too
+        row = dict.fromkeys(METRICS, float("nan"))
     row["seconds"] = time.perf_counter() - t0
+    print(describe(change), row, flush=True)
     return row
 
 
@@ -75,7 +88,7 @@ def main() -> None:
             (describe(c), evaluate(args.bench, args.model, "validation", c, args.max_queries))
             for c in VARIANTS
         ]
-        rows.sort(key=lambda r: -(r[1]["mrr"] + r[1]["precision@10"]))
+        rows.sort(key=lambda r: -np.nan_to_num(r[1]["mrr"] + r[1]["precision@10"], nan=-1.0))
     write(rows, args)
 
 

@@ -169,7 +169,7 @@ def test_fisher_graddot_is_bgo_first_order_limit(models, tok, cache, queries):
     """
     ctx = context(models, tok, cache)
     lr, n = 3e-6, len(cache)
-    bgo = run("bgo", ctx, queries, optimizer="fisher", lr=lr, steps=1)
+    bgo = run("bgo", ctx, queries, optimizer="fisher", lr=lr, steps=1, reduce="mean")
     predicted = 2 * lr / n * run("fisher-graddot", ctx, queries)
     assert np.abs(bgo - predicted).max() < 1e-2 * np.abs(predicted).max()
 
@@ -302,7 +302,7 @@ def test_conv1d_conversion_keeps_gpt2_outputs(models, queries):
 def _attribute(models, tok, cache, **scoring):
     config = {
         "corpus": {"max_length": CHUNKING.max_length, "stride": 0, "cache_dir": str(cache.root)},
-        "perturb": {"lr": 1e-3, "steps": 2},
+        "perturb": {"optimizer": "adam", "lr": 1e-3, "steps": 2},
         "scoring": scoring,
         "output": {"top_tokens": 0},
     }

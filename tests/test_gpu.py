@@ -27,7 +27,10 @@ DOCS = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_matches_cpu_and_bf16_keeps_the_ranking():
     tokenizer = make_tiny_tokenizer()
-    config = {"corpus": {"max_length": 16}, "perturb": {"lr": 3e-3, "steps": 3}}
+    config = {
+        "corpus": {"max_length": 16},
+        "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 3},
+    }
     kwargs = dict(prompt="Document 3 says the", completion=" river 3 runs", config=config)
     cpu = bgotrace.attribute(tiny_gpt2(tokenizer), tokenizer, DOCS, **kwargs)
     gpu = bgotrace.attribute(tiny_gpt2(tokenizer).cuda(), tokenizer, DOCS, **kwargs)

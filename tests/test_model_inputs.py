@@ -19,7 +19,7 @@ DOCS = [
     Document("fox", "The quick brown fox jumps over the lazy dog.", "animals"),
     Document("water", "Water boils at one hundred degrees.", "science"),
 ]
-CONFIG = {"corpus": {"max_length": 16}, "perturb": {"steps": 2, "lr": 3e-3}}
+CONFIG = {"corpus": {"max_length": 16}, "perturb": {"optimizer": "adam", "steps": 2, "lr": 3e-3}}
 
 
 def test_peft_adapter_is_merged_and_changes_scores(tmp_path):

@@ -76,7 +76,7 @@ def test_bgo_ranks_the_planted_fact_first(trained, tmp_path):
         config={
             "corpus": {"max_length": 64},
             "model": {"device": "cpu"},
-            "perturb": {"lr": 1e-3, "steps": 5},
+            "perturb": {"optimizer": "adam", "lr": 1e-3, "steps": 5},
             "output": {"top_tokens": 0},
         },
     )

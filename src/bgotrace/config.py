@@ -130,6 +130,9 @@ class QuerySpec:
 class PerturbConfig:
     """How θ+ (descent) and θ− (ascent) are made from the base model."""
 
+    # Adam, not the reference scripts' Fisher steps: see "BGO sensitivity" in
+    # benchmarks/RESULTS.md (Fisher won on one validation split but diverges on a model
+    # that has memorised its data, where F̂ -> 0 inflates every step).
     optimizer: str = _help("sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam")
     lr: float = _help("Step size η of both directions.", 1e-4)
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
@@ -169,7 +172,8 @@ class ScoreConfig:
         "| abs: |L(θ−)−L(θ+)|.",
         "bidirectional",
     )
-    reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "mean")
+    # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
+    reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
         "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32"
