@@ -114,13 +114,6 @@ def test_baseline_method_writes_the_same_outputs(model_dir, corpus, tmp_path):
     assert_one_line_error(bad, "Unknown attribution method 'tracin'")
 
 
-def test_method_names_match_the_registry():
-    from bgotrace.baselines import available_methods
-    from bgotrace.config import METHODS
-
-    assert sorted(METHODS) == available_methods()
-
-
 def test_existing_run_is_not_clobbered(model_dir, corpus, tmp_path):
     args = base_args(model_dir, corpus, tmp_path, out=tmp_path / "run")
     assert invoke(*args).exit_code == 0
