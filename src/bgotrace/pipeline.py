@@ -26,7 +26,7 @@ from bgotrace import __version__
 from bgotrace.cache import TokenCache, get_token_cache
 from bgotrace.config import AttributeConfig
 from bgotrace.corpus import ChunkingConfig, CorpusFields, Document, load_documents
-from bgotrace.devices import resolve_device, resolve_dtype
+from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
@@ -296,6 +296,3 @@ def _summary(
 def temporary_cache_dir() -> Path:
     """A throwaway cache directory for in-memory corpora given to the Python API."""
     return Path(tempfile.mkdtemp(prefix="bgotrace-cache-"))
-
-
-__all__ = ["Inputs", "load_inputs", "run_attribution", "resolve_device", "temporary_cache_dir"]
