@@ -7,8 +7,8 @@ Example (CPU, the shipped demo model)::
 
     result = bgotrace.attribute(
         demo_model_path(), None, demo_corpus_path(),
-        prompt="CYNIC, n.", completion=" A blackguard whose faulty vision ...",
-        config={"perturb": {"steps": 5}},
+        prompt="DIPLOMACY, n.", completion="  The patriotic art of lying for one's country.",
+        config={"corpus": {"max_length": 128}},
     )
     result.top(10)          # best units, with scores in nats
     result.by_source()      # source-level ranking
