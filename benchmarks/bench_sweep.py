@@ -21,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from results_log import publish
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import bgotrace
@@ -33,7 +34,6 @@ WORDS = (
     "river mountain forest capital language model token gradient query corpus data "
     "attribution city sea island winter summer light dark stone glass paper ink"
 ).split()
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def corpus(n_docs: int, seed: int = 0) -> list[Document]:
@@ -103,10 +103,7 @@ def report(rows: list[tuple[str, float, float]], n_docs: int, quick: bool) -> No
     ]
     for name, new, old in rows:
         lines.append(f"| {name} | {new:.2f} | {old:.2f} | {old / new:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a", encoding="utf-8") as fh:
-        fh.write(text)
+    publish(lines)
 
 
 if __name__ == "__main__":

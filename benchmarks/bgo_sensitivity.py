@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results_log import publish
 
 from bgotrace.errors import NonFiniteLossError
 from bgotrace.eval.runner import run_eval
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DEFAULT: dict[str, Any] = {
     "optimizer": "adam",
     "lr": 1e-4,
@@ -113,10 +112,7 @@ def write(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) ->
             f"| {name} | {r['mrr']:.3f} | {r['recall@10']:.3f} | "
             f"{r['precision@10']:.3f} | {r['source_rank']:.2f} | {r['seconds']:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a", encoding="utf-8") as fh:
-        fh.write(text)
+    publish(lines)
 
 
 if __name__ == "__main__":
