@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
@@ -68,7 +69,7 @@ def main() -> None:
         Query(f"q{i}", " ".join(WORDS[i : i + 4]), " " + " ".join(WORDS[i + 4 : i + 8]))
         for i in range(4)
     ]
-    cache = Path("/tmp/bgotrace-bench-cache")
+    cache = Path(tempfile.mkdtemp(prefix="bgotrace-bench-"))  # fresh: never a stale cache
 
     def run(n_queries: int = 4, **sections: dict) -> None:
         config = {
