@@ -106,3 +106,22 @@ def test_fisher_is_cached_beside_the_token_cache(tmp_path):
     cfg["perturb"]["fisher_samples"] = 2
     bgotrace.attribute(model, tokenizer, DOCS, prompt="Paris is", completion=" the", config=cfg)
     assert len(list((tmp_path / "cache" / "fisher").glob("*.safetensors"))) == 2
+
+
+def test_in_memory_corpus_reuses_one_cache_per_corpus_tokenizer_and_chunking():
+    from bgotrace.config import CorpusSpec
+    from bgotrace.pipeline import in_memory_cache_dir
+
+    tokenizer = make_tiny_tokenizer()
+    spec = CorpusSpec(path="<in-memory corpus>", max_length=16)
+    first = in_memory_cache_dir(DOCS, tokenizer, spec)
+    assert in_memory_cache_dir(list(DOCS), tokenizer, spec) == first
+    assert in_memory_cache_dir(DOCS[:2], tokenizer, spec) != first
+    assert in_memory_cache_dir(DOCS, make_tiny_tokenizer(300), spec) != first
+    assert in_memory_cache_dir(DOCS, tokenizer, CorpusSpec(path="x", max_length=32)) != first
+    model = tiny_gpt2(tokenizer)
+    bgotrace.attribute(model, tokenizer, DOCS, prompt="Paris is", completion=" the", config=CONFIG)
+    manifest = first / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    bgotrace.attribute(model, tokenizer, DOCS, prompt="Paris is", completion=" the", config=CONFIG)
+    assert manifest.stat().st_mtime_ns == stamp  # second call reused the cache

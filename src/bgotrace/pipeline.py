@@ -8,6 +8,7 @@ sweep → rank and aggregate → per-token changes of top units → outputs.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import tempfile
@@ -23,9 +24,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace import __version__
-from bgotrace.cache import TokenCache, get_token_cache
-from bgotrace.config import AttributeConfig
-from bgotrace.corpus import ChunkingConfig, CorpusFields, Document, load_documents
+from bgotrace.cache import TokenCache, get_token_cache, tokenizer_fingerprint
+from bgotrace.config import AttributeConfig, CorpusSpec
+from bgotrace.corpus import (
+    ChunkingConfig,
+    CorpusFields,
+    Document,
+    corpus_fingerprint,
+    load_documents,
+)
 from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
 from bgotrace.perturb.fisher import cached_fisher
@@ -293,6 +300,16 @@ def _summary(
     }
 
 
-def temporary_cache_dir() -> Path:
-    """A throwaway cache directory for in-memory corpora given to the Python API."""
-    return Path(tempfile.mkdtemp(prefix="bgotrace-cache-"))
+def in_memory_cache_dir(
+    documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec
+) -> Path:
+    """Cache directory for an in-memory corpus given to the Python API.
+
+    Keyed by corpus, tokenizer and chunking, so repeated calls on the same data reuse one
+    cache instead of re-tokenizing, and a change of any of them gets a cache of its own.
+    """
+    key = hashlib.sha256(
+        f"{corpus_fingerprint(documents)}|{tokenizer_fingerprint(tokenizer)}|"
+        f"{spec.max_length}|{spec.stride}".encode()
+    ).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / "bgotrace-cache" / key
