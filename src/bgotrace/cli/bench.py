@@ -31,7 +31,14 @@ from bgotrace.bench.runner import (
     run_bench,
 )
 from bgotrace.cli.errors import user_errors
-from bgotrace.cli.eval import merge_flags, parse_ints, parse_options, print_result, split_list
+from bgotrace.cli.eval import (
+    OptionPairs,
+    merge_flags,
+    parse_ints,
+    parse_options,
+    print_result,
+    split_list,
+)
 from bgotrace.errors import ConfigError
 from bgotrace.report.progress import set_progress
 from bgotrace.train import PRESETS as MODEL_PRESETS
@@ -134,12 +141,7 @@ def run(
     seeds: Annotated[
         str | None, typer.Option(help="Leave-k-out seeds (default 0,1,2).", show_default=False)
     ] = None,
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--option", help="KEY=VALUE, e.g. bgo.lr=1e-3 (repeatable).", show_default=False
-        ),
-    ] = None,
+    option: OptionPairs = None,
     quick: Annotated[
         bool, typer.Option(help="Few queries, k=2, 3 LDS subsets, seeds 0,1 (seconds).")
     ] = False,

@@ -28,6 +28,12 @@ from bgotrace.eval.report import family_table
 from bgotrace.eval.runner import METRICS, EvalResult, run_eval
 from bgotrace.report.progress import set_progress
 
+OptionPairs = Annotated[
+    list[str] | None,
+    typer.Option("--option", help="KEY=VALUE, e.g. bgo.lr=1e-3 (repeatable).", show_default=False),
+]
+"""The repeatable ``--option KEY=VALUE`` of ``eval`` and ``bench run``."""
+
 SECTIONS = ("tail_patch", "leave_k_out", "lds")
 
 
@@ -130,12 +136,7 @@ def eval_command(
         int | None,
         typer.Option(help="LDS subsets, one retrain each (default 32).", show_default=False),
     ] = None,
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--option", help="KEY=VALUE, e.g. bgo.lr=1e-3 (repeatable).", show_default=False
-        ),
-    ] = None,
+    option: OptionPairs = None,
     device: Annotated[str, typer.Option(help="cpu, cuda[:N] or auto.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
