@@ -24,6 +24,7 @@ T = TypeVar("T")
 OPTIMIZERS = ("sgd", "adam", "fisher")
 SCORES = ("bidirectional", "ascent", "descent", "abs")
 REDUCTIONS = ("mean", "sum")
+LR_CRITERIA = ("loss", "radius")
 GRANULARITIES = ("unit", "document", "source")
 METHODS = (
     "bgo",
@@ -134,7 +135,17 @@ class PerturbConfig:
     # benchmarks/RESULTS.md (Fisher won on one validation split but diverges on a model
     # that has memorised its data, where F̂ -> 0 inflates every step).
     optimizer: str = _help("sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam")
-    lr: float = _help("Step size η of both directions.", 1e-4)
+    lr: float | str = _help(
+        "Step size η of both directions, or auto: searched per query so the ascent reaches "
+        "--lr-target (bgotrace.perturb.calibrate).",
+        1e-4,
+    )
+    lr_target: float = _help(
+        "Target of --lr auto: rise of the query's mean loss after K ascent steps in nats "
+        "(--lr-criterion loss), or ||θK−θ0||/||θ0|| (radius).",
+        1.0,
+    )
+    lr_criterion: str = _help("What --lr auto calibrates: loss | radius.", "loss")
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
     params: str = _help(
         "Parameters to perturb: all | last:N (last N blocks) | regex:PATTERN.", "all"
@@ -144,13 +155,22 @@ class PerturbConfig:
     )
     fisher_samples: int = _help("Corpus units sampled to estimate the diagonal Fisher.", 256)
     fisher_eps: float = _help("ε added to the Fisher diagonal before dividing.", 1e-6)
+    fisher_damping: float | None = _help(
+        "Damped Fisher: divide by F̂ + λ·mean(F̂) (mean over all perturbed parameters) "
+        "instead of F̂ + ε (unset: the reference scripts' ε form).",
+        None,
+    )
     adam_beta1: float = _help("Adam β1.", 0.9)
     adam_beta2: float = _help("Adam β2.", 0.999)
     adam_eps: float = _help("Adam ε.", 1e-8)
 
     def __post_init__(self) -> None:
         _one_of(self.optimizer, OPTIMIZERS, "--optimizer")
-        _positive(self.lr, "--lr")
+        self.lr = _step_size(self.lr)
+        _one_of(self.lr_criterion, LR_CRITERIA, "--lr-criterion")
+        _positive(self.lr_target, "--lr-target")
+        if self.fisher_damping is not None:
+            _positive(self.fisher_damping, "--fisher-damping")
         if self.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}.")
         if not _PARAMS_RE.match(self.params):
@@ -161,6 +181,31 @@ class PerturbConfig:
             _positive(self.max_grad_norm, "--max-grad-norm")
         if self.fisher_samples < 1:
             raise ConfigError(f"--fisher-samples must be >= 1, got {self.fisher_samples}.")
+
+    @property
+    def fixed_lr(self) -> float:
+        """η as a number; ``lr: auto`` must have been resolved by the calibration first."""
+        if isinstance(self.lr, str):
+            raise ConfigError(
+                "lr 'auto' reached a perturbation unresolved: calibrate it with "
+                "bgotrace.perturb.calibrate.calibrate_lr first."
+            )
+        return self.lr
+
+
+def _step_size(value: float | str) -> float | str:
+    """``auto`` or a positive number (YAML and the CLI may give numbers as strings)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"--lr={value!r} is not a number: give a positive step size or auto."
+            ) from None
+    _positive(value, "--lr")
+    return float(value)
 
 
 @dataclass

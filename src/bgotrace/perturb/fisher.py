@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +36,30 @@ class UnitSource(Protocol):
     def __len__(self) -> int: ...
 
     def unit_tokens(self, i: int) -> np.ndarray: ...
+
+
+def fisher_denominators(
+    fisher: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    eps: float,
+    damping: float | None,
+) -> dict[str, torch.Tensor]:
+    """What the query gradient of each named tensor is divided by.
+
+    ``damping`` None: F̂ + ε, the reference scripts' form. Otherwise the damped Fisher
+    F̂ + λ·mean(F̂), with one global mean over every perturbed parameter rather than one per
+    tensor: a single scalar keeps the Fisher's relative scaling between tensors (the point of
+    the preconditioner) and does not depend on how a model splits its weights into tensors
+    (fused vs separate q/k/v). Entries with F̂ → 0 are divided by λ·mean(F̂) at least, so no
+    entry's step exceeds 1/λ times that of an average one. Damping a Fisher that is exactly
+    zero everywhere falls back to ε.
+    """
+    if damping is None:
+        return {n: fisher[n] + eps for n in names}
+    total = sum(float(fisher[n].double().sum()) for n in names)
+    count = sum(fisher[n].numel() for n in names)
+    floor = damping * total / count if total > 0 else eps
+    return {n: fisher[n] + floor for n in names}
 
 
 def sample_units(n_units: int, n_samples: int, seed: int) -> np.ndarray:

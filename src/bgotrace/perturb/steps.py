@@ -22,6 +22,7 @@ import torch
 from bgotrace.config import PerturbConfig
 from bgotrace.errors import NonFiniteLossError
 from bgotrace.modeling.losses import forward_logits, mean_loss
+from bgotrace.perturb.fisher import fisher_denominators
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.query import EncodedQuery
 
@@ -51,13 +52,13 @@ def _make_optimizer(
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
             work,
-            lr=cfg.lr,
+            lr=cfg.fixed_lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
             maximize=ascent,
         )
     # sgd and fisher are both plain steps; fisher divides the gradient by (F̂+ε) first.
-    lr = cfg.lr / n_units if cfg.optimizer == "fisher" else cfg.lr
+    lr = cfg.fixed_lr / n_units if cfg.optimizer == "fisher" else cfg.fixed_lr
     return torch.optim.SGD(work, lr=lr, maximize=ascent)
 
 
@@ -124,9 +125,10 @@ def _set_grads(
     if cfg.optimizer == "fisher":
         if fisher is None:
             raise ValueError("optimizer 'fisher' needs the Fisher diagonal")
+        # F̂ + ε (reference scripts) or F̂ + λ·mean(F̂) (--fisher-damping): see perturb.fisher.
+        denominators = fisher_denominators(fisher, names, cfg.fisher_eps, cfg.fisher_damping)
         grads = [
-            (g.float() / (fisher[n] + cfg.fisher_eps)).to(g.dtype)
-            for g, n in zip(grads, names, strict=True)
+            (g.float() / denominators[n]).to(g.dtype) for g, n in zip(grads, names, strict=True)
         ]
     for w, g in zip(work, grads, strict=True):
         w.grad = g

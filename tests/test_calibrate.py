@@ -1,0 +1,180 @@
+"""``--lr auto``: the search reaches its target, is deterministic and never diverges.
+
+Models: a fresh tiny GPT-2 (query loss ≈ log V), the same model after it memorised the
+query (loss ≈ 0, where Fisher steps at a fixed η blow up), and the shipped demo model.
+Tolerance: the search stops within ``TOLERANCE`` (10%) of the target; the test allows 25%
+for the rare query where the search runs out of trials first (reported as not reached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bgotrace.config import PerturbConfig
+from bgotrace.errors import ConfigError
+from bgotrace.perturb.calibrate import calibrate_lr
+from bgotrace.perturb.fisher import fisher_denominators
+from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
+from bgotrace.query import Query, encode_query
+from tests.conftest import make_tiny_tokenizer
+from tests.models import tiny_gpt2
+
+QUERY = Query("q", "Paris is the capital of", " France, Berlin of Germany.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fresh(tokenizer):
+    return tiny_gpt2(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="module")
+def memorised(tokenizer):
+    """A tiny model trained on the query text until its loss is ≈ 0."""
+    model = tiny_gpt2(tokenizer, seed=2).train()
+    q = encode_query(QUERY, tokenizer, None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        model(q.input_ids, labels=q.input_ids).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _names(model):
+    return [n for n, _ in model.named_parameters()]
+
+
+def _fisher_like(model, scale: float):
+    """A diagonal 'Fisher' with tiny entries, as on memorised data (F̂ → 0)."""
+    gen = torch.Generator().manual_seed(0)
+    return {n: scale * torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+
+
+def _ascent_rise(model, q, cfg, lr, fisher=None):
+    state = perturb(
+        model, q, _names(model), dataclasses.replace(cfg, lr=lr), ASCENT, n_units=10, fisher=fisher
+    )
+    return state.final_loss - state.loss_trajectory[0], state
+
+
+@pytest.mark.parametrize("which", ["fresh", "memorised"])
+@pytest.mark.parametrize("criterion,target", [("loss", 1.0), ("loss", 0.3), ("radius", 1e-3)])
+def test_search_reaches_the_target(request, tokenizer, which, criterion, target):
+    model = request.getfixturevalue(which)
+    q = encode_query(QUERY, tokenizer, None)
+    cfg = PerturbConfig(lr="auto", lr_target=target, lr_criterion=criterion, steps=5)
+    cal = calibrate_lr(model, q, _names(model), cfg, n_units=10)
+    assert cal.reached, cal.to_dict()
+    assert abs(cal.achieved / target - 1) <= 0.25
+    if criterion == "loss":  # the recorded effect is what the perturbation reproduces
+        rise, _ = _ascent_rise(model, q, cfg, cal.lr)
+        assert rise == pytest.approx(cal.achieved, rel=1e-5)
+    assert cal.query_steps == len(cal.trials) * cfg.steps
+    assert len(cal.trials) <= 10
+
+
+def test_memorised_query_is_what_the_fixture_claims(tokenizer, memorised):
+    q = encode_query(QUERY, tokenizer, None)
+    cfg = PerturbConfig(steps=1)
+    state = perturb(memorised, q, _names(memorised), cfg, DESCENT, n_units=10)
+    assert state.loss_trajectory[0] < 0.05
+
+
+def test_search_is_deterministic(tokenizer, fresh):
+    q = encode_query(QUERY, tokenizer, None)
+    cfg = PerturbConfig(lr="auto", lr_target=0.5, steps=4)
+    runs = [calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10).to_dict() for _ in range(2)]
+    for r in runs:
+        r.pop("seconds")
+    assert runs[0] == runs[1]
+
+
+def test_fisher_on_memorised_model_diverges_fixed_but_not_auto(tokenizer, memorised):
+    """F̂ → 0: the reference η = 1e-4 blows the query loss up; auto keeps the target."""
+    q = encode_query(QUERY, tokenizer, None)
+    fisher = _fisher_like(memorised, 1e-9)
+    cfg = PerturbConfig(optimizer="fisher", lr=1e-4, steps=5)
+    try:
+        rise, _ = _ascent_rise(memorised, q, cfg, 1e-4, fisher)
+    except Exception:  # NonFiniteLossError: diverged outright
+        rise = math.inf
+    assert rise > 5.0  # far beyond any useful perturbation
+    auto = dataclasses.replace(cfg, lr="auto", lr_target=1.0)
+    cal = calibrate_lr(memorised, q, _names(memorised), auto, n_units=10, fisher=fisher)
+    assert cal.reached and cal.lr < 1e-4
+    rise, state = _ascent_rise(memorised, q, cfg, cal.lr, fisher)
+    assert math.isfinite(rise) and abs(rise - 1.0) < 0.25
+    descent = perturb(
+        memorised, q, _names(memorised), dataclasses.replace(cfg, lr=cal.lr), DESCENT,
+        n_units=10, fisher=fisher,
+    )  # fmt: skip
+    assert all(math.isfinite(v) for v in descent.loss_trajectory)
+
+
+@pytest.mark.slow
+def test_demo_model_auto_does_not_diverge():
+    from bgotrace.demo import DEMO_PROMPTS, demo_model_path
+    from bgotrace.modeling.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(demo_model_path()), device="cpu")
+    q = encode_query(Query("d", DEMO_PROMPTS[0], " The patriotic art of lying"), tok, None)
+    for optimizer in ("adam", "fisher"):
+        fisher = _fisher_like(model, 1e-9) if optimizer == "fisher" else None
+        cfg = PerturbConfig(optimizer=optimizer, lr="auto", steps=10)
+        cal = calibrate_lr(model, q, _names(model), cfg, n_units=100, fisher=fisher)
+        assert cal.reached and math.isfinite(cal.achieved)
+
+
+def test_damped_fisher_tends_to_the_eps_form():
+    """λ·mean(F̂) = ε gives the ε form exactly; as λ → 0 both tend to g/F̂ (rtol 1e-6)."""
+    gen = torch.Generator().manual_seed(0)
+    fisher = {"a": torch.rand(5, 3, generator=gen) + 0.1, "b": torch.rand(7, generator=gen) + 0.1}
+    names = ["a", "b"]
+    mean = float(torch.cat([fisher["a"].flatten(), fisher["b"]]).mean())
+    eps_form = fisher_denominators(fisher, names, eps=1e-3 * mean, damping=None)
+    damped = fisher_denominators(fisher, names, eps=1.0, damping=1e-3)  # ε unused when damped
+    for n in names:
+        torch.testing.assert_close(damped[n], eps_form[n], rtol=1e-6, atol=0.0)
+        tiny = fisher_denominators(fisher, names, eps=1.0, damping=1e-9)[n]
+        torch.testing.assert_close(tiny, fisher[n], rtol=1e-6, atol=0.0)
+
+
+def test_damping_bounds_near_zero_entries():
+    fisher = {"w": torch.tensor([1.0, 1.0, 1e-12])}
+    den = fisher_denominators(fisher, ["w"], eps=1e-6, damping=0.1)["w"]
+    mean = (2.0 + 1e-12) / 3
+    assert float(den.min()) >= 0.1 * mean * (1 - 1e-6)
+    zero = fisher_denominators({"w": torch.zeros(3)}, ["w"], eps=1e-6, damping=0.1)["w"]
+    assert float(zero.min()) == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": "auto", "lr_target": 0.0}, "--lr-target must be > 0"),
+        ({"lr": "auto", "lr_target": -1.0}, "--lr-target must be > 0"),
+        ({"lr": "fast"}, "--lr='fast' is not a number"),
+        ({"lr": -1e-4}, "--lr must be > 0"),
+        ({"lr_criterion": "grad"}, "--lr-criterion='grad' is unknown"),
+        ({"fisher_damping": -0.1}, "--fisher-damping must be > 0"),
+    ],
+)
+def test_bad_values_are_clean_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        PerturbConfig(**kwargs)
+
+
+def test_lr_strings_are_parsed():
+    assert PerturbConfig(lr="AUTO").lr == "auto"
+    assert PerturbConfig(lr="1e-3").lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="unresolved"):
+        PerturbConfig(lr="auto").fixed_lr  # noqa: B018
