@@ -7,7 +7,6 @@ sweep → rank and aggregate → per-token changes of top units → outputs.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import random
@@ -33,15 +32,13 @@ from bgotrace.corpus import (
     corpus_fingerprint,
     load_documents,
 )
-from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
-from bgotrace.perturb.fisher import cached_fisher
-from bgotrace.perturb.params import select_parameters
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
 from bgotrace.ranking.tokens import top_token_changes
-from bgotrace.score.engine import SweepContext, score_queries
+from bgotrace.score.context import SweepContext, build_sweep_context
+from bgotrace.score.engine import score_queries
 from bgotrace.score.store import RunStore
 from bgotrace.score.variants import score_losses
 
@@ -188,62 +185,17 @@ def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionRes
 
 
 def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | None) -> SweepContext:
-    model, cache = inputs.model, inputs.cache
-    device = next(model.parameters()).device
-    names = select_parameters(model, config.perturb.params)
     if store is not None:
-        store.check_state("cache", cache.manifest.get("corpus_fingerprint"))
-    fisher = None
-    if config.perturb.optimizer == "fisher":
-        fisher = cached_fisher(
-            model,
-            cache,
-            names,
-            n_samples=config.perturb.fisher_samples,
-            seed=config.seed,
-            device=device,
-        )
-    sweep_model = sweep_model_in(model, config.scoring.dtype)
-    pad_id = int(inputs.tokenizer.pad_token_id or 0)
-    executor = None
-    if config.scoring.workers > 0:
-        from bgotrace.dist.ray_executor import RayExecutor
-
-        executor = RayExecutor(
-            sweep_model,
-            cache.root,
-            n_workers=config.scoring.workers,
-            batch_size=config.scoring.batch_size,
-            pad_id=pad_id,
-            gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
-        )
-    return SweepContext(
-        model=model,
-        sweep_model=sweep_model,
-        units=cache,
-        names=names,
+        store.check_state("cache", inputs.cache.manifest.get("corpus_fingerprint"))
+    return build_sweep_context(
+        inputs.model,
+        inputs.cache,
         perturb_cfg=config.perturb,
         score_cfg=config.scoring,
-        device=device,
-        pad_id=pad_id,
-        n_units=len(cache),
-        fisher=fisher,
+        pad_id=int(inputs.tokenizer.pad_token_id or 0),
+        seed=config.seed,
         store=store,
-        block_executor=executor,
     )
-
-
-def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
-    """The base model in the sweep dtype; a copy only when the dtype differs."""
-    dtype = resolve_dtype(dtype_name)
-    if next(model.parameters()).dtype == dtype:
-        return model
-    log.warning(
-        "sweeping in %s: perturbations smaller than its rounding step vanish; "
-        "use float32 if scores look flat",
-        dtype_name,
-    )
-    return copy.deepcopy(model).to(dtype)
 
 
 def _assemble(

@@ -5,8 +5,9 @@
   and see which units' losses rise (UnTrac-Inv, Isonuma & Titov 2024, for one query), with
   BGO's optimizer settings (Adam, lr 1e-4, 10 steps unless overridden).
 
-Both build a :class:`SweepContext` from the method context and hand the queries to
-:func:`bgotrace.score.engine.score_queries`; their options are the fields of
+Both build their sweep context with :func:`bgotrace.score.context.build_sweep_context` (as
+the pipeline does) and hand the queries to :func:`bgotrace.score.engine.score_queries`; their
+options are the fields of
 :class:`PerturbConfig` and :class:`ScoreConfig` (``lr``, ``steps``, ``optimizer``, ``score``,
 ``reduce``, ``dtype``…), with ``params`` and ``batch_size`` taken from the context unless
 given. Scores are in nats (per token with ``reduce=mean``); high = the unit supports the
@@ -24,11 +25,9 @@ import numpy as np
 from bgotrace.baselines.base import Attributor, MethodContext, option_names, register
 from bgotrace.config import PerturbConfig, ScoreConfig, build_section
 from bgotrace.errors import ConfigError
-from bgotrace.perturb.fisher import cached_fisher
-from bgotrace.perturb.params import select_parameters
-from bgotrace.pipeline import sweep_model_in
 from bgotrace.query import EncodedQuery
-from bgotrace.score.engine import SweepContext, score_queries
+from bgotrace.score.context import build_sweep_context
+from bgotrace.score.engine import score_queries
 from bgotrace.score.variants import score_losses
 
 
@@ -75,29 +74,14 @@ class BGO(Attributor):
         )
 
     def _prepare(self, ctx: MethodContext) -> None:
-        perturb, scoring = self.opts.perturb, self.opts.scoring
-        names = select_parameters(ctx.model, perturb.params)
-        fisher = None
-        if perturb.optimizer == "fisher":
-            fisher = cached_fisher(
-                ctx.model,
-                ctx.cache,
-                names,
-                n_samples=perturb.fisher_samples,
-                seed=ctx.seed,
-                device=ctx.torch_device,
-            )
-        self.sweep = SweepContext(
-            model=ctx.model,
-            sweep_model=sweep_model_in(ctx.model, scoring.dtype),
-            units=ctx.cache,
-            names=names,
-            perturb_cfg=perturb,
-            score_cfg=scoring,
-            device=ctx.torch_device,
+        self.sweep = build_sweep_context(
+            ctx.model,
+            ctx.cache,
+            perturb_cfg=self.opts.perturb,
+            score_cfg=self.opts.scoring,
             pad_id=ctx.pad_id,
-            n_units=ctx.n_units,
-            fisher=fisher,
+            seed=ctx.seed,
+            device=ctx.torch_device,
         )
         self.trajectories: dict[str, dict[str, list[float]]] = {}
 

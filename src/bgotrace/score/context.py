@@ -1,0 +1,144 @@
+"""The sweep context: one builder shared by the pipeline and the ``bgo``/``untrac-inv`` methods.
+
+Everything the engine needs besides the queries: the base model in the perturbation and
+sweep dtypes, the units to sweep, the selected parameters (+ Fisher diagonal), the
+configs, and where blocks are computed (this process or Ray workers).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bgotrace.cache import TokenCache
+from bgotrace.config import PerturbConfig, ScoreConfig
+from bgotrace.devices import resolve_dtype
+from bgotrace.errors import ConfigError
+from bgotrace.perturb.fisher import cached_fisher
+from bgotrace.perturb.params import select_parameters
+from bgotrace.score.batching import TokenSource
+from bgotrace.score.executor import BlockExecutor, LocalExecutor
+from bgotrace.score.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepContext:
+    """Everything the engine needs besides the queries."""
+
+    model: torch.nn.Module
+    """Base model in the perturbation dtype (float32 recommended)."""
+    sweep_model: torch.nn.Module
+    """Base model in the sweep dtype (may be ``model`` itself)."""
+    units: TokenSource
+    """The units swept (the whole token cache, or a subset view of it)."""
+    names: Sequence[str]
+    """Names of the perturbed parameters."""
+    perturb_cfg: PerturbConfig
+    score_cfg: ScoreConfig
+    device: torch.device
+    pad_id: int
+    n_units: int
+    """Training units N of the corpus (the Fisher step's N), not necessarily ``len(units)``."""
+    fisher: Mapping[str, torch.Tensor] | None = None
+    store: RunStore | None = None
+    block_executor: BlockExecutor | None = None
+    """Where blocks are computed; this process when None."""
+
+    def executor(self) -> BlockExecutor:
+        if self.block_executor is None:
+            self.block_executor = LocalExecutor(
+                self.sweep_model, self.units, self.score_cfg.batch_size, self.pad_id, self.device
+            )
+        return self.block_executor
+
+    @property
+    def n_swept(self) -> int:
+        """Number of units the sweep visits (``len(units)``)."""
+        return len(self.units.lengths)
+
+
+def build_sweep_context(
+    model: torch.nn.Module,
+    cache: TokenCache,
+    *,
+    units: TokenSource | None = None,
+    perturb_cfg: PerturbConfig,
+    score_cfg: ScoreConfig,
+    pad_id: int,
+    seed: int = 0,
+    device: torch.device | None = None,
+    store: RunStore | None = None,
+) -> SweepContext:
+    """Select the parameters, estimate the Fisher if needed, and pick the executor.
+
+    The Fisher sample and the Fisher step's N come from the whole ``cache``; the sweep
+    visits ``units`` (a subset view implementing :class:`TokenSource`), or the whole cache.
+    """
+    device = device or next(model.parameters()).device
+    names = select_parameters(model, perturb_cfg.params)
+    fisher = None
+    if perturb_cfg.optimizer == "fisher":
+        fisher = cached_fisher(
+            model, cache, names, n_samples=perturb_cfg.fisher_samples, seed=seed, device=device
+        )
+    sweep_model = sweep_model_in(model, score_cfg.dtype)
+    return SweepContext(
+        model=model,
+        sweep_model=sweep_model,
+        units=cache if units is None else units,
+        names=names,
+        perturb_cfg=perturb_cfg,
+        score_cfg=score_cfg,
+        device=device,
+        pad_id=pad_id,
+        n_units=len(cache),
+        fisher=fisher,
+        store=store,
+        block_executor=_ray_executor(sweep_model, cache, units, score_cfg, pad_id, device),
+    )
+
+
+def _ray_executor(
+    sweep_model: torch.nn.Module,
+    cache: TokenCache,
+    units: TokenSource | None,
+    score_cfg: ScoreConfig,
+    pad_id: int,
+    device: torch.device,
+) -> BlockExecutor | None:
+    if score_cfg.workers == 0:
+        return None
+    if units is not None:
+        raise ConfigError(
+            "Ray workers reopen the whole token cache by path, so they cannot sweep a subset "
+            "of units: drop --workers for this run."
+        )
+    from bgotrace.dist.ray_executor import RayExecutor
+
+    return RayExecutor(
+        sweep_model,
+        cache.root,
+        n_workers=score_cfg.workers,
+        batch_size=score_cfg.batch_size,
+        pad_id=pad_id,
+        gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+    )
+
+
+def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+    """The base model in the sweep dtype; a copy only when the dtype differs."""
+    dtype = resolve_dtype(dtype_name)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    log.warning(
+        "sweeping in %s: perturbations smaller than its rounding step vanish; "
+        "use float32 if scores look flat",
+        dtype_name,
+    )
+    return copy.deepcopy(model).to(dtype)
