@@ -12,6 +12,7 @@ import pytest
 
 import bgotrace.cache.token_cache as token_cache
 from bgotrace.cache import TokenCache, get_token_cache, tokenizer_fingerprint
+from bgotrace.cache.locking import lock_path
 from bgotrace.corpus import ChunkingConfig, Document, tokenize_and_chunk
 from bgotrace.errors import CacheMismatchError, InputError
 
@@ -30,8 +31,10 @@ def build(docs: list[Document], tokenizer: Any, root: Path, **kwargs: Any) -> To
 
 
 def siblings(root: Path) -> list[str]:
-    """Everything next to the cache dir: temporary build dirs must not linger there."""
-    return sorted(p.name for p in root.parent.iterdir())
+    """Everything next to the cache dir: temporary build dirs must not linger there.
+
+    The lock file stays by design (bgotrace.cache.locking), so it is not listed."""
+    return sorted(p.name for p in root.parent.iterdir() if p.name != lock_path(root).name)
 
 
 # ---------------------------------------------------------------- contents

@@ -10,7 +10,13 @@ Layout of a cache directory::
 A cache is reused only if its manifest matches the request (same tokenizer, chunking and
 corpus); otherwise the user is told what differs, since silently mixing tokens from two
 tokenizers would corrupt every score. The manifest is written last and the directory is
-renamed into place, so a directory with a manifest is always complete.
+renamed into place, so a directory with a manifest is always complete. Checking and building
+happen under an inter-process lock (``bgotrace.cache.locking``), so two runs that start on
+the same directory at once build it once and both use that build.
+
+Without an explicit directory a cache goes to a location keyed by its content (corpus,
+tokenizer, chunking: :func:`default_cache_dir`), so two corpora of the same file name never
+meet in one directory; an explicit directory made with other settings is refused instead.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bgotrace.cache.fingerprint import short, tokenizer_fingerprint
+from bgotrace.cache.fingerprint import canonical_json, sha256_text, short, tokenizer_fingerprint
+from bgotrace.cache.locking import exclusive
 from bgotrace.corpus.chunking import ChunkingConfig, Unit, iter_unit_batches
 from bgotrace.corpus.documents import Document, corpus_fingerprint
 from bgotrace.errors import CacheMismatchError, InputError
@@ -57,6 +64,11 @@ COMPARED_KEYS = ("format_version", "tokenizer_fingerprint", "corpus_fingerprint"
 
 FIX = "use --rebuild-cache to rebuild it, or choose another --cache-dir"
 
+DEFAULT_PARENT = Path(".bgotrace-cache")
+"""Parent of the default cache directories of corpora read from files (relative to the cwd)."""
+KEY_CHARS = 20
+"""Hex characters of the content key in a default cache directory's name."""
+
 
 class TokenCache:
     """Read-only view of a complete cache directory."""
@@ -81,6 +93,14 @@ class TokenCache:
     def lengths(self) -> np.ndarray:
         """Tokens per unit, ``(n_units,)`` int64."""
         return self._lengths
+
+    @property
+    def max_token_id(self) -> int:
+        """Largest token id in the cache (from the manifest; scanned for older caches)."""
+        stored = self.manifest.get("max_token_id")
+        if isinstance(stored, int):
+            return stored
+        return int(self.tokens.max()) if len(self.tokens) else -1
 
     def unit_tokens(self, i: int) -> np.ndarray:
         """Token ids of unit ``i``: a read-only view into the memory map, ``(length,)``."""
@@ -133,8 +153,9 @@ def get_token_cache(
     documents: Sequence[Document],
     tokenizer: Any,
     chunking: ChunkingConfig,
-    cache_dir: str | Path,
+    cache_dir: str | Path | None,
     *,
+    label: str | None = None,
     rebuild: bool = False,
     progress: bool = True,
 ) -> TokenCache:
@@ -142,9 +163,24 @@ def get_token_cache(
 
     An existing cache made with another tokenizer, chunking or corpus is refused with a
     :class:`CacheMismatchError` listing each difference, unless ``rebuild`` is set.
+    ``cache_dir=None`` uses :func:`default_cache_dir` (with ``label``, the corpus file's name).
     """
-    root = Path(cache_dir)
     requested = requested_manifest(documents, tokenizer, chunking)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir(requested, label)
+    with exclusive(root, what="token cache"):
+        return _open_or_build(root, documents, tokenizer, chunking, requested, rebuild, progress)
+
+
+def _open_or_build(
+    root: Path,
+    documents: Sequence[Document],
+    tokenizer: Any,
+    chunking: ChunkingConfig,
+    requested: dict[str, Any],
+    rebuild: bool,
+    progress: bool,
+) -> TokenCache:
+    """The check-and-build of :func:`get_token_cache`; the caller holds the lock."""
     if rebuild or _is_absent_or_empty(root):
         _refuse_foreign_files(root)
         build_token_cache(root, documents, tokenizer, chunking, requested, progress=progress)
@@ -157,6 +193,20 @@ def get_token_cache(
         )
     log.info("Reusing token cache %s (%d units).", root, stored.get("n_units", 0))
     return TokenCache(root)
+
+
+def default_cache_dir(requested: dict[str, Any], label: str | None = None) -> Path:
+    """Where a cache lives when no directory is given: named by its content, not its name.
+
+    The key hashes every setting that :func:`manifest_differences` compares, so two requests
+    that may not share a cache never share a default directory. ``label`` (the corpus file's
+    name) prefixes the key under ``.bgotrace-cache/`` so the directories can be told apart;
+    without a label (an in-memory corpus) the cache goes to the system's temporary folder.
+    """
+    key = sha256_text(canonical_json(_comparable(requested)))[:KEY_CHARS]
+    if label is None:
+        return Path(tempfile.gettempdir()) / "bgotrace-cache" / key
+    return DEFAULT_PARENT / f"{label}-{key}"
 
 
 def requested_manifest(
@@ -272,7 +322,7 @@ def _write_contents(
         )
     pq.write_table(rows.table(), tmp / UNITS_FILE)
     pq.write_table(_documents_table(documents), tmp / DOCUMENTS_FILE)
-    return {"n_units": rows.n_units, "n_tokens": rows.n_tokens}
+    return {"n_units": rows.n_units, "n_tokens": rows.n_tokens, "max_token_id": rows.max_token_id}
 
 
 class _UnitRows:
@@ -284,6 +334,7 @@ class _UnitRows:
             for name in ("unit_id", "doc_id", "source", "start", "length", "char_start", "char_end")
         }
         self.n_tokens = 0
+        self.max_token_id = -1
 
     @property
     def n_units(self) -> int:
@@ -302,6 +353,7 @@ class _UnitRows:
         for column, value in zip(self.columns.values(), values, strict=True):
             column.append(value)
         self.n_tokens += len(unit.token_ids)
+        self.max_token_id = max(self.max_token_id, max(unit.token_ids))
 
     def table(self) -> pa.Table:
         types = {

@@ -1,4 +1,9 @@
-"""Turn user errors into one line on stderr and exit code 2 — never a traceback."""
+"""Turn user errors into one line on stderr and exit code 2 — never a traceback.
+
+Two kinds: a :class:`BgotraceError` raised by a command (``user_errors``), and a flag that
+click cannot parse, such as ``--lr abc`` (``OneLineUsageErrors``, which replaces click's
+boxed usage screen by the same one-line form).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from bgotrace.errors import BgotraceError
 
@@ -29,3 +36,16 @@ def user_errors(func: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The command group of ``bgotrace``: a bad flag or sub-command is one ``error:`` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:  # also BadParameter, NoSuchOption, NoSuchCommand
+            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            message = err.format_message().strip().rstrip(".")
+            print(f"error: {message}: see `{command} --help`.", file=sys.stderr)
+            raise typer.Exit(code=2) from None
