@@ -49,14 +49,39 @@ VARIANTS: list[dict[str, Any]] = [
     {"optimizer": "fisher", "lr": 1e-3},
     {"optimizer": "fisher", "lr": 1e-4, "reduce": "sum"},
 ]
-METRICS = ("mrr", "recall@10", "precision@10", "source_rank")
+CALIBRATION_BASE: dict[str, Any] = {**DEFAULT, "reduce": "sum"}
+"""The shipped default that issue 9's grid varies (Adam, lr 1e-4, K = 10, sum)."""
+CALIBRATION_VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"lr": "auto", "lr_target": 0.3},
+    {"lr": "auto", "lr_target": 1.0},
+    {"lr": "auto", "lr_target": 3.0},
+    {"lr": "auto", "lr_criterion": "radius", "lr_target": 3e-3},
+    {"lr": "auto", "lr_criterion": "radius", "lr_target": 1e-2},
+    {"lr": "auto", "lr_criterion": "radius", "lr_target": 3e-2},
+    {"optimizer": "fisher"},
+    {"optimizer": "fisher", "fisher_damping": 0.1},
+    {"optimizer": "fisher", "fisher_damping": 1.0},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 1.0},
+    {"optimizer": "fisher", "fisher_damping": 0.1, "lr": "auto", "lr_target": 1.0},
+]
+"""``--grid calibration``: --lr auto targets, damped Fisher (on top of CALIBRATION_BASE)."""
+METRICS = ("mrr", "recall@10", "precision@10", "source_rank", "tail_patch_vs_random@10")
+FAMILIES = ["fact", "source", "tail-patch"]
 
 
-def evaluate(bench: str, model: str, split: str, change: dict[str, Any], max_q: int | None):
-    options = {"method_options": {"bgo": {**DEFAULT, **change}}, "max_queries": max_q}
+def evaluate(
+    bench: str,
+    model: str,
+    split: str,
+    change: dict[str, Any],
+    max_q: int | None,
+    base: dict[str, Any] = DEFAULT,
+):
+    options = {"method_options": {"bgo": {**base, **change}}, "max_queries": max_q}
     t0 = time.perf_counter()
     try:
-        result = run_eval(bench, model, ["bgo"], ["fact", "source"], split=split, options=options)
+        result = run_eval(bench, model, ["bgo"], FAMILIES, split=split, options=options)
         row = {m: result.value("bgo", m) for m in METRICS}
     except NonFiniteLossError:  # a setting that diverges is a result too
         row = dict.fromkeys(METRICS, float("nan"))
@@ -75,17 +100,28 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--max-queries", type=int, default=None)
     parser.add_argument("--confirm", nargs="*", help="KEY=VALUE of a setting to run on test")
+    parser.add_argument(
+        "--grid",
+        choices=("defaults", "calibration"),
+        default="defaults",
+        help="defaults: the first sweep; calibration: --lr auto / damped Fisher (issue 9)",
+    )
     args = parser.parse_args()
+    base = CALIBRATION_BASE if args.grid == "calibration" else DEFAULT
+    variants = CALIBRATION_VARIANTS if args.grid == "calibration" else VARIANTS
     if args.confirm is not None:
         change = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.confirm)}
         rows = [
-            (f"test: {describe(c)}", evaluate(args.bench, args.model, "test", c, None))
+            (f"test: {describe(c)}", evaluate(args.bench, args.model, "test", c, None, base))
             for c in ({}, change)
         ]
     else:
         rows = [
-            (describe(c), evaluate(args.bench, args.model, "validation", c, args.max_queries))
-            for c in VARIANTS
+            (
+                describe(c),
+                evaluate(args.bench, args.model, "validation", c, args.max_queries, base),
+            )
+            for c in variants
         ]
         rows.sort(key=lambda r: -np.nan_to_num(r[1]["mrr"] + r[1]["precision@10"], nan=-1.0))
     write(rows, args)
@@ -103,14 +139,16 @@ def _value(text: str) -> Any:
 def write(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> None:
     split = "test" if args.confirm is not None else "validation"
     lines = [
-        f"\n### BGO sensitivity ({split} split, `{args.bench}`, default = {describe(DEFAULT)})\n",
-        "| setting | fact MRR | fact recall@10 | source precision@10 | true-source rank | s |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"\n### BGO sensitivity ({split} split, `{args.bench}`, grid {args.grid})\n",
+        "| setting | fact MRR | fact recall@10 | source precision@10 | true-source rank "
+        "| tail-patch@10 − random | s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
         lines.append(
             f"| {name} | {r['mrr']:.3f} | {r['recall@10']:.3f} | "
-            f"{r['precision@10']:.3f} | {r['source_rank']:.2f} | {r['seconds']:.0f} |"
+            f"{r['precision@10']:.3f} | {r['source_rank']:.2f} | "
+            f"{r['tail_patch_vs_random@10']:.3f} | {r['seconds']:.0f} |"
         )
     publish(lines)
 

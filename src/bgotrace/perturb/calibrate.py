@@ -224,3 +224,19 @@ def _log_result(query: EncodedQuery, result: Calibration) -> None:
         result.query_steps,
         result.seconds,
     )
+
+
+def resolve_query_config(
+    model: torch.nn.Module,
+    query: EncodedQuery,
+    names: Sequence[str],
+    cfg: PerturbConfig,
+    *,
+    n_units: int,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[PerturbConfig, Calibration | None]:
+    """The perturbation config of one query: ``lr: auto`` replaced by its calibrated η."""
+    if cfg.lr != "auto":
+        return cfg, None
+    calibration = calibrate_lr(model, query, names, cfg, n_units=n_units, fisher=fisher)
+    return dataclasses.replace(cfg, lr=calibration.lr), calibration
