@@ -39,6 +39,7 @@ METHODS = (
     "ekfac",
 )
 """Names of the attribution methods (the registry in ``bgotrace.baselines`` must match)."""
+_SPANS_RE = re.compile(r"^(none|sentence|auto|tokens:[1-9]\d*)$")
 _PARAMS_RE = re.compile(r"^(all|last:\d+|regex:.+)$")
 
 
@@ -115,9 +116,18 @@ class QuerySpec:
     completion: str | None = _help("Completion the model produced (the text to attribute).", None)
     queries: str | None = _help("JSONL file of queries with fields id, prompt, completion.", None)
     loss_on: str = _help("completion (prompt masked) | all (whole text, for style).", "completion")
+    spans: str = _help(
+        "Also attribute parts of the completion, each in the same sweep: none | sentence | "
+        "tokens:N | auto (sentences, or about 4 token spans for one sentence).",
+        "none",
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.loss_on, ("completion", "all"), "--loss-on")
+        if not _SPANS_RE.match(self.spans):
+            raise ConfigError(
+                f"--spans={self.spans!r} is unknown: use none, sentence, auto or tokens:N (N >= 1)."
+            )
         single = self.prompt is not None or self.completion is not None
         if single and self.queries is not None:
             raise ConfigError("Give either --prompt/--completion or --queries, not both.")

@@ -7,6 +7,7 @@ sweep → rank and aggregate → per-token changes of top units → outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -41,6 +42,7 @@ from bgotrace.score.context import SweepContext, build_sweep_context
 from bgotrace.score.engine import score_queries
 from bgotrace.score.store import RunStore
 from bgotrace.score.variants import score_losses
+from bgotrace.spans import expand_all, group_size_for, nest_spans, span_columns
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ def load_inputs(
         documents, tokenizer, chunking, spec.resolved_cache_dir(), rebuild=rebuild_cache
     )
     encoded = [encode_query(q, tokenizer, context_length(model)) for q in queries]
+    encoded = expand_all(encoded, tokenizer, config.query.spans)  # spans follow their query
     return Inputs(model, tokenizer, cache, encoded)
 
 
@@ -127,6 +130,9 @@ def _run_bgo(
     config: AttributeConfig, inputs: Inputs, store: RunStore | None
 ) -> tuple[AttributionResult, dict[str, Any]]:
     ctx = _sweep_context(config, inputs, store)
+    # A query and its spans are perturbed states of one sweep: keep them in one group.
+    per_sweep = group_size_for(inputs.queries, ctx.score_cfg.queries_per_sweep)
+    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, queries_per_sweep=per_sweep)
     losses = score_queries(ctx, inputs.queries)
     variant = config.scoring.score
     per_query = [
@@ -204,6 +210,7 @@ def _assemble(
     per_query: list[pd.DataFrame],
     top_tokens: list[dict[str, Any]],
 ) -> AttributionResult:
+    per_query = [span_columns(f, q) for f, q in zip(per_query, inputs.queries, strict=True)]
     scores = pd.concat(per_query, ignore_index=True)
     shown = max(config.output.top_k, config.output.top_tokens)
     snippets = {
@@ -236,18 +243,22 @@ def _summary(
         "seed": config.seed,
         "corpus": {k: inputs.cache.manifest.get(k) for k in ("n_documents", "n_units", "n_tokens")},
         **details,
-        "queries": [
-            {
-                "query_id": q.query.query_id,
-                "prompt": q.query.prompt,
-                "completion": q.query.completion,
-                "loss_on": q.query.loss_on,
-                "n_loss_tokens": q.n_loss_tokens,
-                "loss_trajectories": traj,
-                "top_units": result.top(5, q.query.query_id)["unit_id"].tolist(),
-            }
-            for q, traj in zip(inputs.queries, trajectories, strict=True)
-        ],
+        "queries": nest_spans(
+            [
+                {
+                    "query_id": q.query.query_id,
+                    "prompt": q.query.prompt,
+                    "completion": q.query.completion,
+                    "loss_on": q.query.loss_on,
+                    "n_loss_tokens": q.n_loss_tokens,
+                    "loss_trajectories": traj,
+                    "top_units": result.top(5, q.query.query_id)["unit_id"].tolist(),
+                }
+                for q, traj in zip(inputs.queries, trajectories, strict=True)
+            ],
+            inputs.queries,
+            result,
+        ),
         "seconds": round(seconds, 3),
     }
 

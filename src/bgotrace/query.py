@@ -53,6 +53,22 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Span:
+    """A part of a query's completion attributed on its own (``bgotrace.spans``)."""
+
+    parent_id: str
+    """Id of the whole-completion query the span belongs to."""
+    span_id: int
+    """Position of the span in the completion (0, 1, ...)."""
+    char_start: int
+    """First character of the span in the completion."""
+    char_end: int
+    """One past its last character; the spans of a query partition its completion."""
+    text: str
+    """``completion[char_start:char_end]``."""
+
+
+@dataclass(frozen=True)
 class EncodedQuery:
     """Token ids of a query and the labels its loss covers."""
 
@@ -61,6 +77,8 @@ class EncodedQuery:
     """(1, T) token ids of prompt + completion."""
     labels: torch.Tensor
     """(1, T) copy of input_ids with -100 where the loss is not taken."""
+    span: Span | None = None
+    """Set when the loss covers one span of the completion only; None for the whole query."""
 
     @property
     def n_loss_tokens(self) -> int:

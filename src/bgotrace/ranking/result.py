@@ -38,19 +38,63 @@ class AttributionResult:
 
     @property
     def query_ids(self) -> list[str]:
-        return list(dict.fromkeys(self.scores["query_id"]))
+        """Ids of the whole-completion queries (their spans' ids are in :meth:`spans`)."""
+        whole = self.scores
+        if "span_id" in whole.columns:
+            whole = whole[whole["span_id"] < 0]
+        return list(dict.fromkeys(whole["query_id"]))
 
-    def _pick(self, table: pd.DataFrame, query_id: str | None) -> pd.DataFrame:
+    def _resolve(self, query_id: str | None) -> str:
         if query_id is None:
             if len(self.query_ids) > 1:
                 raise InputError(
                     f"This result holds {len(self.query_ids)} queries: pass query_id=... "
                     f"(one of {', '.join(self.query_ids[:5])})."
                 )
-            return table
-        if query_id not in self.query_ids:
+            return self.query_ids[0]
+        if query_id not in set(self.scores["query_id"]):
             raise InputError(f"No query {query_id!r} in this result: use one of {self.query_ids}.")
-        return table[table["query_id"] == query_id]
+        return query_id
+
+    def _pick(self, table: pd.DataFrame, query_id: str | None) -> pd.DataFrame:
+        return table[table["query_id"] == self._resolve(query_id)]
+
+    def spans(self, query_id: str | None = None) -> pd.DataFrame:
+        """The spans of a query's completion (run with ``--spans``): one row per span.
+
+        Columns: span_id, query_id (the span's own id in every table), span_start,
+        span_end (characters of the completion) and span_text. Empty without spans.
+        """
+        qid = self._resolve(query_id)
+        cols = ["span_id", "query_id", "span_start", "span_end", "span_text"]
+        if "span_id" not in self.scores.columns:
+            return pd.DataFrame(columns=cols)
+        rows = self.scores[(self.scores["parent_query_id"] == qid) & (self.scores["span_id"] >= 0)]
+        return rows[cols].drop_duplicates("span_id").sort_values("span_id").reset_index(drop=True)
+
+    def span_support(self, query_id: str | None = None, k: int = 10) -> pd.DataFrame:
+        """For each of a query's top-k units, the span of the completion it supports most.
+
+        Columns: unit_id, rank, score (whole completion), best_span (span_id), best_span_score,
+        and span_scores (the unit's score for each span, in span order).
+        """
+        top = self.top(k, query_id)
+        spans = self.spans(query_id)
+        if spans.empty:
+            return top[["unit_id", "rank", "score"]].assign(best_span=None, best_span_score=None)
+        rows = self.scores[self.scores["query_id"].isin(spans["query_id"])]
+        table = rows.pivot_table(index="unit_id", columns="span_id", values="score", sort=True)
+        per_unit = table.reindex(top["unit_id"])  # (k, n_spans)
+        return pd.DataFrame(
+            {
+                "unit_id": top["unit_id"],
+                "rank": top["rank"],
+                "score": top["score"],
+                "best_span": [int(per_unit.columns[i]) for i in per_unit.to_numpy().argmax(axis=1)],
+                "best_span_score": per_unit.max(axis=1).to_numpy(),
+                "span_scores": [list(map(float, r)) for r in per_unit.to_numpy()],
+            }
+        )
 
     def top(
         self, k: int = 10, query_id: str | None = None, granularity: str = "unit"
@@ -84,7 +128,7 @@ class AttributionResult:
         store.write_text("snippets.json", json.dumps(self.snippets, indent=1))
         from bgotrace.report.html import render_report  # the report imports this module
 
-        store.write_text("report.html", render_report(self, self.summary.get("queries", [])))
+        store.write_text("report.html", render_report(self))
         store.write_text(SUMMARY, json.dumps(self.summary, indent=2, default=str))
 
     @classmethod

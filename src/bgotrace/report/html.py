@@ -1,16 +1,22 @@
-"""A self-contained HTML report of a run: top units with per-token colouring, sources.
+"""A self-contained HTML report of a run: the query and its spans, top units with
+per-token colouring, documents, sources, figures, and the config that replays it.
 
 Every training text goes through Jinja2's autoescaping: a corpus can hold any
-markup, and a report must never execute it.
+markup, and a report must never execute it. The page also carries a Content Security
+Policy that allows no script and no network at all, so even a template mistake could
+not run a corpus's markup or fetch anything.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bgotrace.ranking.result import AttributionResult
+from bgotrace.report import figures
 
 FORMULAS = {
     "bidirectional": "L(z; θ−) − L(z; θ+)",
@@ -18,6 +24,16 @@ FORMULAS = {
     "descent": "L(z; θ0) − L(z; θ+)",
     "abs": "|L(z; θ−) − L(z; θ+)|",
 }
+MAX_FIGURE_QUERIES = 20
+"""Queries that get figures; later ones keep their tables (figures cost ~0.1 s each)."""
+
+
+@cache
+def environment() -> Environment:
+    return Environment(
+        loader=PackageLoader("bgotrace.report", "templates"),
+        autoescape=select_autoescape(["html", "j2"], default=True),
+    )
 
 
 def _colour(score: float, scale: float) -> str:
@@ -36,27 +52,71 @@ def _token_cells(row: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def _query_view(result: AttributionResult, query: dict[str, Any], k: int) -> dict[str, Any]:
-    qid = query["query_id"]
+def _unit_rows(result: AttributionResult, qid: str, k: int) -> list[dict[str, Any]]:
     tokens = {r["unit_id"]: r for r in result.top_tokens if r["query_id"] == qid}
-    units = [
+    return [
         {
             "rank": r.rank,
             "score": r.score,
             "unit_id": r.unit_id,
+            "doc_id": r.doc_id,
             "source": r.source,
             "snippet": result.snippets.get(str(r.unit_id), ""),
             "tokens": _token_cells(tokens[r.unit_id]) if r.unit_id in tokens else None,
         }
         for r in result.top(k, query_id=qid).itertuples()
     ]
-    traj = query.get("loss_trajectories", {})
+
+
+def _span_views(
+    result: AttributionResult, query: dict[str, Any], k: int, anchor: str
+) -> list[dict[str, Any]]:
+    return [
+        {
+            **span,
+            "anchor": f"{anchor}-s{span['span_id']}",
+            "units": _unit_rows(result, span["query_id"], k),
+        }
+        for span in query.get("spans", [])
+    ]
+
+
+def _figures(result: AttributionResult, query: dict[str, Any], shown: list[float]) -> dict:
+    qid = query["query_id"]
+    rows = result.scores[result.scores["query_id"] == qid]
+    positive = rows[rows["score"] > 0].groupby("source")["score"].sum()
+    out = {"distribution": figures.score_distribution(rows["score"].to_numpy(), shown)}
+    if len(positive):
+        out["sources"] = figures.source_shares(positive)
+    trajectories = query.get("loss_trajectories") or {}
+    if trajectories:
+        out["trajectories"] = figures.loss_trajectories(trajectories)
+    return out
+
+
+def _query_view(
+    result: AttributionResult, query: dict[str, Any], k: int, index: int
+) -> dict[str, Any]:
+    qid, anchor = query["query_id"], f"q{index}"
+    units = _unit_rows(result, qid, k)
+    spans = _span_views(result, query, k, anchor)
+    best = {r["unit_id"]: r.get("best_span") for r in query.get("top_unit_spans", [])}
+    by_id = {s["span_id"]: s for s in spans}
+    for u in units:
+        u["best_span"] = by_id.get(best.get(u["unit_id"]))
+    traj = query.get("loss_trajectories") or {}
     return {
         **query,
+        "anchor": anchor,
         "units": units,
+        "span_views": spans,
+        "documents": result.by_document(qid).head(k).to_dict("records"),
         "sources": result.by_source(qid).to_dict("records"),
         "descent": _first_last(traj.get("descent")),
         "ascent": _first_last(traj.get("ascent")),
+        "figures": _figures(result, query, [u["score"] for u in units])
+        if index < MAX_FIGURE_QUERIES
+        else {},
     }
 
 
@@ -64,16 +124,36 @@ def _first_last(trajectory: list[float] | None) -> str:
     return f"{trajectory[0]:.3f} → {trajectory[-1]:.3f}" if trajectory else "not computed"
 
 
-def render_report(result: AttributionResult, queries: list[dict[str, Any]], k: int = 20) -> str:
-    """HTML for a result; ``queries`` carry query_id, prompt, completion, loss_trajectories."""
-    env = Environment(
-        loader=PackageLoader("bgotrace.report", "templates"),
-        autoescape=select_autoescape(["html", "j2"], default=True),
-    )
+def replay_command(config: dict[str, Any]) -> str:
+    """The shell command that reruns a run from its directory."""
+    out = (config.get("output") or {}).get("out")
+    paths = [str((config.get(s) or {}).get("path", "")) for s in ("model", "corpus")]
+    if out is None or any(p.startswith("<") for p in paths):
+        return "(in-memory model, corpus or queries: rerun it through the Python API)"
+    return f"bgotrace attribute --config {out}/config.yaml --overwrite"
+
+
+def _queries_of(result: AttributionResult) -> list[dict[str, Any]]:
+    queries = result.summary.get("queries")
+    return list(queries) if queries else [{"query_id": q} for q in result.query_ids]
+
+
+def render_report(
+    result: AttributionResult, queries: list[dict[str, Any]] | None = None, k: int = 20
+) -> str:
+    """HTML for a result; ``queries`` are summary entries (default: the result's summary)."""
     config = result.summary.get("config", {})
-    return env.get_template("report.html.j2").render(
-        summary=result.summary,
-        config=config,
-        score_formula=FORMULAS[config.get("scoring", {}).get("score", "bidirectional")],
-        queries=[_query_view(result, q, k) for q in queries],
+    queries = _queries_of(result) if queries is None else queries
+    return (
+        environment()
+        .get_template("report.html.j2")
+        .render(
+            summary=result.summary,
+            config=config,
+            config_yaml=yaml.safe_dump(config, sort_keys=False) if config else "",
+            command=replay_command(config),
+            warnings=[str(w) for w in result.summary.get("warnings") or []],
+            score_formula=FORMULAS[(config.get("scoring") or {}).get("score", "bidirectional")],
+            queries=[_query_view(result, q, k, i) for i, q in enumerate(queries)],
+        )
     )
