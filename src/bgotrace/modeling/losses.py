@@ -49,6 +49,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL over the tokens whose labels are not IGNORE (a scalar, float32)."""
-    losses = token_losses(logits, labels)
+    return mean_token_loss(token_losses(logits, labels), labels)
+
+
+def mean_token_loss(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token losses (B, T-1) over the predicted tokens (labels not IGNORE)."""
     n = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
     return losses.sum() / n

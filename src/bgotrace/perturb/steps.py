@@ -21,7 +21,8 @@ import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.errors import NonFiniteLossError
-from bgotrace.modeling.losses import forward_logits, mean_loss
+from bgotrace.modeling.losses import mean_token_loss
+from bgotrace.modeling.split import TrunkState, split_block, state_token_losses, trunk
 from bgotrace.perturb.fisher import fisher_denominators
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.query import EncodedQuery
@@ -62,13 +63,27 @@ def _make_optimizer(
     return torch.optim.SGD(work, lr=lr, maximize=ascent)
 
 
+def query_trunk(model: torch.nn.Module, names: Sequence[str], q: EncodedQuery) -> TrunkState:
+    """The query through the blocks no step moves, once (base weights, no gradients).
+
+    Every step then runs only the blocks that hold perturbed parameters (+ final norm and
+    head); with a perturbation outside the blocks this is the full forward each step.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return trunk(model, q.input_ids.to(device), None, split_block(model, names))
+
+
 def _query_loss(
-    model: torch.nn.Module, names: Sequence[str], values: Sequence[torch.Tensor], q: EncodedQuery
+    model: torch.nn.Module,
+    names: Sequence[str],
+    values: Sequence[torch.Tensor],
+    q: EncodedQuery,
+    shared: TrunkState,
 ) -> torch.Tensor:
-    device = values[0].device
-    ids = q.input_ids.to(device)
-    logits = forward_logits(model, ids, overrides=dict(zip(names, values, strict=True)))
-    return mean_loss(logits, q.labels.to(device))
+    labels = q.labels.to(values[0].device)
+    losses = state_token_losses(model, shared, dict(zip(names, values, strict=True)), labels)
+    return mean_token_loss(losses, labels)
 
 
 def _check_finite(loss: torch.Tensor, direction: str, step: int, cfg: PerturbConfig) -> float:
@@ -91,21 +106,27 @@ def perturb(
     *,
     n_units: int,
     fisher: Mapping[str, torch.Tensor] | None = None,
+    shared: TrunkState | None = None,
 ) -> PerturbedState:
-    """Run K steps of ``direction`` on the query loss from the base parameters."""
+    """Run K steps of ``direction`` on the query loss from the base parameters.
+
+    ``shared``: the query's :func:`query_trunk`, when the caller perturbs the same query
+    several times (computed here otherwise).
+    """
+    shared = shared if shared is not None else query_trunk(model, names, query)
     base = dict(model.named_parameters())
     work = [base[n].detach().clone().requires_grad_(True) for n in names]
     optimizer = _make_optimizer(work, cfg, ascent=direction == ASCENT, n_units=n_units)
     trajectory: list[float] = []
     with grads_only_for(model, []):  # gradients flow to `work` only, never to the model
         for step in range(cfg.steps):
-            loss = _query_loss(model, names, work, query)
+            loss = _query_loss(model, names, work, query, shared)
             trajectory.append(_check_finite(loss, direction, step, cfg))
             grads = torch.autograd.grad(loss, work)
             _set_grads(work, grads, names, cfg, fisher)
             optimizer.step()
         with torch.no_grad():
-            final = _query_loss(model, names, work, query)
+            final = _query_loss(model, names, work, query, shared)
         trajectory.append(_check_finite(final, direction, cfg.steps, cfg))
     params = {n: w.detach() for n, w in zip(names, work, strict=True)}
     return PerturbedState(direction=direction, params=params, loss_trajectory=trajectory)

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bgotrace.modeling.split import split_block
 from bgotrace.query import EncodedQuery
 from bgotrace.score.blocks import sweep_blocks
 from bgotrace.score.context import SweepContext
 from bgotrace.score.perturbation import perturb_group
-from bgotrace.score.resume import check_group_states
+from bgotrace.score.resume import check_group_states, check_split
 from bgotrace.score.sweep import Overrides
 from bgotrace.score.variants import reduce_sums
 
@@ -42,6 +43,8 @@ class QueryLosses:
 def score_queries(ctx: SweepContext, queries: Sequence[EncodedQuery]) -> list[QueryLosses]:
     """Per-unit losses under the needed states, for every query."""
     size = ctx.score_cfg.queries_per_sweep
+    if ctx.store is not None:  # shards of a resumed run came from the same forward path
+        check_split(ctx.store, split_block(ctx.sweep_model, ctx.names))
     results: list[QueryLosses] = []
     for g, start in enumerate(range(0, len(queries), size)):
         results.extend(_score_group(ctx, g, queries[start : start + size]))

@@ -2,22 +2,40 @@
 
 Each batch of units is read once and evaluated under every state in the sweep
 (θ0 and the perturbed θ+/θ− of several queries), so the corpus I/O and batching are
-shared by all of them. Only per-unit loss sums leave this module; per-token losses
-are recomputed later for the few top units that a report shows.
+shared by all of them. When every state moves only blocks ``>= b`` the batch's trunk
+(embeddings + blocks ``< b``, base weights) is computed once and shared too
+(:mod:`bgotrace.modeling.split`). Only per-unit loss sums leave this module; per-token
+losses are recomputed later for the few top units that a report shows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.modeling.split import (
+    Overrides,
+    log_once,
+    split_block,
+    state_token_losses,
+    trunk,
+)
 from bgotrace.score.batching import TokenSource, collate, length_buckets
 
-Overrides = Mapping[str, torch.Tensor] | None
-"""Replacement values of some parameters; None is the base model θ0."""
+__all__ = ["Overrides", "states_split", "unit_loss_sums", "unit_token_losses"]
+
+
+def states_split(model: torch.nn.Module, states: Sequence[Overrides]) -> int | None:
+    """The block every state's top starts at (None: full forward for each state)."""
+    names = sorted({n for s in states if s for n in s})
+    if not names:
+        return None  # θ0 alone: nothing to share
+    start = split_block(model, names)
+    if start is not None:
+        log_once("sweep split at block %d: trunk shared by %d states", start, len(states))
+    return start
 
 
 @torch.inference_mode()
@@ -37,6 +55,7 @@ def unit_loss_sums(
     Returns ``sums`` (n_states, len(indices)) float64 and ``counts`` (len(indices),),
     both in the order of ``indices``.
     """
+    start = states_split(model, states)
     position = {int(u): k for k, u in enumerate(indices)}
     sums = np.zeros((len(states), len(indices)), dtype=np.float64)
     counts = np.zeros(len(indices), dtype=np.int64)
@@ -44,9 +63,10 @@ def unit_loss_sums(
         input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
         cols = [position[int(u)] for u in batch]
         counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
+        shared = trunk(model, input_ids, attention_mask, start)
         for s, overrides in enumerate(states):
-            logits = forward_logits(model, input_ids, attention_mask, overrides)  # (B, T, V)
-            sums[s, cols] = token_losses(logits, labels).sum(dim=1).double().cpu().numpy()
+            losses = state_token_losses(model, shared, overrides, labels)  # (B, T-1)
+            sums[s, cols] = losses.sum(dim=1).double().cpu().numpy()
         advance(len(batch))
     return sums, counts
 
@@ -62,7 +82,6 @@ def unit_token_losses(
 ) -> np.ndarray:
     """Per-token NLL (n_states, L-1) of one unit under each state (token t predicted from < t)."""
     input_ids, attention_mask, labels = collate(units, np.array([index]), 0, device)
-    rows = [
-        token_losses(forward_logits(model, input_ids, attention_mask, o), labels)[0] for o in states
-    ]
+    shared = trunk(model, input_ids, attention_mask, states_split(model, states))
+    rows = [state_token_losses(model, shared, o, labels)[0] for o in states]
     return torch.stack(rows).double().cpu().numpy()

@@ -1,0 +1,304 @@
+"""The shared-trunk forward path gives the full forward's losses, per architecture.
+
+Tolerance: float32. The split path runs the same modules in the same order on the same
+tensors, so on CPU it agrees to the last bit in practice; the stated bound, atol 1e-5 nats
+per token (1e-4 per unit sum of ≤ 16 tokens), leaves room for kernels that pick another
+reduction order per shape. A wrong mask, a missing rotary table or a dropped block moves
+losses by > 1e-2 here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import bgotrace
+from bgotrace.config import PerturbConfig
+from bgotrace.corpus import Document
+from bgotrace.errors import RunDirectoryError
+from bgotrace.modeling import split as split_mod
+from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.modeling.split import split_block, state_token_losses, trunk
+from bgotrace.perturb.steps import ASCENT, perturb
+from bgotrace.query import Query, encode_query
+from bgotrace.score.resume import check_split
+from bgotrace.score.store import RunStore
+from bgotrace.score.sweep import unit_loss_sums
+from tests.conftest import make_tiny_tokenizer
+
+ATOL = 1e-5
+V, LAYERS = 97, 3
+_LLAMA_LIKE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def _gpt2(attn: str, vocab: int) -> torch.nn.Module:
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=LAYERS, n_head=2)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
+
+
+def _neox(attn: str, vocab: int) -> torch.nn.Module:
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    return GPTNeoXForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def _llama(attn: str, vocab: int) -> torch.nn.Module:
+    cfg = LlamaConfig(vocab_size=vocab, **_LLAMA_LIKE)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def _mistral(attn: str, vocab: int) -> torch.nn.Module:  # window 4 < length: the mask matters
+    cfg = MistralConfig(vocab_size=vocab, **_LLAMA_LIKE, sliding_window=4)
+    return MistralForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def _qwen2(attn: str, vocab: int) -> torch.nn.Module:  # layer 0 full attention, 1-2 sliding
+    cfg = Qwen2Config(
+        vocab_size=vocab, **_LLAMA_LIKE, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1,
+    )  # fmt: skip
+    return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+ARCHS = {"gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama, "mistral": _mistral, "qwen2": _qwen2}
+
+
+def build(arch: str, attn: str = "sdpa", vocab: int = V) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ARCHS[arch](attn, vocab).eval()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three right-padded rows of lengths 12, 7 and 3: input_ids, attention_mask, labels."""
+    ids = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:] = 0, 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def block_names(model: torch.nn.Module, first: int) -> list[str]:
+    """Parameters of blocks >= first, found by the block index in their names."""
+    return [
+        n
+        for n, _ in model.named_parameters()
+        if any(f".{b}." in n for b in range(first, LAYERS)) and "embed" not in n
+    ]
+
+
+def nudged(model: torch.nn.Module, names: list[str], scale: float = 0.05) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    params = dict(model.named_parameters())
+    return {
+        n: params[n].detach() + scale * torch.randn(params[n].shape, generator=gen) for n in names
+    }
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("start", [0, 1, LAYERS - 1])
+def test_split_token_losses_equal_full_forward(arch, attn, start):
+    model = build(arch, attn)
+    ids, mask, labels = padded_batch()
+    names = block_names(model, start)
+    assert split_block(model, names) == start
+    with torch.no_grad():
+        shared = trunk(model, ids, mask, start)
+        for overrides in (None, nudged(model, names)):
+            full = token_losses(forward_logits(model, ids, mask, overrides), labels)
+            split = state_token_losses(model, shared, overrides, labels)
+            torch.testing.assert_close(split, full, atol=ATOL, rtol=0)
+    # and the nudge was big enough to matter: a split that ignored overrides would fail
+    with torch.no_grad():
+        base = state_token_losses(model, shared, None, labels)
+        moved = state_token_losses(model, shared, nudged(model, names), labels)
+    assert (moved - base).abs().max() > 1e-2
+
+
+def slow_unit_sums(model, units, states) -> np.ndarray:
+    """One unit at a time, no padding, full forward: the obvious reference."""
+    rows = []
+    for overrides in states:
+        row = []
+        for i in range(len(units.lengths)):
+            ids = torch.from_numpy(units.unit_tokens(i).astype(np.int64))[None]
+            row.append(float(token_losses(forward_logits(model, ids, None, overrides), ids).sum()))
+        rows.append(row)
+    return np.array(rows)
+
+
+class ListUnits:
+    """A TokenSource over a list of token arrays."""
+
+    def __init__(self, seqs: list[np.ndarray]) -> None:
+        self.seqs = seqs
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(s) for s in self.seqs])
+
+    def unit_tokens(self, i: int) -> np.ndarray:
+        return self.seqs[i]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_unit_sums_with_shared_trunk_match_slow_reference(arch, batch_size):
+    model = build(arch)
+    rng = np.random.default_rng(0)
+    units = ListUnits([rng.integers(0, V, size=int(n)) for n in rng.integers(2, 16, size=9)])
+    names = block_names(model, LAYERS - 1)
+    states = [None, nudged(model, names), nudged(model, names, scale=-0.05)]
+    with torch.no_grad():
+        want = slow_unit_sums(model, units, states)
+    got, counts = unit_loss_sums(
+        model,
+        units,
+        np.arange(9),
+        states,
+        batch_size=batch_size,
+        pad_id=0,
+        device=torch.device("cpu"),
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(counts, units.lengths - 1)
+
+
+def test_perturbation_outside_the_blocks_runs_the_full_forward(caplog):
+    model = build("gpt2")
+    names = ["transformer.ln_f.weight", *block_names(model, 2)]
+    with caplog.at_level(logging.INFO, logger="bgotrace.modeling.split"):
+        split_mod._logged.clear()
+        assert split_block(model, names) is None
+        assert split_block(model, ["transformer.wte.weight"]) is None  # tied to the LM head
+    assert "transformer.ln_f.weight, outside the blocks" in caplog.text
+
+
+def test_model_without_adapter_falls_back_to_the_full_forward(caplog):
+    torch.manual_seed(0)
+    cfg = OPTConfig(
+        vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=32,
+    )  # fmt: skip
+    model = OPTForCausalLM(cfg).eval()
+    names = [n for n, _ in model.named_parameters() if ".layers.1." in n]
+    with caplog.at_level(logging.INFO, logger="bgotrace.modeling.split"):
+        split_mod._logged.clear()
+        assert split_block(model, names) is None
+    assert "no split adapter for OPTForCausalLM" in caplog.text
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        got = state_token_losses(model, trunk(model, ids, mask, None), nudged(model, names), labels)
+        want = token_losses(forward_logits(model, ids, mask, nudged(model, names)), labels)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_perturbation_through_the_split_equals_full_forward_steps(arch, monkeypatch):
+    tok = make_tiny_tokenizer()
+    model = build(arch, vocab=len(tok))
+    q = encode_query(Query("q", "Paris is the capital of", " France."), tok, 64)
+    names = block_names(model, LAYERS - 1)
+    cfg = PerturbConfig(optimizer="adam", lr=1e-2, steps=3)
+    split = perturb(model, q, names, cfg, ASCENT, n_units=10)
+    monkeypatch.setattr("bgotrace.perturb.steps.split_block", lambda m, n: None)
+    full = perturb(model, q, names, cfg, ASCENT, n_units=10)
+    np.testing.assert_allclose(split.loss_trajectory, full.loss_trajectory, atol=ATOL, rtol=0)
+    assert split.loss_trajectory[-1] > split.loss_trajectory[0] + 1e-2  # it did move
+    for n in names:
+        torch.testing.assert_close(split.params[n], full.params[n], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_a_different_split(tmp_path):
+    store = RunStore.open(tmp_path / "run", overwrite=False, resume=False)
+    check_split(store, 2)
+    check_split(store, 2)  # the same split resumes
+    with pytest.raises(RunDirectoryError, match="sweep_split"):
+        check_split(store, None)
+
+
+# --- end to end through the pipeline ---------------------------------------------------------
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France, Berlin of Germany.",
+    "Rome is the capital of Italy and Madrid of Spain.",
+    "Water boils at one hundred degrees and ice melts at zero.",
+    "Rivers carry sand to the sea, mountains rise slowly.",
+    "A language model predicts the next token from the tokens before it.",
+]
+DOCS = [Document(f"d{i}", t, f"s{i % 2}") for i, t in enumerate(TEXTS)]
+QUERIES = [
+    Query("capital", "Paris is the capital of", " France."),
+    Query("fox", "The quick", " fox."),
+]
+
+
+def attribute(model, tok, tmp_path, **scoring):
+    config = {
+        "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},
+        "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 2, "params": "last:1"},
+        "scoring": {"reduce": "sum", **scoring},
+        "output": {"top_tokens": 3},
+    }
+    return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_split_pipeline_scores_equal_full_forward_pipeline(
+    arch, tok, tmp_path, monkeypatch, caplog
+):
+    model = build(arch, vocab=len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    split_mod._logged.clear()
+    with caplog.at_level(logging.INFO, logger="bgotrace.modeling.split"):
+        split = attribute(model, tok, tmp_path, batch_size=4, block_units=3)
+    assert f"sweep split at block {LAYERS - 1}" in caplog.text  # last:1 of 3 blocks
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # base model bit-identical afterwards
+    for row in split.top_tokens:  # top-token changes still sum to unit scores
+        assert sum(row["token_scores"]) == pytest.approx(row["score"], abs=1e-4)
+    other = attribute(model, tok, tmp_path, batch_size=1, block_units=100)
+    monkeypatch.setattr("bgotrace.score.sweep.split_block", lambda m, n: None)
+    monkeypatch.setattr("bgotrace.perturb.steps.split_block", lambda m, n: None)
+    full = attribute(model, tok, tmp_path, batch_size=4, block_units=3)
+    a = split.scores.sort_values(["query_id", "unit_id"])["score"].to_numpy()
+    for b in (other, full):  # batch and block size invariance, and the full forward's scores
+        np.testing.assert_allclose(
+            a, b.scores.sort_values(["query_id", "unit_id"])["score"].to_numpy(), atol=1e-4
+        )
+    assert np.abs(a).max() > 1e-3
