@@ -44,6 +44,8 @@ def attribute(
     queries: Sequence[Query] | None = None,
     config: AttributeConfig | Mapping[str, Any] | None = None,
     out: str | Path | None = None,
+    candidates: int | float | str | None = None,
+    prefilter: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
 ) -> AttributionResult:
@@ -54,8 +56,13 @@ def attribute(
     :class:`Document`, or a list of records/strings. ``config`` holds the options of
     ``bgotrace attribute`` as an :class:`AttributeConfig` or a nested dict of its
     sections (``{"perturb": {"lr": 1e-4}, "scoring": {"reduce": "sum"}}``).
+
+    ``candidates`` (prefilter + rerank, as ``--candidates``): sweep only each query group's
+    top-M units proposed by ``prefilter`` (default ``bm25``), M a count (200), a percentage
+    ("5%") or a fraction (0.05); the other units get score NaN and ``candidate`` False.
     """
-    cfg = _build_config(model, corpus, prompt, completion, queries, config, out)
+    rerank = {k: v for k, v in (("candidates", candidates), ("prefilter", prefilter)) if v}
+    cfg = _build_config(model, corpus, prompt, completion, queries, config, out, rerank)
     documents = None if isinstance(corpus, (str, Path)) else _as_documents(corpus)
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model_and_tokenizer(
@@ -89,6 +96,7 @@ def _build_config(
     queries: Sequence[Query] | None,
     config: AttributeConfig | Mapping[str, Any] | None,
     out: str | Path | None,
+    scoring: Mapping[str, Any],
 ) -> AttributeConfig:
     if isinstance(config, AttributeConfig):
         data = config.to_dict()
@@ -109,4 +117,5 @@ def _build_config(
         query.update({k: v for k, v in (("prompt", prompt), ("completion", completion)) if v})
     if out is not None:
         data.setdefault("output", {})["out"] = str(out)
+    data.setdefault("scoring", {}).update(scoring)
     return AttributeConfig.from_dict(data)

@@ -40,7 +40,7 @@ METHODS = (
 )
 """Names of the attribution methods (the registry in ``bgotrace.baselines`` must match)."""
 _SPANS_RE = re.compile(r"^(none|sentence|auto|tokens:[1-9]\d*)$")
-_PARAMS_RE = re.compile(r"^(all|last:\d+|regex:.+)$")
+_PARAMS_RE = re.compile(r"^(all|last:(\d+|half)|regex:.+)$")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -158,7 +158,9 @@ class PerturbConfig:
     lr_criterion: str = _help("What --lr auto calibrates: loss | radius.", "loss")
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
     params: str = _help(
-        "Parameters to perturb: all | last:N (last N blocks) | regex:PATTERN.", "all"
+        "Parameters to perturb: all | last:N (last N blocks) | last:half (last ceil(L/2) of L "
+        "blocks) | regex:PATTERN.",
+        "all",
     )
     max_grad_norm: float | None = _help(
         "Clip the query gradient to this norm (off if unset).", None
@@ -185,7 +187,7 @@ class PerturbConfig:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}.")
         if not _PARAMS_RE.match(self.params):
             raise ConfigError(
-                f"--params={self.params!r} is unknown: use all, last:N or regex:PATTERN."
+                f"--params={self.params!r} is unknown: use all, last:N, last:half or regex:PATTERN."
             )
         if self.max_grad_norm is not None:
             _positive(self.max_grad_norm, "--max-grad-norm")
@@ -236,6 +238,17 @@ class ScoreConfig:
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
     workers: int = _help("Ray workers sharing the sweep's blocks (0: this process only).", 0)
+    candidates: int | float | str | None = _help(
+        "Rerank: sweep only each query group's top-M units proposed by --prefilter; M is a "
+        "count (200), a percentage (5%) or a fraction (0.05) of the corpus. The other units "
+        "are left unscored (NaN, candidate=False). Unset: sweep every unit.",
+        None,
+    )
+    prefilter: str = _help(
+        "Method proposing the --candidates: bm25 | repsim | fisher-graddot | trackstar | "
+        "any baseline of --method.",
+        "bm25",
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.score, SCORES, "--score")
@@ -246,6 +259,20 @@ class ScoreConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
+        if self.candidates is not None:
+            self._check_candidates()
+
+    def _check_candidates(self) -> None:
+        # imported here: the prefilter package imports the baselines, which import this module
+        from bgotrace.prefilter.candidates import check_prefilter, parse_candidates
+
+        parse_candidates(self.candidates)  # type: ignore[arg-type]  # None excluded above
+        check_prefilter(self.prefilter, METHODS)
+        if self.workers > 0:
+            raise ConfigError(
+                "--candidates sweeps a subset of units in this process, and Ray workers reopen "
+                "the whole token cache: drop --workers or --candidates."
+            )
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace import __version__
+from bgotrace.baselines.base import MethodContext
 from bgotrace.cache import TokenCache, get_token_cache, tokenizer_fingerprint
 from bgotrace.config import AttributeConfig, CorpusSpec
 from bgotrace.corpus import (
@@ -34,6 +35,7 @@ from bgotrace.corpus import (
     load_documents,
 )
 from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
+from bgotrace.prefilter import plan_candidates, rerank_queries
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
@@ -133,7 +135,14 @@ def _run_bgo(
     # A query and its spans are perturbed states of one sweep: keep them in one group.
     per_sweep = group_size_for(inputs.queries, ctx.score_cfg.queries_per_sweep)
     ctx.score_cfg = dataclasses.replace(ctx.score_cfg, queries_per_sweep=per_sweep)
-    losses = score_queries(ctx, inputs.queries)
+    plan = plan_candidates(
+        config.scoring, _method_context(config, inputs), inputs.queries, per_sweep
+    )
+    losses = (
+        score_queries(ctx, inputs.queries)
+        if plan is None
+        else rerank_queries(ctx, inputs.queries, plan)
+    )
     variant = config.scoring.score
     per_query = [
         unit_scores(
@@ -142,8 +151,9 @@ def _run_bgo(
             score_losses(variant, ql.losses),
             ql.counts,
             ql.losses,
+            candidate=None if plan is None else plan.mask(plan.group_of(i)),
         )
-        for ql in losses
+        for i, ql in enumerate(losses)
     ]
     top_tokens: list[dict[str, Any]] = []
     for ql, ranked in zip(losses, per_query, strict=True):
@@ -152,7 +162,7 @@ def _run_bgo(
             inputs.cache,
             inputs.tokenizer,
             ql,
-            ranked,
+            ranked if plan is None else ranked[ranked["candidate"]],
             k=config.output.top_tokens,
             variant=variant,
             device=ctx.device,
@@ -164,22 +174,17 @@ def _run_bgo(
         "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
         "loss_trajectories": [ql.trajectories for ql in losses],
     }
+    if plan is not None:
+        details["prefilter"] = plan.summary()
     return _assemble(config, inputs, per_query, top_tokens), details
 
 
 def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionResult, dict]:
     """A baseline from ``bgotrace.baselines``, ranked and written exactly like BGO."""
-    from bgotrace.baselines import MethodContext, get_attributor
+    from bgotrace.baselines import get_attributor
 
     method = get_attributor(config.method)
-    ctx = MethodContext(
-        inputs.model,
-        inputs.tokenizer,
-        inputs.cache,
-        seed=config.seed,
-        params=config.perturb.params,
-        batch_size=config.scoring.batch_size,
-    )
+    ctx = _method_context(config, inputs)
     method.prepare(ctx)
     scores = method.score(inputs.queries)  # (n_queries, n_units)
     n_tokens = np.maximum(inputs.cache.lengths.astype(np.int64) - 1, 0)
@@ -188,6 +193,18 @@ def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionRes
         for i, q in enumerate(inputs.queries)
     ]
     return _assemble(config, inputs, per_query, []), {"device": str(ctx.device)}
+
+
+def _method_context(config: AttributeConfig, inputs: Inputs) -> MethodContext:
+    """The context of a baseline, or of the prefilter of a BGO run."""
+    return MethodContext(
+        inputs.model,
+        inputs.tokenizer,
+        inputs.cache,
+        seed=config.seed,
+        params=config.perturb.params,
+        batch_size=config.scoring.batch_size,
+    )
 
 
 def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | None) -> SweepContext:

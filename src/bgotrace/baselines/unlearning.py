@@ -12,6 +12,8 @@ options are the fields of
 ``reduce``, ``dtype``…), with ``params`` and ``batch_size`` taken from the context unless
 given. Scores are in nats (per token with ``reduce=mean``); high = the unit supports the
 query (its loss rises when the query is unlearned and falls when it is learned more).
+With the ``candidates`` option (prefilter + rerank, :mod:`bgotrace.prefilter`) only each
+query group's candidates are swept and the other units' scores are NaN.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import numpy as np
 from bgotrace.baselines.base import Attributor, MethodContext, option_names, register
 from bgotrace.config import PerturbConfig, ScoreConfig, build_section
 from bgotrace.errors import ConfigError
+from bgotrace.prefilter.candidates import CandidatePlan
+from bgotrace.prefilter.propose import Prefilter
+from bgotrace.prefilter.rerank import rerank_queries
 from bgotrace.query import EncodedQuery
 from bgotrace.score.context import build_sweep_context
 from bgotrace.score.engine import score_queries
@@ -84,9 +89,18 @@ class BGO(Attributor):
             device=ctx.torch_device,
         )
         self.trajectories: dict[str, dict[str, list[float]]] = {}
+        scoring = self.opts.scoring
+        self.prefilter = None if scoring.candidates is None else Prefilter(scoring.prefilter, ctx)
+        self.last_plan: CandidatePlan | None = None
+        """The candidates of the last ``score`` call (None without a prefilter)."""
 
     def _score(self, queries: list[EncodedQuery]) -> np.ndarray:
-        results = score_queries(self.sweep, queries)
+        if self.prefilter is None:
+            results = score_queries(self.sweep, queries)
+        else:
+            spec, size = self.opts.scoring.candidates, self.sweep.score_cfg.queries_per_sweep
+            self.last_plan = self.prefilter.plan(queries, spec, group_size=size)
+            results = rerank_queries(self.sweep, queries, self.last_plan)
         for r in results:  # query loss along each perturbation, for diagnostics
             self.trajectories[r.query.query.query_id] = r.trajectories
         return np.stack([score_losses(self.opts.scoring.score, r.losses) for r in results])

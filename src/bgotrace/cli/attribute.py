@@ -69,6 +69,8 @@ def attribute(
     block_units: Annotated[int | None, _opt(ScoreConfig, "block_units")] = None,
     queries_per_sweep: Annotated[int | None, _opt(ScoreConfig, "queries_per_sweep")] = None,
     workers: Annotated[int | None, _opt(ScoreConfig, "workers")] = None,
+    candidates: Annotated[str | None, _opt(ScoreConfig, "candidates")] = None,
+    prefilter: Annotated[str | None, _opt(ScoreConfig, "prefilter")] = None,
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
     granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
     top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
@@ -120,6 +122,8 @@ SECTION_OF = {
             "block_units",
             "queries_per_sweep",
             "workers",
+            "candidates",
+            "prefilter",
         )
     },
     **{n: ("output", n) for n in ("out", "top_k", "granularity", "top_tokens")},

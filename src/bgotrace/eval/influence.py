@@ -371,6 +371,18 @@ def lds_values(masks: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> np.
     return out
 
 
+def unscored_reason(method: Any) -> str | None:
+    """Why a method leaves some units unscored (so LDS's subset sums are undefined), or None."""
+    scoring = getattr(getattr(method, "opts", None), "scoring", None)
+    candidates = getattr(scoring, "candidates", None)
+    if candidates is None:
+        return None
+    return (
+        f"method {method.name} with candidates={candidates!r} scores only the prefilter's "
+        "candidates (the other units are NaN)"
+    )
+
+
 def unsigned_reason(method: Any) -> str | None:
     """Why a method's scores are not signed and additive (so LDS must refuse them), or None."""
     if getattr(method, "signed", True) is False:

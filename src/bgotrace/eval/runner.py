@@ -213,6 +213,13 @@ def build_methods(
                     f"LDS sums unit scores, so it needs signed, additive scores, but {reason}: "
                     "use a signed variant (e.g. score=bidirectional) or drop lds from --metrics."
                 )
+            reason = inf.unscored_reason(method)
+            if reason:
+                raise ConfigError(
+                    f"LDS sums the scores of every unit of random half-subsets of the corpus, "
+                    f"but {reason}: drop the candidates option for LDS or drop lds from "
+                    "--metrics."
+                )
     return built
 
 

@@ -17,12 +17,12 @@ _BLOCK_RE = re.compile(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.")
 
 
 def select_parameters(model: torch.nn.Module, spec: str) -> list[str]:
-    """Names of the trainable parameters chosen by ``all | last:N | regex:PATTERN``."""
+    """Names of the trainable parameters chosen by ``all | last:N | last:half | regex:PATTERN``."""
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
     if spec == "all":
         chosen = names
     elif spec.startswith("last:"):
-        chosen = _last_blocks(names, int(spec.split(":", 1)[1]))
+        chosen = _last_blocks(names, spec.split(":", 1)[1])
     elif spec.startswith("regex:"):
         pattern = re.compile(spec.split(":", 1)[1])
         chosen = [n for n in names if pattern.search(n)]
@@ -36,13 +36,15 @@ def select_parameters(model: torch.nn.Module, spec: str) -> list[str]:
     return chosen
 
 
-def _last_blocks(names: list[str], n_blocks: int) -> list[str]:
+def _last_blocks(names: list[str], count: str) -> list[str]:
     blocks = sorted({int(m.group(1)) for n in names if (m := _BLOCK_RE.search(n))})
     if not blocks:
         raise ConfigError(
             "--params=last:N needs numbered transformer blocks, and this model has none: "
             "use --params regex:PATTERN."
         )
+    # half: the upper ceil(L/2) blocks, so a 1-block model still perturbs its only block
+    n_blocks = -(-len(blocks) // 2) if count == "half" else int(count)
     if n_blocks < 1:
         raise ConfigError(f"--params=last:{n_blocks}: N must be >= 1.")
     keep = set(blocks[-n_blocks:])

@@ -10,6 +10,11 @@ Aggregation (per query):
 
 Signed scores add up, which is why document and source sums are meaningful for the
 default ``bidirectional`` score and not for ``abs``.
+
+Prefilter + rerank (``--candidates``) leaves non-candidate units unscored: their score is
+NaN, their ``candidate`` flag False and they rank after every candidate. A document's or
+source's sum and mean then cover its candidate units only (``n_candidates`` of its
+``n_units``); one without any candidate has NaN and ranks last.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ def unit_scores(
     scores: np.ndarray,
     n_tokens: np.ndarray,
     losses: dict[str, np.ndarray] | None = None,
+    candidate: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per unit: ids, score, rank and (for BGO) the losses it came from."""
+    """One row per unit: ids, score, rank and (for BGO) the losses it came from.
+
+    ``candidate`` (n_units,) bool marks the units a prefiltered run scored (the rest are NaN).
+    """
     frame = pd.DataFrame(
         {
             "query_id": query_id,
@@ -50,11 +59,21 @@ def unit_scores(
     )
     for state, loss in sorted((losses or {}).items()):
         frame[f"loss_{state}"] = loss
+    if candidate is not None:
+        frame["candidate"] = candidate
     return add_rank(frame, "score")
 
 
 def aggregate(scores: pd.DataFrame, by: str) -> pd.DataFrame:
     """Per query and ``by`` (``doc_id`` or ``source``): sum, mean and count of unit scores."""
     grouped = scores.groupby(["query_id", by], sort=False)["score"]
-    frame = grouped.agg(score_sum="sum", score_mean="mean", n_units="count").reset_index()
-    return add_rank(frame, RANK_KEY[by])
+    frame = pd.DataFrame(
+        {
+            "score_sum": grouped.sum(min_count=1),  # NaN, not 0, when no unit was scored
+            "score_mean": grouped.mean(),
+            "n_units": grouped.size(),
+        }
+    )
+    if "candidate" in scores:
+        frame["n_candidates"] = scores.groupby(["query_id", by], sort=False)["candidate"].sum()
+    return add_rank(frame.reset_index(), RANK_KEY[by])
