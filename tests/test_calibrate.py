@@ -178,3 +178,15 @@ def test_lr_strings_are_parsed():
     assert PerturbConfig(lr="1e-3").lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match="unresolved"):
         PerturbConfig(lr="auto").fixed_lr  # noqa: B018
+
+
+def test_chosen_ascent_is_what_perturb_gives(tokenizer, fresh):
+    """The search hands its best ascent to the engine, which then skips recomputing it."""
+    q = encode_query(QUERY, tokenizer, None)
+    cfg = PerturbConfig(lr="auto", lr_target=1.0, steps=4)
+    cal = calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10)
+    assert cal.ascent is not None and all(t.state is None for t in cal.trials)
+    _, again = _ascent_rise(fresh, q, cfg, cal.lr)
+    assert cal.ascent.loss_trajectory == again.loss_trajectory
+    for n, v in again.params.items():
+        torch.testing.assert_close(cal.ascent.params[n], v, rtol=0, atol=0)  # bit-identical

@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam", "fisher")
 SCORES = ("bidirectional", "ascent", "descent", "abs")
 REDUCTIONS = ("mean", "sum")
 LR_CRITERIA = ("loss", "radius")
+NORMALIZATIONS = ("none", "sensitivity")
 GRANULARITIES = ("unit", "document", "source")
 METHODS = (
     "bgo",
@@ -231,6 +232,11 @@ class ScoreConfig:
     )
     # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
+    normalize: str = _help(
+        "none | sensitivity: divide each unit's score by its loss change under fixed random "
+        "perturbations (query-independent, cached beside the token cache; curbs hub units).",
+        "none",
+    )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
         "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32"
@@ -253,6 +259,7 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _one_of(self.score, SCORES, "--score")
         _one_of(self.reduce, REDUCTIONS, "--reduce")
+        _one_of(self.normalize, NORMALIZATIONS, "--normalize")
         _one_of(self.dtype, tuple(DTYPES), "--dtype")
         for name in ("batch_size", "block_units", "queries_per_sweep"):
             if getattr(self, name) < 1:

@@ -35,6 +35,7 @@ from bgotrace.corpus import (
     load_documents,
 )
 from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
+from bgotrace.perturb.sensitivity import normalized
 from bgotrace.prefilter import plan_candidates, rerank_queries
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
 from bgotrace.ranking.aggregate import aggregate, unit_scores
@@ -148,7 +149,7 @@ def _run_bgo(
         unit_scores(
             inputs.cache.units,
             ql.query.query.query_id,
-            score_losses(variant, ql.losses),
+            normalized(score_losses(variant, ql.losses), ctx.sensitivity),
             ql.counts,
             ql.losses,
             candidate=None if plan is None else plan.mask(plan.group_of(i)),
@@ -173,6 +174,7 @@ def _run_bgo(
         "perturbed_tensors": len(ctx.names),
         "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
         "loss_trajectories": [ql.trajectories for ql in losses],
+        "calibrations": [ql.calibration for ql in losses],
     }
     if plan is not None:
         details["prefilter"] = plan.summary()
@@ -252,6 +254,7 @@ def _summary(
     seconds: float,
 ) -> dict:
     trajectories = details.pop("loss_trajectories", [{}] * len(inputs.queries))
+    calibrations = details.pop("calibrations", [None] * len(inputs.queries))
     return {
         "bgotrace_version": __version__,
         "torch_version": torch.__version__,
@@ -269,9 +272,10 @@ def _summary(
                     "loss_on": q.query.loss_on,
                     "n_loss_tokens": q.n_loss_tokens,
                     "loss_trajectories": traj,
+                    "calibration": cal,
                     "top_units": result.top(5, q.query.query_id)["unit_id"].tolist(),
                 }
-                for q, traj in zip(inputs.queries, trajectories, strict=True)
+                for q, traj, cal in zip(inputs.queries, trajectories, calibrations, strict=True)
             ],
             inputs.queries,
             result,

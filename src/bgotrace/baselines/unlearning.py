@@ -27,6 +27,7 @@ import numpy as np
 from bgotrace.baselines.base import Attributor, MethodContext, option_names, register
 from bgotrace.config import PerturbConfig, ScoreConfig, build_section
 from bgotrace.errors import ConfigError
+from bgotrace.perturb.sensitivity import normalized
 from bgotrace.prefilter.candidates import CandidatePlan
 from bgotrace.prefilter.propose import Prefilter
 from bgotrace.prefilter.rerank import rerank_queries
@@ -89,6 +90,8 @@ class BGO(Attributor):
             device=ctx.torch_device,
         )
         self.trajectories: dict[str, dict[str, list[float]]] = {}
+        self.calibrations: dict[str, dict[str, Any] | None] = {}
+        """Per query id: the ``--lr auto`` search (None with a fixed lr)."""
         scoring = self.opts.scoring
         self.prefilter = None if scoring.candidates is None else Prefilter(scoring.prefilter, ctx)
         self.last_plan: CandidatePlan | None = None
@@ -103,7 +106,9 @@ class BGO(Attributor):
             results = rerank_queries(self.sweep, queries, self.last_plan)
         for r in results:  # query loss along each perturbation, for diagnostics
             self.trajectories[r.query.query.query_id] = r.trajectories
-        return np.stack([score_losses(self.opts.scoring.score, r.losses) for r in results])
+            self.calibrations[r.query.query.query_id] = r.calibration
+        scores = np.stack([score_losses(self.opts.scoring.score, r.losses) for r in results])
+        return normalized(scores, self.sweep.sensitivity)
 
 
 @register("untrac-inv")

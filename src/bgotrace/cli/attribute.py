@@ -57,13 +57,17 @@ def attribute(
     stride: Annotated[int | None, _opt(CorpusSpec, "stride")] = None,
     cache_dir: Annotated[str | None, _opt(CorpusSpec, "cache_dir")] = None,
     optimizer: Annotated[str | None, _opt(PerturbConfig, "optimizer")] = None,
-    lr: Annotated[float | None, _opt(PerturbConfig, "lr")] = None,
+    lr: Annotated[str | None, _opt(PerturbConfig, "lr")] = None,
+    lr_target: Annotated[float | None, _opt(PerturbConfig, "lr_target")] = None,
+    lr_criterion: Annotated[str | None, _opt(PerturbConfig, "lr_criterion")] = None,
     steps: Annotated[int | None, _opt(PerturbConfig, "steps")] = None,
     params: Annotated[str | None, _opt(PerturbConfig, "params")] = None,
     max_grad_norm: Annotated[float | None, _opt(PerturbConfig, "max_grad_norm")] = None,
     fisher_samples: Annotated[int | None, _opt(PerturbConfig, "fisher_samples")] = None,
+    fisher_damping: Annotated[float | None, _opt(PerturbConfig, "fisher_damping")] = None,
     score: Annotated[str | None, _opt(ScoreConfig, "score")] = None,
     reduce: Annotated[str | None, _opt(ScoreConfig, "reduce")] = None,
+    normalize: Annotated[str | None, _opt(ScoreConfig, "normalize")] = None,
     batch_size: Annotated[int | None, _opt(ScoreConfig, "batch_size")] = None,
     dtype: Annotated[str | None, _opt(ScoreConfig, "dtype")] = None,
     block_units: Annotated[int | None, _opt(ScoreConfig, "block_units")] = None,
@@ -110,13 +114,24 @@ SECTION_OF = {
     **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on")},
     **{
         n: ("perturb", n)
-        for n in ("optimizer", "lr", "steps", "params", "max_grad_norm", "fisher_samples")
+        for n in (
+            "optimizer",
+            "lr",
+            "lr_target",
+            "lr_criterion",
+            "steps",
+            "params",
+            "max_grad_norm",
+            "fisher_samples",
+            "fisher_damping",
+        )
     },
     **{
         n: ("scoring", n)
         for n in (
             "score",
             "reduce",
+            "normalize",
             "batch_size",
             "dtype",
             "block_units",

@@ -65,6 +65,8 @@ class Trial:
     """Loss rise (nats) or relative radius; +inf when the loss became non-finite."""
     trajectory: list[float] = field(default_factory=list)
     """Query loss along the ascent (K+1 values, nats); empty when it diverged."""
+    state: PerturbedState | None = field(default=None, repr=False)
+    """The ascent's parameters, kept for the best trial so far only (memory)."""
 
 
 @dataclass
@@ -84,6 +86,9 @@ class Calibration:
     """Wall time of the search."""
     query_steps: int
     """Forward + backward passes on the query that the search cost."""
+    ascent: PerturbedState | None = field(default=None, repr=False)
+    """The chosen trial's ascent: exactly what ``perturb`` gives at ``lr``, so the caller
+    reuses it instead of running the K ascent steps again."""
 
     def chosen(self) -> Trial:
         return next(t for t in self.trials if t.lr == self.lr)
@@ -129,7 +134,22 @@ def _trial(
     effect = _effect(state, base, cfg.lr_criterion)
     if not math.isfinite(effect):
         effect = math.inf
-    return Trial(lr, effect, state.loss_trajectory)
+    return Trial(lr, effect, state.loss_trajectory, state)
+
+
+def _rank(trial: Trial, target: float) -> tuple[float, float]:
+    """Order of preference: closest to the target, then the smaller step."""
+    return _log_ratio(trial.effect, target), trial.lr
+
+
+def _keep_best_state(trials: Sequence[Trial], target: float) -> None:
+    """Drop the parameters of every trial but the best so far (one copy in memory)."""
+    kept = [t for t in trials if t.state is not None]
+    if kept:
+        best = min(kept, key=lambda t: _rank(t, target))
+        for t in kept:
+            if t is not best:
+                t.state = None
 
 
 def _log_ratio(effect: float, target: float) -> float:
@@ -178,6 +198,7 @@ def calibrate_lr(
     lr = start
     for _ in range(MAX_TRIALS):
         trials.append(_trial(model, query, names, cfg, lr, n_units=n_units, fisher=fisher))
+        _keep_best_state(trials, target)
         if _log_ratio(trials[-1].effect, target) <= math.log1p(TOLERANCE):
             break
         lr = _next_lr(trials, target, lo_lr, hi_lr)
@@ -190,7 +211,7 @@ def calibrate_lr(
             f"{lo_lr:g} (optimizer {cfg.optimizer}): use --lr with a fixed value, or set "
             "--max-grad-norm."
         )
-    best = min(finite, key=lambda t: (_log_ratio(t.effect, target), t.lr))
+    best = min(finite, key=lambda t: _rank(t, target))
     if best.effect <= 0:  # nothing moved the loss up: take the largest finite trial
         best = max(finite, key=lambda t: t.lr)
     reached = _log_ratio(best.effect, target) <= math.log1p(TOLERANCE)
@@ -203,7 +224,10 @@ def calibrate_lr(
         trials=trials,
         seconds=time.perf_counter() - started,
         query_steps=len(trials) * cfg.steps,
+        ascent=best.state,
     )
+    for t in trials:
+        t.state = None
     _log_result(query, result)
     return result
 

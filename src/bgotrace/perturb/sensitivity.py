@@ -158,3 +158,12 @@ def cached_sensitivity(
         np.savez(tmp, diffs=diffs, counts=counts)
         tmp.replace(path)  # atomic: a crash never leaves a half-written file
     return sensitivity_from(diffs, counts, reduce)
+
+
+def normalized(scores: np.ndarray, sensitivity: np.ndarray | None) -> np.ndarray:
+    """Scores as ``--normalize`` asks: unchanged (None) or divided by the sensitivity."""
+    if sensitivity is None:
+        return scores
+    if scores.shape[-1] != sensitivity.shape[0]:
+        raise ValueError(f"{scores.shape[-1]} unit scores but {sensitivity.shape[0]} sensitivities")
+    return normalize_scores(scores, sensitivity)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bgotrace.cache import TokenCache
@@ -20,6 +21,7 @@ from bgotrace.devices import resolve_dtype
 from bgotrace.errors import ConfigError
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
+from bgotrace.perturb.sensitivity import cached_sensitivity
 from bgotrace.score.batching import TokenSource
 from bgotrace.score.executor import BlockExecutor, LocalExecutor
 from bgotrace.score.store import RunStore
@@ -49,6 +51,8 @@ class SweepContext:
     store: RunStore | None = None
     block_executor: BlockExecutor | None = None
     """Where blocks are computed; this process when None."""
+    sensitivity: np.ndarray | None = None
+    """Per-unit sensitivity s(z) of the whole cache for ``--normalize sensitivity``."""
 
     def executor(self) -> BlockExecutor:
         if self.block_executor is None:
@@ -88,6 +92,12 @@ def build_sweep_context(
             model, cache, names, n_samples=perturb_cfg.fisher_samples, seed=seed, device=device
         )
     sweep_model = sweep_model_in(model, score_cfg.dtype)
+    sensitivity = None
+    if score_cfg.normalize == "sensitivity":
+        sensitivity = cached_sensitivity(
+            model, cache, names, reduce=score_cfg.reduce, seed=seed,
+            batch_size=score_cfg.batch_size, pad_id=pad_id, device=device,
+        )  # fmt: skip
     return SweepContext(
         model=model,
         sweep_model=sweep_model,
@@ -101,6 +111,7 @@ def build_sweep_context(
         fisher=fisher,
         store=store,
         block_executor=_ray_executor(sweep_model, cache, units, score_cfg, pad_id, device),
+        sensitivity=sensitivity,
     )
 
 

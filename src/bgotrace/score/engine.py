@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,8 @@ class QueryLosses:
     """The states themselves (sweep dtype), to recompute per-token losses of top units."""
     trajectories: dict[str, list[float]] = field(default_factory=dict)
     """Query loss along each perturbation (nats)."""
+    calibration: dict[str, Any] | None = None
+    """The ``--lr auto`` search for this query (None with a fixed lr)."""
 
 
 def score_queries(ctx: SweepContext, queries: Sequence[EncodedQuery]) -> list[QueryLosses]:
@@ -68,6 +71,7 @@ def _score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> li
                 counts=counts,
                 states={d: states[k] for k, d in mine},
                 trajectories=perturbed.trajectories[qi],
+                calibration=perturbed.calibrations[qi],
             )
         )
     return out
