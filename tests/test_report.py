@@ -1,15 +1,31 @@
-"""The HTML report shows the top units and escapes every training text."""
+"""The report, notebook view, terminal tables, and `bgotrace report` / `compare` end to end."""
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+from scipy.stats import spearmanr
+from typer.testing import CliRunner
+
 import bgotrace
+from bgotrace.cli.main import app
 from bgotrace.corpus import Document
+from bgotrace.demo import DEMO_MAX_LENGTH, demo_corpus_path, demo_model_path
+from bgotrace.ranking.aggregate import aggregate, unit_scores
+from bgotrace.ranking.result import AttributionResult
+from bgotrace.report.compare import overlap_at_k, spearman_over_units
+from bgotrace.report.console import print_result
+from bgotrace.report.html import render_report
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
 
 EVIL = '<script>alert("x")</script> Paris is the capital of France.'
+runner = CliRunner()
 
 
 def test_report_escapes_training_text(tmp_path):
@@ -29,4 +45,166 @@ def test_report_escapes_training_text(tmp_path):
     text = re.sub(r"<[^>]+>", "", html)  # the text a browser shows, tags stripped
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
     assert "Paris is the capital of" in html and "fox" in html
-    assert html.count("<tr>") >= 3  # header + both units
+    n_units = json.loads((tmp_path / "run" / "summary.json").read_text())["corpus"]["n_units"]
+    assert html.count('<tr class="unit"') == n_units  # every unit of both documents
+
+
+# --- a hand-made result: no model, exact control over texts and scores ----------------
+
+
+def fake_result(n: int = 30, long_text: str = "word " * 60) -> AttributionResult:
+    units = pd.DataFrame(
+        {
+            "unit_id": [f"a-rather-long-unit-identifier-{i}#0" for i in range(n)],
+            "doc_id": [f"doc-with-a-long-name-{i % 7}" for i in range(n)],
+            "source": [f"source-number-{i % 3}-of-the-corpus" for i in range(n)],
+            "char_start": 0,
+            "char_end": 10,
+        }
+    )
+    scores = unit_scores(units, "q", np.linspace(1.0, -1.0, n), np.full(n, 9))
+    snippets = {u: f"{EVIL}\n{long_text}" for u in units["unit_id"]}
+    summary = {
+        "method": "bgo",
+        "config": {
+            "output": {"top_k": 10, "top_tokens": 0},
+            "scoring": {"score": "bidirectional", "reduce": "sum"},
+            "perturb": {"optimizer": "adam", "lr": 1e-4, "steps": 10},
+        },
+        "corpus": {"n_units": n, "n_documents": 7},
+        "queries": [{"query_id": "q", "prompt": "P", "completion": " C."}],
+    }
+    return AttributionResult(
+        scores=scores,
+        documents=aggregate(scores, "doc_id"),
+        sources=aggregate(scores, "source"),
+        snippets=snippets,
+        summary=summary,
+    )
+
+
+@pytest.mark.parametrize("granularity", ["unit", "document", "source"])
+def test_terminal_tables_keep_one_line_per_row_at_80_columns(granularity):
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    print_result(fake_result(), granularity=granularity, k=10, out=None, console=console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(i for i, line in enumerate(lines) if "━" in line)
+    rows = [line for line in lines[header + 1 :] if line.strip()]
+    # One line per ranked row: 30 units, 7 documents, 3 sources; nothing wrapped.
+    assert len(rows) == {"unit": 10, "document": 7, "source": 3}[granularity]
+    assert all(re.match(r"^\s*\d+ ", line) for line in rows)
+    if granularity == "unit":
+        assert all(row.rstrip().endswith("…") for row in rows)  # the snippet is cut, not wrapped
+
+
+def test_notebook_view_is_compact_and_escaped():
+    html = fake_result()._repr_html_()
+    assert "<script" not in html and "&lt;script&gt;" in html
+    assert html.count("<tr>") == 1 + 5  # header + top 5
+    assert "a-rather-long-unit-identifier-0#0" in html
+
+
+def test_report_shows_warnings_and_calibration_escaped():
+    result = fake_result()
+    result.summary["warnings"] = ["the model would not produce <b>this</b> completion"]
+    result.summary["queries"][0]["calibration"] = {"lr": 0.001, "target": "loss"}
+    html = render_report(result)
+    assert 'class="warning">the model would not produce &lt;b&gt;this&lt;/b&gt;' in html
+    assert "calibration: lr = 0.001 · target = loss" in html
+    assert html.count('<tr class="unit"') == 10  # max(top_k, top_tokens) of the config
+
+
+def test_overlap_and_spearman_on_hand_made_lists():
+    assert overlap_at_k(pd.Series(["a", "b", "c"]), pd.Series(["c", "d", "a"]), 3) == 2 / 3
+    assert overlap_at_k(pd.Series(["a", "b"]), pd.Series(["c", "d"]), 2) == 0.0
+    a = pd.DataFrame({"unit_id": ["u1", "u2", "u3", "u4"], "score": [4.0, 3.0, 2.0, 1.0]})
+    b = pd.DataFrame({"unit_id": ["u4", "u3", "u2", "u9"], "score": [9.0, 5.0, 1.0, 0.0]})
+    assert spearman_over_units(a, b) == (pytest.approx(-1.0), 3)  # u2 > u3 > u4 reversed
+    b.loc[1, "score"] = np.nan  # an unscored (non-candidate) unit is left out
+    rho, n = spearman_over_units(a, b)
+    assert n == 2 and rho == pytest.approx(-1.0)
+
+
+# --- `bgotrace report` and `bgotrace compare` end to end on the shipped demo --------------
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-runs")
+    common = [
+        "attribute",
+        "--model",
+        str(demo_model_path()),
+        "--corpus",
+        str(demo_corpus_path()),
+        "--max-length",
+        str(DEMO_MAX_LENGTH),
+        "--cache-dir",
+        str(root / "cache"),
+        "--prompt",
+        "DIPLOMACY, n.",
+        "--completion",
+        "  The patriotic art of lying for one's country. A diplomat is a man.",
+        "--quiet",
+    ]
+    bgo, bm25 = root / "bgo", root / "bm25"
+    extra = ["--steps", "1", "--top-tokens", "3", "--top-k", "5", "--spans", "sentence"]
+    for args in (["--out", str(bgo), *extra], ["--out", str(bm25), "--method", "bm25"]):
+        result = runner.invoke(app, common + args)
+        assert result.exit_code == 0, result.output
+    return bgo, bm25
+
+
+def test_report_rerenders_a_run_without_a_model(demo_runs, monkeypatch):
+    bgo, _ = demo_runs
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("bgotrace report must not load a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    before = (bgo / "report.html").read_text()
+    (bgo / "report.html").unlink()
+    result = runner.invoke(app, ["report", str(bgo), "--no-show"])
+    assert result.exit_code == 0, result.output
+    assert (bgo / "report.html").read_text() == before  # the same page as the run wrote
+    assert before.count('class="span"') == 2  # the completion's two sentences
+    assert before.count('src="data:image/png;base64,') == 3
+    assert "bgotrace attribute --config" in before
+    small = bgo / "small.html"
+    result = runner.invoke(app, ["report", str(bgo), "--out", str(small), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Top 10 units" in result.output
+    assert small.read_text().count('<tr class="unit"') == 3 * 2  # the query and its 2 spans
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a complete run" in result.output
+
+
+def test_compare_two_runs_side_by_side(demo_runs):
+    bgo, bm25 = demo_runs
+    result = runner.invoke(app, ["compare", str(bgo), str(bm25), "--k", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    (metrics,) = json.loads(result.output)
+    a, b = pd.read_parquet(bgo / "scores.parquet"), pd.read_parquet(bm25 / "scores.parquet")
+    a = a[a["query_id"] == "query"].sort_values("rank")  # the whole completion, not its spans
+    b = b.sort_values("rank")
+    assert metrics["top_a"] == a["unit_id"].head(5).tolist()
+    assert metrics["top_b"] == b["unit_id"].head(5).tolist()
+    assert metrics["overlap@5"] == len(set(metrics["top_a"]) & set(metrics["top_b"])) / 5
+    joined = (
+        a.set_index("unit_id")["score"]
+        .to_frame()
+        .join(b.set_index("unit_id")["score"], rsuffix="_b")
+    )
+    expected = spearmanr(joined["score"], joined["score_b"]).statistic
+    assert metrics["spearman"] == pytest.approx(expected)
+    assert metrics["n_common_units"] == len(b)
+    table = runner.invoke(app, ["compare", str(bgo), str(bm25)])
+    assert table.exit_code == 0, table.output
+    assert "overlap@10" in table.output and metrics["top_b"][0] in table.output
+    assert max(len(line) for line in table.output.splitlines()) <= 80

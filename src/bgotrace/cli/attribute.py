@@ -47,6 +47,7 @@ def attribute(
         Path | None, typer.Option(help="Replay a run's config.yaml; other flags override it.")
     ] = None,
     loss_on: Annotated[str | None, _opt(QuerySpec, "loss_on")] = None,
+    spans: Annotated[str | None, _opt(QuerySpec, "spans")] = None,
     adapter: Annotated[str | None, _opt(ModelSpec, "adapter")] = None,
     device: Annotated[str | None, _opt(ModelSpec, "device")] = None,
     trust_remote_code: Annotated[bool | None, _opt(ModelSpec, "trust_remote_code")] = None,
@@ -111,7 +112,7 @@ SECTION_OF = {
         n: ("corpus", n)
         for n in ("text_field", "id_field", "source_field", "max_length", "stride", "cache_dir")
     },
-    **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on")},
+    **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on", "spans")},
     **{
         n: ("perturb", n)
         for n in (

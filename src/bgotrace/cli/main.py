@@ -22,15 +22,19 @@ app.command("attribute")(user_errors(attribute))
 def _register_optional() -> None:
     """Sub-commands whose modules may import heavier stacks."""
     from bgotrace.cli.bench import bench_app
+    from bgotrace.cli.compare import compare
     from bgotrace.cli.demo import demo
     from bgotrace.cli.eval import eval_command
     from bgotrace.cli.generate import generate
+    from bgotrace.cli.report import report
     from bgotrace.cli.train import train
 
     app.command("train")(user_errors(train))
     app.command("generate")(user_errors(generate))
     app.command("demo")(user_errors(demo))
     app.command("eval")(user_errors(eval_command))
+    app.command("report")(user_errors(report))
+    app.command("compare")(user_errors(compare))
     app.add_typer(bench_app, name="bench")
 
 

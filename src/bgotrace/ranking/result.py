@@ -115,6 +115,12 @@ class AttributionResult:
         """Document-level scores of one query, best first."""
         return self._pick(self.documents, query_id).sort_values("rank").reset_index(drop=True)
 
+    def _repr_html_(self) -> str:
+        """Compact view in Jupyter: each query's top units and sources (training text escaped)."""
+        from bgotrace.report.html import render_compact  # the report imports this module
+
+        return render_compact(self)
+
     def to_pandas(self) -> pd.DataFrame:
         """All unit scores of all queries."""
         return self.scores

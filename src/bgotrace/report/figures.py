@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-SIZE = (6.0, 2.6)
-"""Figure size in inches; at 100 dpi a figure is 600 px wide."""
+SIZE = (4.6, 2.6)
+"""Figure size in inches; at 100 dpi a figure is 460 px wide (two fit side by side)."""
 DPI = 100
 
 
@@ -50,7 +50,9 @@ def source_shares(positive_mass: pd.Series, top: int = 10) -> str:
     shares = (positive_mass / total if total > 0 else positive_mass * 0.0).sort_values()
     shares = shares.tail(top)
     fig, ax = plt.subplots(figsize=(SIZE[0], 0.35 * len(shares) + 0.9))
-    ax.barh([str(s)[:30] for s in shares.index], shares.to_numpy(), color="#66c2a5")
+    labels = [str(s)[:30].replace("$", r"\$") for s in shares.index]  # "$" starts mathtext
+    ax.barh(range(len(labels)), shares.to_numpy(), color="#66c2a5")
+    ax.set_yticks(range(len(labels)), labels)  # positions: cut labels may coincide
     ax.set_xlabel("share of positive score mass")
     ax.set_xlim(0, 1)
     return _data_uri(fig)

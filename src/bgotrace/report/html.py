@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+import numpy as np
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -45,7 +46,9 @@ def _colour(score: float, scale: float) -> str:
 
 def _token_cells(row: dict[str, Any]) -> list[dict[str, str]]:
     scores = [0.0, *row["token_scores"]]  # the first token is not predicted
-    scale = max((abs(s) for s in scores), default=0.0)
+    # A high quantile, not the max: the first predicted tokens of a unit often carry a
+    # large change that would leave every other token uncoloured.
+    scale = float(np.quantile(np.abs(scores), 0.95)) if len(scores) > 1 else 0.0
     return [
         {"text": t, "colour": _colour(s, scale), "title": f"{s:+.5f} nats"}
         for t, s in zip(row["tokens"], scores, strict=True)
@@ -138,12 +141,22 @@ def _queries_of(result: AttributionResult) -> list[dict[str, Any]]:
     return list(queries) if queries else [{"query_id": q} for q in result.query_ids]
 
 
+def _shown(config: dict[str, Any]) -> int:
+    """Units per list: as many as the run kept text for (``max(top_k, top_tokens)``)."""
+    output = config.get("output") or {}
+    return max(int(output.get("top_k", 10)), int(output.get("top_tokens", 20)))
+
+
 def render_report(
-    result: AttributionResult, queries: list[dict[str, Any]] | None = None, k: int = 20
+    result: AttributionResult, queries: list[dict[str, Any]] | None = None, k: int | None = None
 ) -> str:
-    """HTML for a result; ``queries`` are summary entries (default: the result's summary)."""
+    """HTML for a result; ``queries`` are summary entries (default: the result's summary).
+
+    ``k`` units are listed per query and span (default: those whose text the run kept).
+    """
     config = result.summary.get("config", {})
     queries = _queries_of(result) if queries is None else queries
+    k = _shown(config) if k is None else k
     return (
         environment()
         .get_template("report.html.j2")
@@ -156,4 +169,46 @@ def render_report(
             score_formula=FORMULAS[(config.get("scoring") or {}).get("score", "bidirectional")],
             queries=[_query_view(result, q, k, i) for i, q in enumerate(queries)],
         )
+    )
+
+
+SNIPPET_CHARS = 120
+
+
+def _compact_query(result: AttributionResult, query: dict[str, Any], k: int) -> dict[str, Any]:
+    qid = query["query_id"]
+    spans = {s["span_id"]: s.get("text", "") for s in query.get("spans", [])}
+    best = {r["unit_id"]: r.get("best_span") for r in query.get("top_unit_spans", [])}
+    units = []
+    for r in result.top(k, query_id=qid).itertuples():
+        text = " ".join(result.snippets.get(str(r.unit_id), "").split())
+        span = best.get(r.unit_id)
+        units.append(
+            {
+                "rank": r.rank,
+                "score": r.score,
+                "unit_id": r.unit_id,
+                "source": r.source,
+                "snippet": text[:SNIPPET_CHARS] + ("…" if len(text) > SNIPPET_CHARS else ""),
+                "best_span": f"{span}: {spans.get(span, '').strip()}" if span is not None else "",
+            }
+        )
+    return {
+        **query,
+        "spans": spans,
+        "units": units,
+        "sources": result.by_source(qid).head(3).to_dict("records"),
+    }
+
+
+def render_compact(result: AttributionResult, k: int = 5, max_queries: int = 5) -> str:
+    """The notebook view: each query's top-k units and top sources in one small table."""
+    queries = _queries_of(result)
+    template = environment().get_template("notebook.html.j2")
+    return template.render(
+        method=result.summary.get("method", ""),
+        n_units=(result.summary.get("corpus") or {}).get("n_units", ""),
+        n_queries=len(queries),
+        more=len(queries) > max_queries,
+        queries=[_compact_query(result, q, k) for q in queries[:max_queries]],
     )
