@@ -244,6 +244,15 @@ class ScoreConfig:
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
     workers: int = _help("Ray workers sharing the sweep's blocks (0: this process only).", 0)
+    trunk_cache: bool = _help(
+        "Store the hidden states entering the first perturbed block for every unit beside the "
+        "token cache, so later runs with the same model and split skip the trunk (needs a "
+        "perturbation restricted to blocks, e.g. --params last:N).",
+        False,
+    )
+    trunk_cache_dtype: str = _help(
+        "Stored dtype of the trunk cache: float16 | bfloat16 | float32.", "float16"
+    )
     candidates: int | float | str | None = _help(
         "Rerank: sweep only each query group's top-M units proposed by --prefilter; M is a "
         "count (200), a percentage (5%) or a fraction (0.05) of the corpus. The other units "
@@ -266,6 +275,7 @@ class ScoreConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
+        _one_of(self.trunk_cache_dtype, ("float16", "bfloat16", "float32"), "--trunk-cache-dtype")
         if self.candidates is not None:
             self._check_candidates()
 

@@ -74,6 +74,8 @@ def attribute(
     block_units: Annotated[int | None, _opt(ScoreConfig, "block_units")] = None,
     queries_per_sweep: Annotated[int | None, _opt(ScoreConfig, "queries_per_sweep")] = None,
     workers: Annotated[int | None, _opt(ScoreConfig, "workers")] = None,
+    trunk_cache: Annotated[bool | None, _opt(ScoreConfig, "trunk_cache")] = None,
+    trunk_cache_dtype: Annotated[str | None, _opt(ScoreConfig, "trunk_cache_dtype")] = None,
     candidates: Annotated[str | None, _opt(ScoreConfig, "candidates")] = None,
     prefilter: Annotated[str | None, _opt(ScoreConfig, "prefilter")] = None,
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
@@ -138,6 +140,8 @@ SECTION_OF = {
             "block_units",
             "queries_per_sweep",
             "workers",
+            "trunk_cache",
+            "trunk_cache_dtype",
             "candidates",
             "prefilter",
         )

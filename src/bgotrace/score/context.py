@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from bgotrace.cache import TokenCache
+from bgotrace.cache.trunk_cache import TrunkCache, get_trunk_cache
 from bgotrace.config import PerturbConfig, ScoreConfig
 from bgotrace.devices import resolve_dtype
 from bgotrace.errors import ConfigError
+from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.sensitivity import cached_sensitivity
@@ -54,11 +56,16 @@ class SweepContext:
     sensitivity: np.ndarray | None = None
     """Per-unit sensitivity s(z) of the whole cache for ``--normalize sensitivity``."""
 
+    trunk_cache: TrunkCache | None = None
+    """Stored trunk outputs of every corpus unit (``--trunk-cache``); None: computed."""
+
     def executor(self) -> BlockExecutor:
         if self.block_executor is None:
+            rows = None if self.trunk_cache is None else self.trunk_cache.for_units(self.units)
             self.block_executor = LocalExecutor(
-                self.sweep_model, self.units, self.score_cfg.batch_size, self.pad_id, self.device
-            )
+                self.sweep_model, self.units, self.score_cfg.batch_size, self.pad_id,
+                self.device, trunk_rows=rows,
+            )  # fmt: skip
         return self.block_executor
 
     @property
@@ -111,6 +118,7 @@ def build_sweep_context(
         fisher=fisher,
         store=store,
         block_executor=_ray_executor(sweep_model, cache, units, score_cfg, pad_id, device),
+        trunk_cache=_trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device),
         sensitivity=sensitivity,
     )
 
@@ -140,6 +148,27 @@ def _ray_executor(
         pad_id=pad_id,
         gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
     )
+
+
+def _trunk_cache(
+    sweep_model: torch.nn.Module,
+    cache: TokenCache,
+    names: Sequence[str],
+    score_cfg: ScoreConfig,
+    pad_id: int,
+    device: torch.device,
+) -> TrunkCache | None:
+    if not score_cfg.trunk_cache:
+        return None
+    split = split_block(sweep_model, names)
+    if split is None or score_cfg.workers > 0:
+        why = "Ray workers compute their own trunk" if split is not None else "no split"
+        log.warning("--trunk-cache unused: %s (restrict --params to blocks, e.g. last:N)", why)
+        return None
+    return get_trunk_cache(
+        sweep_model, cache, split, dtype=score_cfg.trunk_cache_dtype,
+        batch_size=score_cfg.batch_size, pad_id=pad_id, device=device,
+    )  # fmt: skip
 
 
 def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:

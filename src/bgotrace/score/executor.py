@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from bgotrace.score.batching import TokenSource
 from bgotrace.score.sweep import Overrides, unit_loss_sums
+
+if TYPE_CHECKING:
+    from bgotrace.cache.trunk_cache import TrunkRows
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,14 @@ def compute_block(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    trunk_rows: TrunkRows | None = None,
 ) -> BlockResult:
     """Loss sums of one block under every state (what each executor runs)."""
     indices = np.arange(block.start, block.stop)
     sums, counts = unit_loss_sums(
-        model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device
-    )
+        model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device,
+        trunk_rows=trunk_rows,
+    )  # fmt: skip
     return block, sums, counts
 
 
@@ -64,10 +69,13 @@ class LocalExecutor:
     batch_size: int
     pad_id: int
     device: torch.device
+    trunk_rows: TrunkRows | None = None
+    """Stored trunk outputs of the swept units (None: compute the trunk)."""
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         for block in blocks:
             yield compute_block(
                 self.model, self.units, block, states,
                 batch_size=self.batch_size, pad_id=self.pad_id, device=self.device,
+                trunk_rows=self.trunk_rows,
             )  # fmt: skip

@@ -11,6 +11,7 @@ losses are recomputed later for the few top units that a report shows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +19,15 @@ import torch
 from bgotrace.modeling.split import (
     Overrides,
     log_once,
+    resume_trunk,
     split_block,
     state_token_losses,
     trunk,
 )
 from bgotrace.score.batching import TokenSource, collate, length_buckets
+
+if TYPE_CHECKING:
+    from bgotrace.cache.trunk_cache import TrunkRows
 
 __all__ = ["Overrides", "states_split", "unit_loss_sums", "unit_token_losses"]
 
@@ -48,14 +53,19 @@ def unit_loss_sums(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    trunk_rows: TrunkRows | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed token NLL of each unit under each state, and each unit's token count.
 
     Returns ``sums`` (n_states, len(indices)) float64 and ``counts`` (len(indices),),
-    both in the order of ``indices``.
+    both in the order of ``indices``. With ``trunk_rows`` (a trunk cache of the same
+    split) the trunk is read from disk instead of computed.
     """
     start = states_split(model, states)
+    if trunk_rows is not None and trunk_rows.split != start:
+        log_once("trunk cache (block %d) unused: this sweep splits at %s", trunk_rows.split, start)
+        trunk_rows = None
     position = {int(u): k for k, u in enumerate(indices)}
     sums = np.zeros((len(states), len(indices)), dtype=np.float64)
     counts = np.zeros(len(indices), dtype=np.int64)
@@ -63,12 +73,20 @@ def unit_loss_sums(
         input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
         cols = [position[int(u)] for u in batch]
         counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
-        shared = trunk(model, input_ids, attention_mask, start)
+        if trunk_rows is not None and start is not None:
+            hidden = trunk_rows.batch(batch, input_ids.shape[1], device).to(_dtype(model))
+            shared = resume_trunk(model, input_ids, attention_mask, start, hidden)
+        else:
+            shared = trunk(model, input_ids, attention_mask, start)
         for s, overrides in enumerate(states):
             losses = state_token_losses(model, shared, overrides, labels)  # (B, T-1)
             sums[s, cols] = losses.sum(dim=1).double().cpu().numpy()
         advance(len(batch))
     return sums, counts
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 @torch.inference_mode()
