@@ -365,7 +365,7 @@ def test_bench_build_and_run_end_to_end(built, sources, tmp_path) -> None:
     names = {"results.csv", "results.md", "per_query.parquet", "results.png", "eval.json"}
     assert names <= {p.name for p in out.iterdir()}
     table = pd.read_csv(out / "results.csv")
-    assert set(table["family"]) == {"fact", "source", "tail-patch", "leave-k-out", "lds"}
+    assert set(table["family"]) == {"fact", "source", "tail-patch", "leave-k-out", "lds", "hubs"}
     finite = table.dropna(subset=["mean"])
     assert (
         (finite["lo"] <= finite["mean"] + 1e-12) & (finite["mean"] <= finite["hi"] + 1e-12)

@@ -20,9 +20,13 @@ import numpy as np
 from bgotrace.baselines import MethodContext
 from bgotrace.eval import influence as inf
 from bgotrace.eval.collect import Collector
+from bgotrace.eval.hubs import hub_diagnostics, query_group, spearman_rows
+from bgotrace.eval.metrics import MetricSummary
 from bgotrace.eval.ranking_metrics import fact_tracing, source_attribution
+from bgotrace.eval.reference_form import relative_change_percent
 from bgotrace.eval.retrain import RetrainCache, TrainingSetup
 from bgotrace.query import EncodedQuery
+from bgotrace.score.sweep import unit_loss_sums
 
 
 @dataclass
@@ -94,6 +98,8 @@ def run_families(
             ranking(metric, idx, inputs, scores, settings, collector)
         elif metric == "tail-patch":
             tail_patch(idx, inputs, scores, settings, collector)
+        elif metric == "hubs":
+            hubs(idx, inputs, scores, collector)
         elif metric == "leave-k-out":
             assert retrains is not None
             kind = settings.leave_k_out.query_kind
@@ -164,6 +170,60 @@ def tail_patch(
     for k in cfg.ks:
         mean = control[:, :k].mean(1)
         collector.add("tail-patch", "random-k", f"tail_patch@{k}", qids, mean, unit="nats")
+    if cfg.reference and cfg.optimizer != "adamw-fresh":
+        reference_tail_patch(queries, qids, inputs, scores, idx, cfg, collector)
+
+
+def reference_tail_patch(
+    queries: list[EncodedQuery],
+    qids: list[str],
+    inputs: EvalInputs,
+    scores: Mapping[str, np.ndarray],
+    idx: list[int],
+    cfg: inf.TailPatchConfig,
+    collector: Collector,
+) -> None:
+    """``tail_patch_ref@k``: the reference scripts' |Δp|/p × 100 (one fresh AdamW step)."""
+    ref_cfg = inf.TailPatchConfig(ks=cfg.ks, optimizer="adamw-fresh", seed=cfg.seed)
+    patcher = inf.TailPatcher(inputs.model, inputs.ctx.cache, queries, ref_cfg)
+    results = inf.tail_patch(patcher, {m: s[idx] for m, s in scores.items()}, qids)
+    unit = "% |Δp|/p"
+    for method, result in results.items():
+        top, rand = relative_change_percent(result.topk), relative_change_percent(result.random)
+        for k in cfg.ks:
+            name = f"tail_patch_ref@{k}"
+            collector.add("tail-patch", method, name, qids, top[:, :k].mean(1), unit=unit)
+    rand = relative_change_percent(next(iter(results.values())).random)
+    for k in cfg.ks:
+        mean = rand[:, :k].mean(1)
+        collector.add("tail-patch", "random-k", f"tail_patch_ref@{k}", qids, mean, unit=unit)
+
+
+def hubs(
+    idx: list[int],
+    inputs: EvalInputs,
+    scores: Mapping[str, np.ndarray],
+    collector: Collector,
+) -> None:
+    """Hub diagnostic of every method (:mod:`bgotrace.eval.hubs`); no ground truth needed."""
+    cache, ctx = inputs.ctx.cache, inputs.ctx
+    sums, counts = unit_loss_sums(
+        inputs.model, cache, np.arange(len(cache)), [None],
+        batch_size=ctx.batch_size, pad_id=ctx.pad_id, device=ctx.torch_device,
+    )  # fmt: skip
+    base_loss = sums[0] / np.maximum(counts, 1)  # θ0 mean token loss per unit
+    groups = [query_group(inputs.records[i]) for i in idx]
+    qids = [inputs.query_ids[i] for i in idx]
+    one = f"one value over {len(set(groups))} query groups"
+    for method, s in scores.items():
+        diag = hub_diagnostics(s[idx], groups, cache.lengths, base_loss)
+        for name, unit in (("hub_share", "fraction of groups"), ("hub_units", "units")):
+            value = diag[name]  # one number for the whole query set: no interval (lo = hi)
+            summary = MetricSummary(value, value, value, len(set(groups)))
+            collector.add_summary("hubs", method, name, summary, interval=one, unit=unit)
+        for name, values in (("corr_length", cache.lengths), ("corr_base_loss", base_loss)):
+            rhos = spearman_rows(s[idx], values.astype(np.float64))
+            collector.add("hubs", method, name, qids, rhos, unit="Spearman ρ")
 
 
 def leave_k_out(

@@ -37,14 +37,21 @@ def hub_counts(scores: np.ndarray, groups: Sequence[str], k: int = 10) -> np.nda
     return counts
 
 
+def spearman_rows(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Spearman(scores[q], values) per query (q,); NaN where either side is constant."""
+    out = np.full(scores.shape[0], np.nan)
+    finite = np.isfinite(values)
+    for q, row in enumerate(scores):
+        ok = finite & np.isfinite(row)
+        if ok.sum() > 2 and np.ptp(row[ok]) > 0 and np.ptp(values[ok]) > 0:
+            out[q] = float(spearmanr(row[ok], values[ok]).statistic)
+    return out
+
+
 def mean_spearman(scores: np.ndarray, values: np.ndarray) -> float:
     """Mean over queries of Spearman(scores[q], values); NaN rows (constant scores) skipped."""
-    rhos = []
-    for row in scores:
-        if np.ptp(row) == 0 or np.ptp(values) == 0:
-            continue
-        rhos.append(float(spearmanr(row, values).statistic))
-    return float(np.mean(rhos)) if rhos else float("nan")
+    rhos = spearman_rows(scores, values)
+    return float(np.nanmean(rhos)) if np.isfinite(rhos).any() else float("nan")
 
 
 def hub_diagnostics(

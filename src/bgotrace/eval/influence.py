@@ -38,12 +38,13 @@ from bgotrace.cache import TokenCache
 from bgotrace.errors import ConfigError
 from bgotrace.eval.metrics import TailPatchSummary, lds_over_queries, tail_patch_summary
 from bgotrace.eval.ranking_metrics import rank_order
+from bgotrace.eval.reference_form import REFERENCE_LR, fresh_adamw_step
 from bgotrace.eval.retrain import RetrainCache
 from bgotrace.modeling.losses import forward_logits, mean_loss, token_losses
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.query import EncodedQuery
 
-TAIL_PATCH_LR = {"sgd": 1e-2, "adam": 1e-4}
+TAIL_PATCH_LR = {"sgd": 1e-2, "adam": 1e-4, "adamw-fresh": REFERENCE_LR}
 """Default step size of each tail-patch optimiser."""
 
 
@@ -59,11 +60,15 @@ class TailPatchConfig:
     """Step size; None = 1e-2 for sgd, 1e-4 for adam."""
     seed: int = 0
     """Seed of the random-k control units."""
+    reference: bool = True
+    """Also report the reference scripts' form, |Δp|/p × 100 after one fresh AdamW step
+    (lr 1e-5, gradient clipped at 1.0): ``tail_patch_ref@k`` (:mod:`eval.reference_form`)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in TAIL_PATCH_LR:
             raise ConfigError(
-                f"tail-patch optimizer={self.optimizer!r} is unknown: use sgd or adam."
+                f"tail-patch optimizer={self.optimizer!r} is unknown: use sgd or adam "
+                "(or adamw-fresh, the reference scripts' step)."
             )
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"tail-patch ks must be positive integers, got {self.ks}.")
@@ -202,6 +207,8 @@ class TailPatcher:
         params = dict(self.model.named_parameters())
         grads = unit_gradient(self.model, self.cache.unit_tokens(unit), self.names)
         self.n_steps += 1
+        if self.config.optimizer == "adamw-fresh":  # the reference scripts' step
+            return fresh_adamw_step(params, grads, self.config.step_lr)
         if self.adam_state is not None and self.config.optimizer == "adam":
             return adam_step(params, grads, self.adam_state, self.config.step_lr)
         return sgd_step(params, grads, self.config.step_lr)

@@ -28,7 +28,7 @@ from bgotrace.errors import RunDirectoryError
 if TYPE_CHECKING:
     from bgotrace.eval.runner import EvalResult
 
-FAMILIES = ("fact", "source", "tail-patch", "leave-k-out", "lds")
+FAMILIES = ("fact", "source", "tail-patch", "leave-k-out", "lds", "hubs")
 HEADLINES = ("mrr", "recall@10", "precision@10", "tail_patch_vs_random@", "lko_vs_random", "lds")
 """Metrics shown in the plot (a trailing ``@`` matches the largest k)."""
 

@@ -49,7 +49,7 @@ from bgotrace.query import EncodedQuery, Query, encode_query
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fact", "source", "tail-patch", "leave-k-out", "lds")
+METRICS = ("fact", "source", "tail-patch", "leave-k-out", "lds", "hubs")
 SPLITS = ("validation", "test", "all")
 NEEDS = {
     "fact": "fact queries with 'relevant_doc_ids'",
