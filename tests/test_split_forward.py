@@ -34,7 +34,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import RunDirectoryError
 from bgotrace.modeling import split as split_mod
-from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.modeling.losses import forward_logits, head_token_losses, token_losses
 from bgotrace.modeling.split import split_block, state_token_losses, trunk
 from bgotrace.perturb.steps import ASCENT, perturb
 from bgotrace.query import Query, encode_query
@@ -302,3 +302,18 @@ def test_split_pipeline_scores_equal_full_forward_pipeline(
             a, b.scores.sort_values(["query_id", "unit_id"])["score"].to_numpy(), atol=1e-4
         )
     assert np.abs(a).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 256])
+def test_chunked_head_losses_equal_full_logits_losses(dtype, chunk_rows):
+    """The chunked head is the same loss: per chunk the same matmul in the sweep dtype and the
+    same float32 cross-entropy, so float32 and bfloat16 agree with the full logits to 1e-5."""
+    torch.manual_seed(0)
+    head_layer = torch.nn.Linear(32, V, bias=False).to(dtype)
+    hidden = torch.randn(3, 12, 32).to(dtype)
+    _, _, labels = padded_batch()
+    want = token_losses(head_layer(hidden), labels)
+    got = head_token_losses(hidden, head_layer, labels, chunk_rows=chunk_rows)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert (got[labels[:, 1:] == -100] == 0).all()

@@ -47,6 +47,38 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(shift_labels.shape)
 
 
+HEAD_CHUNK_ROWS = 256
+"""Tokens per LM-head chunk: a (256, V) float32 block of logits stays small and warm in cache,
+where the whole batch's (B, T, V) logits (plus a float32 copy) would not."""
+
+
+def head_token_losses(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
+) -> torch.Tensor:
+    """NLL (B, T-1) float32 of each predicted token from final hidden states (B, T, D).
+
+    The head runs only on positions that predict a token (no padding, not the last
+    position), ``chunk_rows`` tokens at a time, in the hidden states' dtype; each chunk's
+    logits are cast to float32 before the logsumexp, so the result equals
+    :func:`token_losses` of the full logits up to float32 rounding. 0 where IGNORE.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    rows, wanted = hidden[:, :-1][keep], targets[keep]  # (N, D), (N,)
+    parts = [
+        F.cross_entropy(head(rows[i : i + chunk_rows]).float(), wanted[i : i + chunk_rows],
+                        reduction="none")
+        for i in range(0, len(rows), chunk_rows)
+    ]  # fmt: skip
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        out = out.masked_scatter(keep, torch.cat(parts))
+    return out
+
+
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL over the tokens whose labels are not IGNORE (a scalar, float32)."""
     return mean_token_loss(token_losses(logits, labels), labels)

@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from bgotrace.modeling.adapters import Adapter, BlockKwargs, adapter_for
-from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.modeling.losses import forward_logits, head_token_losses, token_losses
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -137,8 +137,13 @@ def top(model: torch.nn.Module, state: TrunkState, overrides: Overrides) -> torc
 def state_token_losses(
     model: torch.nn.Module, state: TrunkState, overrides: Overrides, labels: torch.Tensor
 ) -> torch.Tensor:
-    """NLL (B, T-1) float32 of each predicted token under ``overrides`` (0 where IGNORE)."""
-    return token_losses(top(model, state, overrides), labels)
+    """NLL (B, T-1) float32 of each predicted token under ``overrides`` (0 where IGNORE).
+
+    Split: the top blocks, then the LM head in token chunks (:func:`head_token_losses`).
+    """
+    if state.start is None:
+        return token_losses(top(model, state, overrides), labels)
+    return head_token_losses(top_hidden(model, state, overrides), head(model), labels)
 
 
 def _require_adapter(model: torch.nn.Module) -> Adapter:
