@@ -244,6 +244,31 @@ class ScoreConfig:
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
     workers: int = _help("Ray workers sharing the sweep's blocks (0: this process only).", 0)
+    ray_address: str | None = _help(
+        "Join a running Ray cluster: auto (this node is in it) or HEAD:PORT. Unset: start a "
+        "private Ray instance on this machine for --workers and stop it afterwards.",
+        None,
+    )
+    cpus_per_worker: float = _help("CPUs Ray reserves for each worker.", 1.0)
+    gpus_per_worker: float | None = _help(
+        "GPUs Ray reserves for each worker (0.5: two workers share a GPU). Unset: 1 when the "
+        "model is on a GPU, else 0.",
+        None,
+    )
+    ship_cache: str = _help(
+        "How workers read the token cache: auto (by path where the node can read it, else "
+        "blocks shipped through Ray's object store) | never (path only: shared file system) "
+        "| always (ship every block).",
+        "auto",
+    )
+    block_attempts: int = _help(
+        "Tries per block when Ray workers die (also each worker's restarts) before the run "
+        "stops with an error.",
+        3,
+    )
+    ray_timeout: float = _help(
+        "Seconds to wait for the cluster to start the workers (or restart a dead one).", 120.0
+    )
     trunk_cache: bool = _help(
         "Store the hidden states entering the first perturbed block for every unit beside the "
         "token cache, so later runs with the same model and split skip the trunk (needs a "
@@ -275,9 +300,23 @@ class ScoreConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
+        self._check_ray()
         _one_of(self.trunk_cache_dtype, ("float16", "bfloat16", "float32"), "--trunk-cache-dtype")
         if self.candidates is not None:
             self._check_candidates()
+
+    def _check_ray(self) -> None:
+        _one_of(self.ship_cache, ("auto", "always", "never"), "--ship-cache")
+        if not 0 <= self.cpus_per_worker < float("inf"):
+            raise ConfigError(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}.")
+        gpus = self.gpus_per_worker
+        if gpus is not None and not 0 <= gpus < float("inf"):
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {gpus}.")
+        if self.block_attempts < 1:
+            raise ConfigError(f"--block-attempts must be >= 1, got {self.block_attempts}.")
+        _positive(self.ray_timeout, "--ray-timeout")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("--ray-address is empty: pass auto or HEAD:PORT, or omit it.")
 
     def _check_candidates(self) -> None:
         # imported here: the prefilter package imports the baselines, which import this module

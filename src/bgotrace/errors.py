@@ -36,3 +36,7 @@ class NonFiniteLossError(BgotraceError):
 
 class RunDirectoryError(BgotraceError):
     """The run directory exists, is incomplete, or belongs to another run."""
+
+
+class DistributedError(BgotraceError):
+    """A Ray cluster cannot run the sweep: unreachable, too small, or workers keep dying."""

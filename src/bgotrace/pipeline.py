@@ -139,11 +139,14 @@ def _run_bgo(
     plan = plan_candidates(
         config.scoring, _method_context(config, inputs), inputs.queries, per_sweep
     )
-    losses = (
-        score_queries(ctx, inputs.queries)
-        if plan is None
-        else rerank_queries(ctx, inputs.queries, plan)
-    )
+    try:
+        losses = (
+            score_queries(ctx, inputs.queries)
+            if plan is None
+            else rerank_queries(ctx, inputs.queries, plan)
+        )
+    finally:
+        ctx.close()  # stop the Ray workers (and a Ray this run started), also on errors
     variant = config.scoring.score
     per_query = [
         unit_scores(

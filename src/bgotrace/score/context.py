@@ -19,7 +19,6 @@ from bgotrace.cache import TokenCache
 from bgotrace.cache.trunk_cache import TrunkCache, get_trunk_cache
 from bgotrace.config import PerturbConfig, ScoreConfig
 from bgotrace.devices import resolve_dtype
-from bgotrace.errors import ConfigError
 from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
@@ -58,6 +57,12 @@ class SweepContext:
 
     trunk_cache: TrunkCache | None = None
     """Stored trunk outputs of every corpus unit (``--trunk-cache``); None: computed."""
+
+    def close(self) -> None:
+        """Release the executor's workers (a Ray executor stops what it started)."""
+        close = getattr(self.block_executor, "close", None)
+        if close is not None:
+            close()
 
     def executor(self) -> BlockExecutor:
         if self.block_executor is None:
@@ -133,21 +138,37 @@ def _ray_executor(
 ) -> BlockExecutor | None:
     if score_cfg.workers == 0:
         return None
-    if units is not None:
-        raise ConfigError(
-            "Ray workers reopen the whole token cache by path, so they cannot sweep a subset "
-            "of units: drop --workers for this run."
-        )
-    from bgotrace.dist.ray_executor import RayExecutor
+    from bgotrace.dist.ray_executor import RayExecutor, RayOptions
 
+    # A subset view of the units has no directory of its own: its blocks are shipped.
     return RayExecutor(
         sweep_model,
-        cache.root,
-        n_workers=score_cfg.workers,
-        batch_size=score_cfg.batch_size,
-        pad_id=pad_id,
-        gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+        cache if units is None else units,
+        RayOptions.of(score_cfg, pad_id, device),
+        cache_root=cache.root if units is None else None,
+        manifest=cache.manifest,
     )
+
+
+def _trunk_cache(
+    sweep_model: torch.nn.Module,
+    cache: TokenCache,
+    names: Sequence[str],
+    score_cfg: ScoreConfig,
+    pad_id: int,
+    device: torch.device,
+) -> TrunkCache | None:
+    if not score_cfg.trunk_cache:
+        return None
+    split = split_block(sweep_model, names)
+    if split is None or score_cfg.workers > 0:
+        why = "Ray workers compute their own trunk" if split is not None else "no split"
+        log.warning("--trunk-cache unused: %s (restrict --params to blocks, e.g. last:N)", why)
+        return None
+    return get_trunk_cache(
+        sweep_model, cache, split, dtype=score_cfg.trunk_cache_dtype,
+        batch_size=score_cfg.batch_size, pad_id=pad_id, device=device,
+    )  # fmt: skip
 
 
 def _trunk_cache(

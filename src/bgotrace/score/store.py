@@ -9,25 +9,45 @@ Layout of ``RUN/``::
     summary.json         written last: its presence marks a complete run
 
 A run is resumable because each block's shard is renamed into place only once it is
-whole, and ``state.json`` lets a resumed run prove it recomputed the same states.
+whole, and ``state.json`` lets a resumed run prove it recomputed the same states. Each
+shard carries a SHA-256 digest of its arrays (and of its group and block numbers): a
+truncated, altered or misplaced shard is reported, deleted and recomputed, never merged.
+Options that only say *where* the sweep runs (``EXECUTION_FIELDS``: workers, the Ray
+cluster) may differ on resume, so a run interrupted on a cluster can finish on one machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bgotrace.config import AttributeConfig
+from bgotrace.config import AttributeConfig, ScoreConfig
 from bgotrace.errors import RunDirectoryError
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 STATE = "state.json"
+EXECUTION_FIELDS = (
+    "workers",
+    "ray_address",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "ship_cache",
+    "block_attempts",
+    "ray_timeout",
+)
+"""``scoring`` options that change where blocks are computed, never their values."""
 
 
 class RunStore:
@@ -61,7 +81,7 @@ class RunStore:
     def check_config(self, config: AttributeConfig) -> None:
         """Write ``config.yaml``; a resumed run must bring the same config."""
         path = self.root / CONFIG
-        if path.is_file() and AttributeConfig.load(path) != config:
+        if path.is_file() and _scored_part(AttributeConfig.load(path)) != _scored_part(config):
             raise RunDirectoryError(
                 f"Cannot resume {self.root}: its config.yaml differs from this run's options; "
                 "resume with --config pointing at it, or start over with --overwrite."
@@ -89,18 +109,28 @@ class RunStore:
         return self.root / "shards" / f"g{group:03d}" / f"b{block:05d}.npz"
 
     def load_shard(self, group: int, block: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sums and counts of a finished block; None when absent or damaged (deleted)."""
         path = self.shard_path(group, block)
         if not path.is_file():
             return None
-        with np.load(path) as data:
-            return data["sums"], data["counts"]
+        try:
+            with np.load(path) as data:
+                sums, counts, digest = data["sums"], data["counts"], str(data["digest"])
+            if digest != _shard_digest(group, block, sums, counts):
+                raise ValueError("its digest does not match its contents")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            log.warning("shard %s is damaged (%s): recomputing its block", path, err)
+            path.unlink()
+            return None
+        return sums, counts
 
     def save_shard(self, group: int, block: int, sums: np.ndarray, counts: np.ndarray) -> None:
         path = self.shard_path(group, block)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
+        digest = _shard_digest(group, block, sums, counts)
         with open(tmp, "wb") as fh:
-            np.savez(fh, sums=sums, counts=counts)
+            np.savez(fh, sums=sums, counts=counts, digest=np.array(digest))
         tmp.replace(path)
 
     # --- final outputs -----------------------------------------------------------------
@@ -114,3 +144,19 @@ class RunStore:
 
     def write_text(self, name: str, text: str) -> Path:
         return self.write_atomic(name, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _shard_digest(group: int, block: int, sums: np.ndarray, counts: np.ndarray) -> str:
+    """SHA-256 of a shard's place in the sweep and of its arrays (shape, dtype, bytes)."""
+    h = hashlib.sha256(f"g{group}:b{block}".encode())
+    for array in (sums, counts):
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _scored_part(config: AttributeConfig) -> AttributeConfig:
+    """``config`` with the options that only choose where the sweep runs at their defaults."""
+    defaults = ScoreConfig()
+    where = {name: getattr(defaults, name) for name in EXECUTION_FIELDS}
+    return dataclasses.replace(config, scoring=dataclasses.replace(config.scoring, **where))

@@ -1,0 +1,76 @@
+"""How a worker gets the tokens of a block: from the cache path, or shipped by the driver.
+
+``path``: the worker opens the token cache at the driver's path (a file system every node
+mounts) and reads each block from its memory map; nothing but block indices travels.
+``ship``: the driver reads a block's tokens and puts them in Ray's object store
+(:class:`UnitSlice`, a few MB per block); only the blocks in flight live there, so no
+node needs the cache on disk. ``--ship-cache auto`` lets each worker choose: path when it
+can open the cache and its manifest matches the driver's, ship otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bgotrace.score.batching import TokenSource
+from bgotrace.score.executor import Block
+
+SHIP_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """The units of one block, re-indexed from 0: a :class:`TokenSource` on its own."""
+
+    tokens: np.ndarray
+    """Token ids of the block's units back to back, (n_tokens,)."""
+    starts: np.ndarray
+    """Offset of each unit in ``tokens``, (n_units,) int64."""
+    unit_lengths: np.ndarray
+    """Tokens per unit, (n_units,) int64."""
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.unit_lengths
+
+    def unit_tokens(self, i: int) -> np.ndarray:
+        return self.tokens[self.starts[i] : self.starts[i] + self.unit_lengths[i]]
+
+    @classmethod
+    def of_block(cls, units: TokenSource, block: Block) -> UnitSlice:
+        """Copy units ``block.start:block.stop`` out of ``units`` (in their order)."""
+        seqs = [np.asarray(units.unit_tokens(i)) for i in range(block.start, block.stop)]
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.uint32)
+        return cls(tokens=tokens, starts=starts, unit_lengths=lengths)
+
+    def local_block(self, block: Block) -> Block:
+        """The same block indexed into this slice (units 0..n)."""
+        return Block(block.index, 0, len(self.unit_lengths))
+
+
+def open_cache_at(root: str | None, expected: dict[str, object]) -> tuple[TokenSource | None, str]:
+    """The token cache at ``root`` if this node can read it and it is the driver's cache.
+
+    Returns (cache or None, why not). ``expected`` holds manifest keys that must match
+    (a different cache at the same path on another node would give wrong scores).
+    """
+    if root is None:
+        return None, "the driver sweeps a subset of units (shipped)"
+    from bgotrace.cache import TokenCache
+    from bgotrace.errors import BgotraceError
+
+    if not (Path(root) / "manifest.json").is_file():
+        return None, f"{root} is not readable on this node"
+    try:
+        cache = TokenCache(root)
+    except (BgotraceError, OSError, ValueError) as err:
+        return None, f"{root} cannot be opened on this node ({err})"
+    differs = [k for k, v in expected.items() if cache.manifest.get(k) != v]
+    if differs:
+        return None, f"{root} on this node is another cache ({', '.join(differs)} differ)"
+    return cache, ""

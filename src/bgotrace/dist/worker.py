@@ -1,0 +1,79 @@
+"""The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``.
+
+An actor is created from arguments only (the model through the object store, the cache
+by path), so Ray can restart it after its process dies (SIGKILL, OOM, node loss) by
+running ``__init__`` again. ``__init__`` never raises: whether this node can read the
+cache is reported by :meth:`SweepWorker.ready`, so the driver can ship blocks instead
+or explain the problem, rather than see an opaque actor-creation failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bgotrace.devices import resolve_device
+from bgotrace.dist.units import UnitSlice, open_cache_at
+from bgotrace.score.executor import Block, BlockResult, compute_block
+from bgotrace.score.sweep import Overrides
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every actor is created with (besides the model)."""
+
+    cache_root: str | None
+    """Token cache directory on the driver (None: the driver sweeps a subset; ship)."""
+    expected_manifest: dict[str, Any]
+    """Manifest keys a worker's cache must match to be used by path."""
+    try_path: bool
+    """False with ``--ship-cache always``: never open the cache, always receive blocks."""
+    batch_size: int
+    pad_id: int
+    device: str
+    """``cpu`` or ``cuda`` (a worker given GPUs by Ray sees them as cuda:0..)."""
+
+
+class SweepWorker:
+    """Holds the sweep model (and the cache when readable); computes blocks on request."""
+
+    def __init__(self, model: torch.nn.Module, setup: WorkerSetup) -> None:
+        torch.set_num_threads(1)  # one thread per actor; Ray schedules actors on cores
+        self.setup = setup
+        self.device = resolve_device(setup.device)
+        self.model = model.to(self.device).eval()
+        self.cache, self.why_not = None, "--ship-cache always"
+        if setup.try_path:
+            self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs and whether it reads the cache by path."""
+        import ray
+
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "reads_cache": self.cache is not None,
+            "why_not": self.why_not,
+        }
+
+    def run_block(
+        self, block: Block, states: Sequence[Overrides], shipped: UnitSlice | None
+    ) -> tuple[BlockResult, str]:
+        """The block's sums and counts (indexed as the driver's block), and this node's id."""
+        import ray
+
+        states = [
+            None if s is None else {k: v.to(self.device) for k, v in s.items()} for s in states
+        ]
+        units: Any = self.cache if shipped is None else shipped
+        local = block if shipped is None else shipped.local_block(block)
+        _, sums, counts = compute_block(
+            self.model, units, local, states,
+            batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
+        )  # fmt: skip
+        return (block, sums, counts), ray.get_runtime_context().get_node_id()

@@ -1,0 +1,236 @@
+"""The sweep on a real two-node Ray cluster: same scores as the local sweep, spread over
+both nodes, and surviving a SIGKILLed worker and a SIGKILLed driver.
+
+The cluster (:mod:`tests.ray_cluster`) is started once for the module and stopped at
+the end. Tolerance: the workers run the same batches as the local sweep (same blocks,
+same length buckets), so scores match to float32 noise; atol=1e-5 nats as in
+test_invariance (a wrong or missing block changes scores by > 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import bgotrace
+from bgotrace.cli.main import app
+from bgotrace.corpus import Document
+from bgotrace.errors import DistributedError
+from bgotrace.query import Query
+from tests.conftest import make_tiny_tokenizer
+from tests.models import tiny_gpt2
+from tests.ray_cluster import ENV, start_cluster
+
+pytestmark = pytest.mark.dist
+ray = pytest.importorskip("ray")
+
+ATOL = 1e-5
+WORDS = "fox dog cat river sea sand Paris Rome capital water boils ice model token".split()
+DOCS = [
+    Document(f"d{i}", " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 5)), "s")
+    for i in range(60)
+]
+QUERIES = [Query("capital", "Paris is the capital of", " France.")]
+CONFIG = {
+    "corpus": {"max_length": 8, "stride": 2},
+    "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 1},
+    "scoring": {"block_units": 2, "queries_per_sweep": 1},
+    "output": {"top_tokens": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    c = start_cluster()
+    yield c
+    if ray.is_initialized():
+        ray.shutdown()
+    c.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_gpt2(tok)
+
+
+@pytest.fixture(scope="module")
+def local(model, tok, tmp_path_factory):
+    return attribute(model, tok, tmp_path_factory.mktemp("local"))
+
+
+def attribute(model, tok, tmp_path: Path, out: Path | None = None, **scoring):
+    config = json.loads(json.dumps(CONFIG))
+    config["corpus"]["cache_dir"] = str(tmp_path / "cache")
+    config["scoring"].update(scoring)
+    return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config, out=out)
+
+
+def by_unit(result) -> dict[tuple[str, str], float]:
+    return {(r.query_id, r.unit_id): r.score for r in result.scores.itertuples()}
+
+
+def assert_same(a, b) -> None:
+    x, y = by_unit(a), by_unit(b)
+    assert x.keys() == y.keys()
+    keys = sorted(x)
+    np.testing.assert_allclose([x[k] for k in keys], [y[k] for k in keys], atol=ATOL, rtol=0)
+
+
+class Records(logging.Handler):
+    """Log records of bgotrace.dist, readable from another thread while a run goes on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def values(self, key: str) -> list:
+        return [getattr(r, key) for r in list(self.records) if hasattr(r, key)]
+
+
+@pytest.fixture
+def records():
+    handler, logger = Records(), logging.getLogger("bgotrace.dist")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_sweep_spreads_over_both_nodes_and_equals_local(cluster, model, tok, local, tmp_path,
+                                                        records):  # fmt: skip
+    spread = attribute(model, tok, tmp_path, workers=2, ray_address=cluster.address)
+    assert_same(local, spread)
+    (per_node,) = records.values("blocks_per_node")
+    assert len(per_node) == 2 and min(per_node.values()) > 0  # both nodes computed blocks
+    assert cluster.alive_nodes() == 2  # a joined cluster is left running
+    assert not ray.is_initialized()  # ... and this process disconnected
+
+
+def test_shipped_blocks_give_the_same_scores(cluster, model, tok, local, tmp_path, records):
+    """--ship-cache always: no worker opens the cache; blocks travel by the object store."""
+    shipped = attribute(
+        model, tok, tmp_path, workers=2, ray_address=cluster.address, ship_cache="always"
+    )
+    assert_same(local, shipped)
+    assert all("shipped" in r.getMessage() for r in records.records if hasattr(r, "worker_pid"))
+
+
+def _kill_a_worker_mid_sweep(records: Records, shards: Path, killed: list[int]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pids = records.values("worker_pid")
+        if len(pids) == 2 and any(shards.rglob("*.npz")):
+            os.kill(pids[0], signal.SIGKILL)  # the process, not an exception in a task
+            killed.append(pids[0])
+            return
+        time.sleep(0.01)
+
+
+def test_sigkilled_worker_is_replaced_and_scores_are_identical(cluster, model, tok, local,
+                                                               tmp_path, records):  # fmt: skip
+    out, killed = tmp_path / "run", []
+    killer = threading.Thread(
+        target=_kill_a_worker_mid_sweep, args=(records, out / "shards", killed)
+    )
+    killer.start()
+    result = attribute(model, tok, tmp_path, out=out, workers=2, ray_address=cluster.address)
+    killer.join()
+    assert killed, "the sweep ended before a worker could be killed"
+    assert records.values("worker_deaths") == [1]  # the run saw the death and went on
+    assert (out / "summary.json").exists()
+    assert_same(local, result)
+
+
+def test_workers_the_cluster_cannot_place_fail_with_what_is_missing(cluster, model, tok,
+                                                                   tmp_path):  # fmt: skip
+    with pytest.raises(DistributedError, match=r"started 0 of 1 workers.*GPU 1.*GPU 0"):
+        attribute(
+            model, tok, tmp_path, workers=1, ray_address=cluster.address,
+            gpus_per_worker=1, ray_timeout=3,
+        )  # fmt: skip
+    assert not ray.is_initialized()
+    assert cluster.alive_nodes() == 2
+
+
+# --- the driver killed mid-sweep, then --resume -------------------------------------------
+def _cli(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("bgotrace")), *map(str, args)]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_killed_driver_resumes_with_identical_scores(cluster, model_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS))
+    args = [
+        "attribute", "--model", model_dir, "--corpus", corpus, "--quiet",
+        "--cache-dir", tmp_path / "cache", "--max-length", 8, "--stride", 2,
+        "--optimizer", "adam", "--lr", 3e-3, "--steps", 1, "--block-units", 2,
+        "--top-tokens", 0, "--prompt", "Paris is the capital of", "--completion", " France.",
+    ]  # fmt: skip
+    env = {**os.environ, **ENV}
+    assert invoke(*args, "--out", tmp_path / "local").exit_code == 0
+    out = tmp_path / "ray"
+    ray_args = [*args, "--out", out, "--workers", 2, "--ray-address", cluster.address]
+    driver = subprocess.Popen(_cli(*ray_args), env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any((out / "shards").rglob("*.npz")) and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.stderr.read().decode()
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.npz")}
+    assert not (out / "summary.json").exists() and before
+    resumed = invoke(*ray_args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # written blocks not redone
+    a = bgotrace.AttributionResult.load(tmp_path / "local")
+    b = bgotrace.AttributionResult.load(out)
+    assert_same(a, b)
+    assert cluster.alive_nodes() == 2  # the killed driver's workers went, the cluster stayed
+
+
+def test_local_workers_start_and_stop_a_private_ray(model, tok, local, tmp_path, records):
+    """No --ray-address: a Ray instance of this run only, gone when the run ends."""
+    spread = attribute(model, tok, tmp_path, workers=2)
+    assert_same(local, spread)
+    assert sum(records.values("blocks_per_node")[0].values()) > 0
+    assert not ray.is_initialized()
