@@ -81,6 +81,7 @@ def test_sentence_boundaries_keep_the_space_with_the_next_sentence():
     assert sentence_boundaries("One. Two") == [4]
     assert sentence_boundaries("No end") == []
     assert sentence_boundaries("Ends here. ") == []  # nothing but space after the last stop
+    assert sentence_boundaries("One.\n\nTwo! Three") == [4, 10]  # ".\n\n" ends one sentence
 
 
 @pytest.mark.parametrize("mode", ["sentence", "tokens:3", "tokens:1", "auto"])
@@ -167,3 +168,20 @@ def test_spans_share_one_sweep_and_are_written(tmp_path, model, tokenizer):
         ]
         assert row["span_scores"] == pytest.approx(per_span)
         assert row["best_span"] == int(np.argmax(per_span))
+
+
+def test_auto_spans_of_several_queries_nest_under_each_query(tmp_path, model, tokenizer):
+    queries = [
+        Query("one", PROMPT, " France is a country in the west of the old world"),  # 1 sentence
+        Query("two", "Water boils", " at one hundred degrees. Ice melts at zero."),
+    ]
+    cfg = config(tmp_path, spans="auto")
+    cfg.output.out = str(tmp_path / "run")
+    inputs = load_inputs(cfg, model=model, tokenizer=tokenizer, documents=DOCS, queries=queries)
+    result = run_attribution(cfg, inputs)
+    assert result.query_ids == ["one", "two"]
+    one, two = result.summary["queries"]
+    assert len(one["spans"]) == 4  # one sentence: about four token spans
+    assert [s["text"] for s in two["spans"]] == [" at one hundred degrees.", " Ice melts at zero."]
+    assert "".join(s["text"] for s in one["spans"]) == queries[0].completion
+    assert result.spans("two")["query_id"].tolist() == ["two#s0", "two#s1"]

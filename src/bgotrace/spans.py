@@ -14,6 +14,9 @@ Modes:
 - ``tokens:N``: consecutive groups of N completion tokens.
 - ``auto``: sentences when there are at least two, else ``tokens:N`` with N chosen
   for about four spans (none when the completion has fewer than 4 predicted tokens).
+
+Spans cut the completion only: with ``--loss-on all`` the whole query's loss also covers
+the prompt, and no span does.
 """
 
 from __future__ import annotations
@@ -65,9 +68,16 @@ def token_offsets(
 
 
 def sentence_boundaries(text: str) -> list[int]:
-    """Character offsets where a new sentence starts (excluding 0 and ``len(text)``)."""
-    cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return sorted({c for c in cuts if 0 < c < len(text) and text[c:].strip()})
+    """Character offsets where a new sentence starts (excluding 0 and ``len(text)``).
+
+    A boundary only whitespace away from the previous one is dropped (``".\n"`` ends one
+    sentence, not two), so no span is whitespace alone.
+    """
+    kept: list[int] = []
+    for c in sorted({m.end() for m in _SENTENCE_END.finditer(text)}):
+        if 0 < c < len(text) and text[c:].strip() and text[kept[-1] if kept else 0 : c].strip():
+            kept.append(c)
+    return kept
 
 
 def _cuts_at_chars(starts: Sequence[int], boundaries: Sequence[int]) -> list[_Cut]:
@@ -131,6 +141,9 @@ def expand_spans(
     query = encoded.query
     starts, ends = token_offsets(tokenizer, query.completion)
     offset = encoded.input_ids.shape[1] - len(starts)  # completion tokens come last
+    ids = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
+    if encoded.input_ids[0, offset:].tolist() != list(ids):
+        raise ValueError("spans need the completion's tokens at the end of the query's ids")
     predicted = [offset + t >= 1 for t in range(len(starts))]  # position 0 is never predicted
     cuts = _merge_unpredicted(_cuts_for(mode, query.completion, starts), predicted)
     if len(cuts) < 2:
