@@ -156,13 +156,3 @@ def test_resume_refuses_a_run_with_other_perturbed_states(tok, tmp_path):
         bgotrace.attribute(
             model, tok, DOCS, queries=QUERIES[:1], config=config, out=out, resume=True
         )
-
-
-@pytest.mark.dist
-def test_ray_workers_give_the_same_scores(tok, tmp_path):
-    """Two Ray actors share the blocks of each sweep; scores match the local sweep."""
-    pytest.importorskip("ray")
-    model = tiny_gpt2(tok)
-    local = run(model, tok, tmp_path, scoring={"block_units": 3})
-    spread = run(model, tok, tmp_path, scoring={"block_units": 3, "workers": 2})
-    assert_same(local, spread)

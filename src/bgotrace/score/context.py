@@ -171,27 +171,6 @@ def _trunk_cache(
     )  # fmt: skip
 
 
-def _trunk_cache(
-    sweep_model: torch.nn.Module,
-    cache: TokenCache,
-    names: Sequence[str],
-    score_cfg: ScoreConfig,
-    pad_id: int,
-    device: torch.device,
-) -> TrunkCache | None:
-    if not score_cfg.trunk_cache:
-        return None
-    split = split_block(sweep_model, names)
-    if split is None or score_cfg.workers > 0:
-        why = "Ray workers compute their own trunk" if split is not None else "no split"
-        log.warning("--trunk-cache unused: %s (restrict --params to blocks, e.g. last:N)", why)
-        return None
-    return get_trunk_cache(
-        sweep_model, cache, split, dtype=score_cfg.trunk_cache_dtype,
-        batch_size=score_cfg.batch_size, pad_id=pad_id, device=device,
-    )  # fmt: skip
-
-
 def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
     """The base model in the sweep dtype; a copy only when the dtype differs."""
     dtype = resolve_dtype(dtype_name)
