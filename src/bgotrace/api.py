@@ -27,7 +27,7 @@ from bgotrace.config import AttributeConfig
 from bgotrace.corpus import Document, documents_from_records
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import load_model_and_tokenizer
-from bgotrace.pipeline import in_memory_cache_dir, load_inputs, run_attribution
+from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.query import Query
 from bgotrace.ranking.result import AttributionResult
 
@@ -73,8 +73,6 @@ def attribute(
         )
     if tokenizer is None:
         raise InputError("A loaded model needs its tokenizer: pass tokenizer=... as well.")
-    if documents is not None and cfg.corpus.cache_dir is None:
-        cfg.corpus.cache_dir = str(in_memory_cache_dir(documents, tokenizer, cfg.corpus))
     inputs = load_inputs(
         cfg, model=model, tokenizer=tokenizer, documents=documents, queries=queries
     )

@@ -9,6 +9,7 @@ query, perturbation, scoring, output.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from bgotrace.config_values import checked_value, checked_values
 from bgotrace.devices import DEVICES, DTYPES
 from bgotrace.errors import ConfigError
 
@@ -40,15 +42,22 @@ METHODS = (
     "ekfac",
 )
 """Names of the attribution methods (the registry in ``bgotrace.baselines`` must match)."""
+DEFAULT_MAX_LENGTH = 256
+"""Unit length when none is given and the model reads at least this many positions."""
 _SPANS_RE = re.compile(r"^(none|sentence|auto|tokens:[1-9]\d*)$")
 _PARAMS_RE = re.compile(r"^(all|last:(\d+|half)|regex:.+)$")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field whose help text is shown by ``--help``."""
+def _help(text: str, default: Any = dataclasses.MISSING, special: tuple[str, ...] = ()) -> Any:
+    """A dataclass field whose help text is shown by ``--help``.
+
+    ``special``: strings a config file may give besides the field's type (e.g. ``("auto",)``
+    for a number field); see ``bgotrace.config_values``.
+    """
+    metadata = {"help": text, "special": special}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def help_of(cls: type, name: str) -> str:
@@ -61,8 +70,15 @@ def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
         raise ConfigError(f"{option}={value!r} is unknown: use one of {', '.join(allowed)}.")
 
 
+def _at_least(value: int, minimum: int, option: str) -> None:
+    if value < minimum:
+        raise ConfigError(
+            f"{option} must be >= {minimum}, got {value}: pass a value of {minimum} or more."
+        )
+
+
 def _positive(value: float, option: str) -> None:
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{option} must be > 0, got {value}: pass a positive value.")
 
 
@@ -88,25 +104,42 @@ class CorpusSpec:
     text_field: str = _help("Field holding the document text.", "text")
     id_field: str = _help("Field holding the document id (a content hash when absent).", "id")
     source_field: str = _help("Field holding the document's source.", "source")
-    max_length: int = _help("Tokens per training unit.", 256)
+    max_length: int | None = _help(
+        f"Tokens per training unit (default: the model's context, at most {DEFAULT_MAX_LENGTH}).",
+        None,
+    )
     stride: int = _help("Tokens of overlap between consecutive units of a document.", 0)
     cache_dir: str | None = _help(
-        "Token cache directory (default: .bgotrace-cache/<corpus name>).", None
+        "Token cache directory (default: .bgotrace-cache/<corpus name>-<key of corpus content, "
+        "tokenizer and chunking>).",
+        None,
     )
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}.")
-        if not 0 <= self.stride < self.max_length:
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(
+                f"--max-length must be >= 2, got {self.max_length}: pass a larger --max-length."
+            )
+        if self.stride < 0 or (self.max_length is not None and self.stride >= self.max_length):
             raise ConfigError(
                 f"--stride must be in [0, max_length), got {self.stride}: "
-                "stride is the overlap between consecutive units."
+                "stride is the overlap between consecutive units; pass a smaller --stride."
             )
 
-    def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        return Path(".bgotrace-cache") / Path(self.path.split("::")[0]).name
+    def unit_length(self, context: int | None) -> int:
+        """``max_length``, or the default that fits a model reading ``context`` positions.
+
+        A unit longer than the context would index past the position embeddings, so an
+        explicit ``max_length`` beyond it is refused here, before anything is tokenized.
+        """
+        if self.max_length is None:
+            return min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
+        if context is not None and self.max_length > context:
+            raise ConfigError(
+                f"--max-length={self.max_length} is longer than the model's context of "
+                f"{context} tokens: pass --max-length {context} or less (or omit it)."
+            )
+        return self.max_length
 
 
 @dataclass
@@ -131,7 +164,9 @@ class QuerySpec:
             )
         single = self.prompt is not None or self.completion is not None
         if single and self.queries is not None:
-            raise ConfigError("Give either --prompt/--completion or --queries, not both.")
+            raise ConfigError(
+                "Both --prompt/--completion and --queries were given: use one or the other."
+            )
         if not single and self.queries is None:
             raise ConfigError("No query: pass --prompt and --completion, or --queries Q.jsonl.")
         if single and self.completion is None:
@@ -184,16 +219,15 @@ class PerturbConfig:
         _positive(self.lr_target, "--lr-target")
         if self.fisher_damping is not None:
             _positive(self.fisher_damping, "--fisher-damping")
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {self.steps}.")
+        _at_least(self.steps, 1, "--steps")
         if not _PARAMS_RE.match(self.params):
             raise ConfigError(
                 f"--params={self.params!r} is unknown: use all, last:N, last:half or regex:PATTERN."
             )
+        _check_regex(self.params)
         if self.max_grad_norm is not None:
             _positive(self.max_grad_norm, "--max-grad-norm")
-        if self.fisher_samples < 1:
-            raise ConfigError(f"--fisher-samples must be >= 1, got {self.fisher_samples}.")
+        _at_least(self.fisher_samples, 1, "--fisher-samples")
 
     @property
     def fixed_lr(self) -> float:
@@ -204,6 +238,19 @@ class PerturbConfig:
                 "bgotrace.perturb.calibrate.calibrate_lr first."
             )
         return self.lr
+
+
+def _check_regex(params: str) -> None:
+    """A ``regex:PATTERN`` must compile; say so now rather than after the model is loaded."""
+    if not params.startswith("regex:"):
+        return
+    try:
+        re.compile(params.split(":", 1)[1])
+    except re.error as err:
+        raise ConfigError(
+            f"--params={params!r} is not a valid regular expression ({err}): fix the pattern, "
+            r"e.g. regex:mlp or regex:\.h\.1\."
+        ) from None
 
 
 def _step_size(value: float | str) -> float | str:
@@ -296,10 +343,8 @@ class ScoreConfig:
         _one_of(self.normalize, NORMALIZATIONS, "--normalize")
         _one_of(self.dtype, tuple(DTYPES), "--dtype")
         for name in ("batch_size", "block_units", "queries_per_sweep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}.")
+            _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")
+        _at_least(self.workers, 0, "--workers")
         self._check_ray()
         _one_of(self.trunk_cache_dtype, ("float16", "bfloat16", "float32"), "--trunk-cache-dtype")
         if self.candidates is not None:
@@ -342,8 +387,8 @@ class OutputSpec:
 
     def __post_init__(self) -> None:
         _one_of(self.granularity, GRANULARITIES, "--granularity")
-        if self.top_k < 1 or self.top_tokens < 0:
-            raise ConfigError("--top-k must be >= 1 and --top-tokens >= 0.")
+        _at_least(self.top_k, 1, "--top-k")
+        _at_least(self.top_tokens, 0, "--top-tokens")
 
 
 @dataclass
@@ -382,9 +427,9 @@ class AttributeConfig:
             if name in data:
                 kwargs[name] = build_section(section_cls, data[name] or {}, name)
         if "seed" in data:
-            kwargs["seed"] = int(data["seed"])
+            kwargs["seed"] = checked_value(data["seed"], (int,), key="seed", example="0")
         if "method" in data:
-            kwargs["method"] = str(data["method"])
+            kwargs["method"] = checked_value(data["method"], (str,), key="method", example="bgo")
         for required in ("model", "corpus", "query"):
             if required not in kwargs:
                 raise ConfigError(f"Config has no {required!r} section: add it.")
@@ -398,7 +443,19 @@ class AttributeConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist: pass a run's config.yaml.")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"Config file {path} is not UTF-8 text: convert it to UTF-8."
+            ) from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(
+                f"Config file {path} is not valid YAML{line} ({getattr(err, 'problem', err)}): "
+                "fix that line, or start from a run's config.yaml."
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} is not a YAML mapping: pass a config.yaml.")
         return cls.from_dict(data)
@@ -415,14 +472,20 @@ _SECTIONS: dict[str, type] = {
 
 
 def build_section(section_cls: type[T], values: dict[str, Any], name: str) -> T:
-    """Build one config section, refusing keys it does not have."""
+    """Build one config section, refusing keys it does not have and values of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"Config section {name!r} is a {type(values).__name__}, not a mapping: "
+            f"write it as `{name}:` followed by indented `key: value` lines."
+        )
     names = {f.name for f in dataclasses.fields(section_cls)}  # type: ignore[arg-type]
     unknown = set(values) - names
     if unknown:
         raise ConfigError(
             f"Unknown key(s) {sorted(unknown)} in config section {name!r}: "
-            f"valid keys are {', '.join(sorted(names))}."
+            f"use one of {', '.join(sorted(names))}."
         )
+    values = checked_values(section_cls, values, name)
     try:
         return section_cls(**values)
     except TypeError as err:

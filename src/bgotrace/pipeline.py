@@ -8,10 +8,8 @@ sweep → rank and aggregate → per-token changes of top units → outputs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,16 +23,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace import __version__
 from bgotrace.baselines.base import MethodContext
-from bgotrace.cache import TokenCache, get_token_cache, tokenizer_fingerprint
+from bgotrace.cache import TokenCache, get_token_cache
+from bgotrace.cache.token_cache import default_cache_dir, requested_manifest
 from bgotrace.config import AttributeConfig, CorpusSpec
 from bgotrace.corpus import (
     ChunkingConfig,
     CorpusFields,
     Document,
-    corpus_fingerprint,
     load_documents,
 )
-from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
+from bgotrace.errors import InputError
+from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
 from bgotrace.perturb.sensitivity import normalized
 from bgotrace.prefilter import plan_candidates, rerank_queries
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
@@ -82,8 +81,17 @@ def load_inputs(
     queries: Sequence[Query] | None = None,
     rebuild_cache: bool = False,
 ) -> Inputs:
-    """Load and validate the model, corpus, cache and queries (writes only the cache)."""
+    """Load and validate the model, corpus, cache and queries (writes only the cache).
+
+    The cheap checks come first: a bad query or corpus file is reported before a large model
+    is loaded, and a query too long for the model before the corpus is tokenized.
+    """
     queries = list(queries) if queries is not None else queries_from_spec(config)
+    spec = config.corpus
+    in_memory = documents is not None
+    if documents is None:
+        fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
+        documents = load_documents(spec.path, fields)
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(
             config.model.path,
@@ -92,15 +100,16 @@ def load_inputs(
             trust_remote_code=config.model.trust_remote_code,
         )
     model.eval()  # scores must not depend on dropout masks
-    spec = config.corpus
-    if documents is None:
-        fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
-        documents = load_documents(spec.path, fields)
+    context = context_length(model)
+    encoded = [encode_query(q, tokenizer, context) for q in queries]
+    # Resolved into the config, so config.yaml and summary.json replay the same units.
+    spec.max_length = spec.unit_length(context)
     chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride)
+    label = None if in_memory else Path(spec.path.split("::")[0]).name
     cache = get_token_cache(
-        documents, tokenizer, chunking, spec.resolved_cache_dir(), rebuild=rebuild_cache
+        documents, tokenizer, chunking, spec.cache_dir, label=label, rebuild=rebuild_cache
     )
-    encoded = [encode_query(q, tokenizer, context_length(model)) for q in queries]
+    _check_vocabulary(model, cache, encoded, config.model.path)
     encoded = expand_all(encoded, tokenizer, config.query.spans)  # spans follow their query
     return Inputs(model, tokenizer, cache, encoded)
 
@@ -287,16 +296,32 @@ def _summary(
     }
 
 
+def _check_vocabulary(
+    model: PreTrainedModel, cache: TokenCache, queries: Sequence[EncodedQuery], model_path: str
+) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer of another model).
+
+    Checked before the sweep: the embedding lookup would otherwise fail deep inside the
+    model with a bare IndexError.
+    """
+    rows = embedding_rows(model)
+    top = max([cache.max_token_id, *(int(q.input_ids.max()) for q in queries)])
+    if rows is not None and top >= rows:
+        raise InputError(
+            f"Token id {top} of the corpus or query is beyond the model's {rows} embedding "
+            f"rows, so the tokenizer in {model_path} does not belong to this model: save the "
+            "model's own tokenizer next to it (tokenizer.save_pretrained)."
+        )
+
+
 def in_memory_cache_dir(
     documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, spec: CorpusSpec
 ) -> Path:
-    """Cache directory for an in-memory corpus given to the Python API.
+    """Cache directory of an in-memory corpus given to the Python API (``load_inputs``' default).
 
     Keyed by corpus, tokenizer and chunking, so repeated calls on the same data reuse one
     cache instead of re-tokenizing, and a change of any of them gets a cache of its own.
+    ``spec.max_length`` is taken as resolved (unset: the default length).
     """
-    key = hashlib.sha256(
-        f"{corpus_fingerprint(documents)}|{tokenizer_fingerprint(tokenizer)}|"
-        f"{spec.max_length}|{spec.stride}".encode()
-    ).hexdigest()[:20]
-    return Path(tempfile.gettempdir()) / "bgotrace-cache" / key
+    chunking = ChunkingConfig(max_length=spec.unit_length(None), stride=spec.stride)
+    return default_cache_dir(requested_manifest(documents, tokenizer, chunking))

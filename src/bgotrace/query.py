@@ -116,8 +116,14 @@ def load_queries(path: str | Path, loss_on: str = "completion") -> list[Query]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Query file {path} does not exist: pass a JSONL file of queries.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+    except UnicodeDecodeError:
+        raise InputError(f"Query file {path} is not UTF-8 text: convert it to UTF-8.") from None
     queries: list[Query] = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split on newlines only: str.splitlines would also cut at U+2028, U+0085 and other
+    # separators that JSON allows unescaped inside a string.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             queries.append(_query_from_line(path, line_no, line, loss_on))
     if not queries:
@@ -139,10 +145,10 @@ def _query_from_line(path: Path, line_no: int, line: str, loss_on: str) -> Query
         if not isinstance(record.get(key), str):
             raise InputError(
                 f"Query file {path} line {line_no} has no string field {key!r}: "
-                "each line needs id, prompt and completion."
+                "give each line an id, a prompt and a completion, as strings."
             )
     return Query(
-        query_id=str(record.get("id", f"q{line_no}")),
+        query_id=str(record["id"]) if record.get("id") is not None else f"q{line_no}",
         prompt=record["prompt"],
         completion=record["completion"],
         loss_on=record.get("loss_on", loss_on),

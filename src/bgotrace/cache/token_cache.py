@@ -181,6 +181,10 @@ def _open_or_build(
     progress: bool,
 ) -> TokenCache:
     """The check-and-build of :func:`get_token_cache`; the caller holds the lock."""
+    if root.exists() and not root.is_dir():
+        raise CacheMismatchError(
+            f"Cache path {root} is a file, not a directory: choose another --cache-dir."
+        )
     if rebuild or _is_absent_or_empty(root):
         _refuse_foreign_files(root)
         build_token_cache(root, documents, tokenizer, chunking, requested, progress=progress)

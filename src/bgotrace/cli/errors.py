@@ -18,6 +18,14 @@ from typer.core import TyperGroup
 
 from bgotrace.errors import BgotraceError
 
+try:  # typer >= 0.20 parses with its own copy of click, whose errors are other classes
+    from typer._click.exceptions import UsageError as _TyperUsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _TyperUsageError = click.UsageError
+
+USAGE_ERRORS: tuple[type[Exception], ...] = (click.UsageError, _TyperUsageError)
+"""Bad flags, values and sub-commands (BadParameter, NoSuchOption, ... derive from these)."""
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -44,8 +52,9 @@ class OneLineUsageErrors(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.UsageError as err:  # also BadParameter, NoSuchOption, NoSuchCommand
-            command = err.ctx.command_path if err.ctx is not None else ctx.command_path
-            message = err.format_message().strip().rstrip(".")
+        except USAGE_ERRORS as err:
+            usage_ctx = getattr(err, "ctx", None)
+            command = usage_ctx.command_path if usage_ctx is not None else ctx.command_path
+            message = " ".join(err.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
             print(f"error: {message}: see `{command} --help`.", file=sys.stderr)
             raise typer.Exit(code=2) from None

@@ -7,7 +7,7 @@ import logging
 import typer
 
 from bgotrace.cli.attribute import attribute
-from bgotrace.cli.errors import user_errors
+from bgotrace.cli.errors import OneLineUsageErrors, user_errors
 
 app = typer.Typer(
     name="bgotrace",
@@ -15,6 +15,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,
 )
 app.command("attribute")(user_errors(attribute))
 

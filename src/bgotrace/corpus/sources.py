@@ -150,7 +150,11 @@ def _parquet_rows(path: Path, fields: CorpusFields) -> Iterator[dict[str, Any]]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for unreadable files
-        raise InputError(f"Corpus file {path} is not a readable Parquet file ({err}).") from None
+        reason = str(err).split(". ")[0]  # pyarrow's first sentence says what is wrong
+        raise InputError(
+            f"Corpus file {path} is not a readable Parquet file ({reason}): check that it is "
+            "complete, or convert the corpus to JSONL."
+        ) from None
     names = parquet.schema_arrow.names
     _require_text_column(path, names, fields)
     columns = [c for c in _field_names(fields) if c in names]

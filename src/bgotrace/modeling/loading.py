@@ -124,3 +124,10 @@ def context_length(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def embedding_rows(model: PreTrainedModel) -> int | None:
+    """Rows of the input embedding: token ids at or above it have no embedding."""
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None

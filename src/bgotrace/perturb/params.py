@@ -24,7 +24,7 @@ def select_parameters(model: torch.nn.Module, spec: str) -> list[str]:
     elif spec.startswith("last:"):
         chosen = _last_blocks(names, spec.split(":", 1)[1])
     elif spec.startswith("regex:"):
-        pattern = re.compile(spec.split(":", 1)[1])
+        pattern = _compile(spec)
         chosen = [n for n in names if pattern.search(n)]
     else:
         raise ConfigError(f"--params={spec!r} is unknown: use all, last:N or regex:PATTERN.")
@@ -46,6 +46,16 @@ def _last_blocks(names: list[str], count: str) -> list[str]:
     # half: the upper ceil(L/2) blocks, so a 1-block model still perturbs its only block
     n_blocks = -(-len(blocks) // 2) if count == "half" else int(count)
     if n_blocks < 1:
-        raise ConfigError(f"--params=last:{n_blocks}: N must be >= 1.")
+        raise ConfigError(f"--params=last:{n_blocks} selects no block: pass last:1 or more.")
     keep = set(blocks[-n_blocks:])
     return [n for n in names if (m := _BLOCK_RE.search(n)) and int(m.group(1)) in keep]
+
+
+def _compile(spec: str) -> re.Pattern[str]:
+    """The pattern of ``regex:PATTERN``; a malformed one is the user's to fix, not a crash."""
+    try:
+        return re.compile(spec.split(":", 1)[1])
+    except re.error as err:
+        raise ConfigError(
+            f"--params={spec!r} is not a valid regular expression ({err}): fix the pattern."
+        ) from None
