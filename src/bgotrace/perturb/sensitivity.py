@@ -4,20 +4,20 @@ BGO's score is, to first order, a preconditioned dot product of the unit's and t
 gradients, so a unit whose loss moves under every perturbation (a long unit with
 ``reduce=sum``, a high-loss unit with large gradients) is ranked high for every query: a hub.
 Gradient cosine fixes the same problem of the raw dot product by dividing by the unit's
-gradient norm. The BGO analogue needs no per-unit backward pass: perturb θ0 along R fixed
-random directions δ_r and measure each unit's central difference
+gradient norm, and ``--normalize sensitivity`` does the same for BGO: it ranks by
 
-    s(z) = sqrt( mean_r ((L(z; θ0 + δ_r) − L(z; θ0 − δ_r)) / 2)² ),
+    score(z) / s(z),   s(z) = ‖∇θ L(z)‖₂ over the perturbed parameters,
 
-which estimates ‖D·∇L(z)‖ (D = the directions' per-tensor scale) since
-E[(δᵀ∇L)²] = ∇Lᵀ E[δδᵀ] ∇L. L is the unit's summed token loss; ``reduce=mean`` divides by
-the unit's token count, like the scores. s depends on the model, the parameter selection
-and the corpus only, so it is computed once (2R corpus passes) and cached beside the token
-cache, like the Fisher diagonal. ``--normalize sensitivity`` ranks by score(z) / s(z).
+with L the unit's summed token loss (``reduce=sum``) or its mean (``reduce=mean``: s / tokens),
+so s is in the unit of the scores per unit of parameter movement. s depends on the model,
+the parameter selection and the corpus only: it is computed once (one forward and backward
+per unit, the cost of ~3 corpus passes) and cached beside the token cache, like the Fisher
+diagonal.
 
-Directions: per tensor a seeded Gaussian rescaled to ``RADIUS`` × the tensor's norm, so
-every tensor moves by the same relative amount (a tensor of zeros, such as a fresh bias,
-moves by ``RADIUS`` × the mean parameter RMS per entry).
+Why the exact norm and not the loss change under a few fixed random perturbations: that
+estimate is E[(δᵀ∇L)²]^½, and with R directions its relative noise is ~1/√(2R); on the cpu
+benchmark two seeds of R = 4 (8 corpus passes) agreed only at Spearman 0.49 (R = 8: 0.68),
+and dividing by that noise made hubs worse (benchmarks/RESULTS.md, issue 9 section).
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ import numpy as np
 import torch
 
 from bgotrace.modeling.fingerprint import model_fingerprint
-from bgotrace.score.sweep import unit_loss_sums
+from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.perturb.grad_scope import grads_only_for
+from bgotrace.report.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-RADIUS = 1e-3
-"""‖δ_t‖ / ‖θ_t‖ of every tensor: small enough to stay in the linear regime."""
-N_DIRECTIONS = 4
-"""R random directions (2R corpus passes); the estimate's relative noise is ~1/√(2R)."""
 _FLOOR = 1e-3
 """Sensitivities are floored at this fraction of their median before dividing."""
+_FORMAT = "gradient-norm-1"
+"""Part of the cache key: a change of the estimator never reuses an old file."""
 
 
 class UnitCache(Protocol):
@@ -58,56 +58,26 @@ class UnitCache(Protocol):
     def unit_tokens(self, i: int) -> np.ndarray: ...
 
 
-def random_directions(
-    model: torch.nn.Module, names: Sequence[str], n: int, seed: int
-) -> list[dict[str, torch.Tensor]]:
-    """``n`` seeded directions over the named parameters (float32, on their device)."""
-    params = dict(model.named_parameters())
-    total = sum(float(params[k].detach().float().pow(2).sum()) for k in names)
-    rms = math.sqrt(total / max(1, sum(params[k].numel() for k in names)))
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        direction = {}
-        for k in names:
-            p = params[k].detach()
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            norm = float(p.float().norm()) or rms * math.sqrt(p.numel())
-            direction[k] = (g * (RADIUS * norm / float(g.norm().clamp_min(1e-30)))).to(p.device)
-        out.append(direction)
-    return out
-
-
-def half_differences(
-    model: torch.nn.Module,
-    units: UnitCache,
-    names: Sequence[str],
-    *,
-    seed: int,
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
+def unit_gradient_norms(
+    model: torch.nn.Module, units: UnitCache, names: Sequence[str], device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(L(z; θ0+δ_r) − L(z; θ0−δ_r)) / 2 of summed losses (R, n_units), and token counts."""
-    params = dict(model.named_parameters())
-    states = []
-    for d in random_directions(model, names, N_DIRECTIONS, seed):
-        for sign in (1.0, -1.0):
-            states.append(
-                {k: (params[k].detach().float() + sign * d[k]).to(params[k].dtype) for k in names}
-            )
-    indices = np.arange(len(units))
-    sums, counts = unit_loss_sums(
-        model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device
-    )
-    return (sums[0::2] - sums[1::2]) / 2.0, counts
+    """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters for every unit (n_units,), and its
+    predicted-token counts (n_units,)."""
+    norms = np.zeros(len(units), dtype=np.float64)
+    counts = np.zeros(len(units), dtype=np.int64)
+    with grads_only_for(model, names) as params:
+        for i in progress_bar(range(len(units)), "Sensitivity"):
+            ids = torch.as_tensor(units.unit_tokens(i).astype(np.int64), device=device)[None]
+            total = token_losses(forward_logits(model, ids), ids).sum()  # summed NLL of z
+            grads = torch.autograd.grad(total, params)
+            norms[i] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
+            counts[i] = ids.shape[1] - 1
+    return norms, counts
 
 
-def sensitivity_from(diffs: np.ndarray, counts: np.ndarray, reduce: str) -> np.ndarray:
-    """s(z) from the half differences, in the unit of the scores (sum or mean per token)."""
-    if reduce == "mean":
-        diffs = diffs / np.maximum(counts, 1)[None, :]
-    return np.sqrt(np.mean(diffs**2, axis=0))
+def sensitivity_from(norms: np.ndarray, counts: np.ndarray, reduce: str) -> np.ndarray:
+    """s(z) in the unit of the scores: the summed loss's gradient norm, or per token."""
+    return norms / np.maximum(counts, 1) if reduce == "mean" else norms
 
 
 def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -117,17 +87,13 @@ def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
     return scores / np.maximum(sensitivity, floor)
 
 
-def sensitivity_key(
-    units: UnitCache, model: torch.nn.Module, names: Sequence[str], seed: int
-) -> str:
-    """Cache key: corpus cache, model weights, parameter selection, directions."""
+def sensitivity_key(units: UnitCache, model: torch.nn.Module, names: Sequence[str]) -> str:
+    """Cache key: corpus cache, model weights, parameter selection, estimator."""
     parts = {
         "cache": json.dumps(units.manifest, sort_keys=True, default=str),
         "model": model_fingerprint(model, names),
         "names": list(names),
-        "radius": RADIUS,
-        "directions": N_DIRECTIONS,
-        "seed": seed,
+        "estimator": _FORMAT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -138,26 +104,21 @@ def cached_sensitivity(
     names: Sequence[str],
     *,
     reduce: str,
-    seed: int,
-    batch_size: int,
-    pad_id: int,
     device: torch.device,
 ) -> np.ndarray:
     """s(z) of every unit (n_units,), loaded from beside the token cache or computed once."""
-    path = units.root / "sensitivity" / f"{sensitivity_key(units, model, names, seed)}.npz"
+    path = units.root / "sensitivity" / f"{sensitivity_key(units, model, names)}.npz"
     if path.is_file():
         log.info("reusing unit sensitivities %s", path)
         with np.load(path) as data:
-            diffs, counts = data["diffs"], data["counts"]
+            norms, counts = data["norms"], data["counts"]
     else:
-        diffs, counts = half_differences(
-            model, units, names, seed=seed, batch_size=batch_size, pad_id=pad_id, device=device
-        )
+        norms, counts = unit_gradient_norms(model, units, names, device)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".part.npz")
-        np.savez(tmp, diffs=diffs, counts=counts)
+        np.savez(tmp, norms=norms, counts=counts)
         tmp.replace(path)  # atomic: a crash never leaves a half-written file
-    return sensitivity_from(diffs, counts, reduce)
+    return sensitivity_from(norms, counts, reduce)
 
 
 def normalized(scores: np.ndarray, sensitivity: np.ndarray | None) -> np.ndarray:

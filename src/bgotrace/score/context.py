@@ -107,9 +107,8 @@ def build_sweep_context(
     sensitivity = None
     if score_cfg.normalize == "sensitivity":
         sensitivity = cached_sensitivity(
-            model, cache, names, reduce=score_cfg.reduce, seed=seed,
-            batch_size=score_cfg.batch_size, pad_id=pad_id, device=device,
-        )  # fmt: skip
+            model, cache, names, reduce=score_cfg.reduce, device=device
+        )
     return SweepContext(
         model=model,
         sweep_model=sweep_model,
