@@ -185,3 +185,24 @@ def test_auto_spans_of_several_queries_nest_under_each_query(tmp_path, model, to
     assert [s["text"] for s in two["spans"]] == [" at one hundred degrees.", " Ice melts at zero."]
     assert "".join(s["text"] for s in one["spans"]) == queries[0].completion
     assert result.spans("two")["query_id"].tolist() == ["two#s0", "two#s1"]
+
+
+def test_a_span_reads_as_the_text_before_it_then_the_span(tmp_path, model, tokenizer):
+    whole = encode_query(Query("q", PROMPT, COMPLETION), tokenizer, None)
+    second = expand_spans(whole, tokenizer, "sentence")[2]
+    assert second.query.prompt == PROMPT + SENTENCES[0]
+    assert second.query.completion == SENTENCES[1]
+    # So a text-based method scores a span by its own words: bm25 on the span equals bm25
+    # on a query whose completion is that sentence alone.
+    cfg = config(tmp_path, spans="sentence")
+    cfg.method = "bm25"
+    spans = run(cfg, model, tokenizer).scores
+    alone = [Query(f"s{k}", PROMPT, text) for k, text in enumerate(SENTENCES)]
+    plain = config(tmp_path)
+    plain.method = "bm25"
+    inputs = load_inputs(plain, model=model, tokenizer=tokenizer, documents=DOCS, queries=alone)
+    reference = run_attribution(plain, inputs).scores
+    for k in range(len(SENTENCES)):
+        mine = spans[spans["query_id"] == f"query#s{k}"].set_index("unit_id")["score"]
+        ref = reference[reference["query_id"] == f"s{k}"].set_index("unit_id")["score"]
+        np.testing.assert_allclose(mine[ref.index].to_numpy(), ref.to_numpy())

@@ -112,13 +112,14 @@ def _cuts_for(mode: str, completion: str, starts: Sequence[int]) -> list[_Cut]:
     return _cuts_every(len(starts), math.ceil(len(starts) / AUTO_SPANS))
 
 
-def _merge_unpredicted(cuts: list[_Cut], predicted: Sequence[bool]) -> list[_Cut]:
-    """A span without a predicted token has no loss: join it to the next span."""
+def _merge_empty(cuts: list[_Cut], predicted: Sequence[bool], text: Sequence[str]) -> list[_Cut]:
+    """Join to the next span a span without a predicted token (it has no loss) or with
+    only whitespace (nothing to show); ``text[t]`` is completion token t's text."""
     merged: list[_Cut] = []
     carry: int | None = None
     for cut in cuts:
         first = cut.first if carry is None else carry
-        if any(predicted[cut.first : cut.last]):
+        if any(predicted[cut.first : cut.last]) and "".join(text[cut.first : cut.last]).strip():
             merged.append(_Cut(first, cut.last))
             carry = None
         else:
@@ -145,7 +146,8 @@ def expand_spans(
     if encoded.input_ids[0, offset:].tolist() != list(ids):
         raise ValueError("spans need the completion's tokens at the end of the query's ids")
     predicted = [offset + t >= 1 for t in range(len(starts))]  # position 0 is never predicted
-    cuts = _merge_unpredicted(_cuts_for(mode, query.completion, starts), predicted)
+    pieces = [query.completion[a:b] for a, b in zip(starts, ends, strict=True)]
+    cuts = _merge_empty(_cuts_for(mode, query.completion, starts), predicted, pieces)
     if len(cuts) < 2:
         return [encoded]
     # A span's text ends where its last token ends: offsets may leave out a token's leading
@@ -158,7 +160,15 @@ def expand_spans(
         labels[0, offset + cut.last :] = -100
         text = query.completion[bounds[k] : bounds[k + 1]]
         span = Span(query.query_id, k, bounds[k], bounds[k + 1], text)
-        sub = dataclasses.replace(query, query_id=span_query_id(query.query_id, k))
+        # As text, a span query is "the prompt and the completion before the span, then the
+        # span": what its loss measures (later tokens cannot change it in a causal LM), and
+        # what a text-based method such as bm25 should search for.
+        sub = dataclasses.replace(
+            query,
+            query_id=span_query_id(query.query_id, k),
+            prompt=query.prompt + query.completion[: bounds[k]],
+            completion=text,
+        )
         out.append(EncodedQuery(query=sub, input_ids=encoded.input_ids, labels=labels, span=span))
     return out
 
