@@ -208,3 +208,10 @@ def test_compare_two_runs_side_by_side(demo_runs):
     assert table.exit_code == 0, table.output
     assert "overlap@10" in table.output and metrics["top_b"][0] in table.output
     assert max(len(line) for line in table.output.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_and_compare_have_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
