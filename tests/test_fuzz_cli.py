@@ -681,3 +681,70 @@ def test_default_unit_length_follows_the_model_context(world: World) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["corpus"]["max_length"] == CONTEXT
     assert yaml.safe_load((run / "config.yaml").read_text())["corpus"]["max_length"] == CONTEXT
+
+
+def test_two_corpora_of_one_file_name_get_their_own_default_cache(world: World) -> None:
+    """The default cache is keyed by content: a second corpus.jsonl is not refused as stale."""
+    here = world.case_dir()
+    paths = []
+    for name, texts in (("a", TEXTS[:2]), ("b", TEXTS[2:])):
+        (here / name).mkdir()
+        paths.append(here / name / "corpus.jsonl")
+        paths[-1].write_text(_jsonl([_row(i, t) for i, t in enumerate(texts)]))
+    query = ["--prompt", "Paris is", "--completion", " the capital", "--method", "random"]
+    base = ["attribute", "--quiet", "--model", str(world.model), *query]
+    before = set((world.root / ".bgotrace-cache").glob("corpus.jsonl-*"))
+    for path in paths:
+        result = runner.invoke(app, [*base, "--corpus", str(path)])
+        assert result.exit_code == 0, result.output
+    made = set((world.root / ".bgotrace-cache").glob("corpus.jsonl-*")) - before
+    assert len(made) == 2
+    # An explicit --cache-dir still refuses a cache built from another corpus.
+    shared = ["--cache-dir", str(here / "cache")]
+    assert runner.invoke(app, [*base, "--corpus", str(paths[0]), *shared]).exit_code == 0
+    stale = runner.invoke(app, [*base, "--corpus", str(paths[1]), *shared])
+    assert stale.exit_code == 2 and "--rebuild-cache" in stale.output, stale.output
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("perturb", {"steps": "abc"}, "Config key perturb.steps must be an integer, got 'abc'"),
+        ("perturb", {"steps": 2.5}, "write it like `steps: 10`"),
+        ("scoring", {"batch_size": True}, "Config key scoring.batch_size must be an integer"),
+        ("corpus", {"max_length": [256]}, "an integer (or null for the default)"),
+        ("model", {"trust_remote_code": "yes"}, "must be true or false, got 'yes'"),
+        ("query", {"prompt": 1789}, "Config key query.prompt must be a string"),
+        ("perturb", {"max_grad_norm": "big"}, "a number (or null for the default)"),
+    ],
+)
+def test_config_values_of_the_wrong_type_name_key_type_and_example(
+    section: str, values: dict, message: str
+) -> None:
+    from bgotrace.config import AttributeConfig
+    from bgotrace.errors import ConfigError
+
+    data: dict[str, Any] = {
+        "model": {"path": "m"},
+        "corpus": {"path": "c.jsonl"},
+        "query": {"prompt": "p", "completion": "c"},
+    }
+    data.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        AttributeConfig.from_dict(data)
+
+
+def test_config_numbers_written_as_strings_are_converted() -> None:
+    """YAML 1.1 reads ``lr: 1e-4`` as a string; it is the number the user meant."""
+    from bgotrace.config import AttributeConfig
+
+    text = "model: {path: m}\ncorpus: {path: c.jsonl, max_length: '16'}\n"
+    text += "query: {prompt: p, completion: c}\nperturb: {lr: 1e-4, steps: '3'}\nseed: '7'\n"
+    cfg = AttributeConfig.from_dict(yaml.safe_load(text))
+    assert yaml.safe_load(text)["perturb"]["lr"] == "1e-4"  # the YAML quirk itself
+    assert (cfg.perturb.lr, cfg.perturb.steps, cfg.corpus.max_length, cfg.seed) == (
+        1e-4,
+        3,
+        16,
+        7,
+    )

@@ -240,3 +240,42 @@ def test_crash_during_rebuild_keeps_the_old_cache(
         build(tiny_documents, tiny_tokenizer, cache_dir, rebuild=True)
     assert TokenCache(cache_dir).manifest == old.manifest
     assert siblings(cache_dir) == ["cache"]
+
+
+# ---------------------------------------------------------------- default location
+
+
+def test_default_location_is_keyed_by_content(
+    tiny_documents: list[Document], tiny_tokenizer: Any, other_tiny_tokenizer: Any
+) -> None:
+    def where(docs: list[Document], tok: Any = tiny_tokenizer, chunking=CHUNKING) -> Path:
+        requested = token_cache.requested_manifest(docs, tok, chunking)
+        return token_cache.default_cache_dir(requested, "corpus.jsonl")
+
+    first = where(tiny_documents)
+    assert first.parent == token_cache.DEFAULT_PARENT
+    assert first.name.startswith("corpus.jsonl-")
+    assert where(list(tiny_documents)) == first  # same content, same place
+    assert where(tiny_documents[:-1]) != first
+    assert where(tiny_documents, other_tiny_tokenizer) != first
+    assert where(tiny_documents, chunking=ChunkingConfig(max_length=8, stride=3)) != first
+    in_memory = token_cache.default_cache_dir(
+        token_cache.requested_manifest(tiny_documents, tiny_tokenizer, CHUNKING)
+    )
+    assert in_memory.parent.name == "bgotrace-cache" and in_memory.name == first.name[13:]
+
+
+def test_cache_path_that_is_a_file_is_refused(
+    tiny_documents: list[Document], tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "afile"
+    path.write_text("x")
+    with pytest.raises(CacheMismatchError, match="is a file, not a directory"):
+        build(tiny_documents, tiny_tokenizer, path)
+
+
+def test_max_token_id_is_recorded(
+    tiny_documents: list[Document], tiny_tokenizer: Any, cache_dir: Path
+) -> None:
+    cache = build(tiny_documents, tiny_tokenizer, cache_dir)
+    assert cache.max_token_id == int(np.max(cache.tokens)) == cache.manifest["max_token_id"]

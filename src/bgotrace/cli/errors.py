@@ -18,13 +18,14 @@ from typer.core import TyperGroup
 
 from bgotrace.errors import BgotraceError
 
+USAGE_ERRORS: tuple[type[Exception], ...] = (click.UsageError,)
+"""Bad flags, values and sub-commands (BadParameter, NoSuchOption, ... derive from these)."""
 try:  # typer >= 0.20 parses with its own copy of click, whose errors are other classes
     from typer._click.exceptions import UsageError as _TyperUsageError
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _TyperUsageError = click.UsageError
 
-USAGE_ERRORS: tuple[type[Exception], ...] = (click.UsageError, _TyperUsageError)
-"""Bad flags, values and sub-commands (BadParameter, NoSuchOption, ... derive from these)."""
+    USAGE_ERRORS += (_TyperUsageError,)
+except ImportError:  # pragma: no cover - older typer uses click itself
+    pass
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,7 +50,7 @@ def user_errors(func: F) -> F:
 class OneLineUsageErrors(TyperGroup):
     """The command group of ``bgotrace``: a bad flag or sub-command is one ``error:`` line."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's own click Context, or click's
         try:
             return super().invoke(ctx)
         except USAGE_ERRORS as err:
