@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from bgotrace.config_values import checked_value, checked_values
+from bgotrace.corpus.bos import BOS_MODES
 from bgotrace.devices import DEVICES, DTYPES
 from bgotrace.errors import ConfigError
 
@@ -109,6 +110,11 @@ class CorpusSpec:
         None,
     )
     stride: int = _help("Tokens of overlap between consecutive units of a document.", 0)
+    bos: str = _help(
+        "BOS in front of every query and unit: auto (where the tokenizer adds one, e.g. "
+        "Llama) | always | never.",
+        "auto",
+    )
     cache_dir: str | None = _help(
         "Token cache directory (default: .bgotrace-cache/<corpus name>-<key of corpus content, "
         "tokenizer and chunking>).",
@@ -116,6 +122,7 @@ class CorpusSpec:
     )
 
     def __post_init__(self) -> None:
+        _one_of(self.bos, BOS_MODES, "--bos")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(
                 f"--max-length must be >= 2, got {self.max_length}: pass a larger --max-length."

@@ -32,9 +32,11 @@ from bgotrace.corpus import (
     Document,
     load_documents,
 )
+from bgotrace.corpus.bos import resolve_bos
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
 from bgotrace.perturb.sensitivity import normalized
+from bgotrace.plausibility import check_query
 from bgotrace.prefilter import plan_candidates, rerank_queries
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
 from bgotrace.ranking.aggregate import aggregate, unit_scores
@@ -101,10 +103,11 @@ def load_inputs(
         )
     model.eval()  # scores must not depend on dropout masks
     context = context_length(model)
-    encoded = [encode_query(q, tokenizer, context) for q in queries]
+    bos_id = resolve_bos(tokenizer, spec.bos)  # text as the model saw it in training
+    encoded = [encode_query(q, tokenizer, context, bos_id) for q in queries]
     # Resolved into the config, so config.yaml and summary.json replay the same units.
     spec.max_length = spec.unit_length(context)
-    chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride)
+    chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride, bos_id=bos_id)
     label = None if in_memory else Path(spec.path.split("::")[0]).name
     cache = get_token_cache(
         documents, tokenizer, chunking, spec.cache_dir, label=label, rebuild=rebuild_cache
@@ -267,6 +270,7 @@ def _summary(
 ) -> dict:
     trajectories = details.pop("loss_trajectories", [{}] * len(inputs.queries))
     calibrations = details.pop("calibrations", [None] * len(inputs.queries))
+    checks = [check_query(inputs.model, q) for q in inputs.queries]  # would it write them?
     return {
         "bgotrace_version": __version__,
         "torch_version": torch.__version__,
@@ -285,13 +289,17 @@ def _summary(
                     "n_loss_tokens": q.n_loss_tokens,
                     "loss_trajectories": traj,
                     "calibration": cal,
+                    "model_check": check.to_dict(),
                     "top_units": result.top(5, q.query.query_id)["unit_id"].tolist(),
                 }
-                for q, traj, cal in zip(inputs.queries, trajectories, calibrations, strict=True)
+                for q, traj, cal, check in zip(
+                    inputs.queries, trajectories, calibrations, checks, strict=True
+                )
             ],
             inputs.queries,
             result,
         ),
+        "warnings": [c.warning for c in checks if c.warning],
         "seconds": round(seconds, 3),
     }
 
@@ -323,5 +331,6 @@ def in_memory_cache_dir(
     cache instead of re-tokenizing, and a change of any of them gets a cache of its own.
     ``spec.max_length`` is taken as resolved (unset: the default length).
     """
-    chunking = ChunkingConfig(max_length=spec.unit_length(None), stride=spec.stride)
+    bos_id = resolve_bos(tokenizer, spec.bos)
+    chunking = ChunkingConfig(max_length=spec.unit_length(None), stride=spec.stride, bos_id=bos_id)
     return default_cache_dir(requested_manifest(documents, tokenizer, chunking))

@@ -87,10 +87,18 @@ class EncodedQuery:
 
 
 def encode_query(
-    query: Query, tokenizer: PreTrainedTokenizerBase, max_context: int | None
+    query: Query,
+    tokenizer: PreTrainedTokenizerBase,
+    max_context: int | None,
+    bos_id: int | None = None,
 ) -> EncodedQuery:
-    """Tokenize a query; refuse queries the model cannot read in one window."""
-    prompt_ids = tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
+    """Tokenize a query; refuse queries the model cannot read in one window.
+
+    ``bos_id`` (``--bos``, :mod:`bgotrace.corpus.bos`) goes in front of the prompt, as the
+    model saw a text start in training; it is never a loss token.
+    """
+    bos = [] if bos_id is None else [bos_id]
+    prompt_ids = bos + tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(completion_ids)
     if max_context is not None and len(ids) > max_context:

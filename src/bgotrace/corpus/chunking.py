@@ -32,6 +32,9 @@ class ChunkingConfig:
     """Tokens of overlap between consecutive units of a document; 0 <= stride < max_length."""
     append_eos: bool = True
     """Append the tokenizer's EOS after each document's last token (if it has one)."""
+    bos_id: int | None = None
+    """Token put in front of every unit (``--bos``, :mod:`bgotrace.corpus.bos`); the window
+    then holds ``max_length - 1`` document tokens. None: no BOS."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
@@ -48,10 +51,26 @@ class ChunkingConfig:
                 f"stride must satisfy 0 <= stride < max_length ({self.max_length}), "
                 f"got {self.stride}: pass a smaller --stride."
             )
+        if self.bos_id is not None and self.stride >= self.text_length:
+            raise ConfigError(
+                f"With a BOS in front a unit holds {self.text_length} document tokens, so "
+                f"stride must be < {self.text_length}, got {self.stride}: pass a smaller --stride."
+            )
+
+    @property
+    def text_length(self) -> int:
+        """Document tokens per window (one fewer than ``max_length`` with a BOS in front)."""
+        return self.max_length - (self.bos_id is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings, as stored in a cache manifest."""
-        return {"max_length": self.max_length, "stride": self.stride, "append_eos": self.append_eos}
+        """JSON-ready settings, as stored in a cache manifest (``bos_id`` only when set, so
+        caches made before ``--bos`` existed stay valid)."""
+        out: dict[str, Any] = {
+            "max_length": self.max_length, "stride": self.stride, "append_eos": self.append_eos
+        }  # fmt: skip
+        if self.bos_id is not None:
+            out["bos_id"] = self.bos_id
+        return out
 
 
 @dataclass(frozen=True)
@@ -139,10 +158,11 @@ def _chunk_document(
     n_text = len(ids)
     all_ids = [*ids, eos_id] if eos_id is not None else list(ids)
     units = []
+    bos = [] if chunking.bos_id is None else [chunking.bos_id]
     for k, (start, end) in enumerate(
-        window_bounds(len(all_ids), chunking.max_length, chunking.stride)
+        window_bounds(len(all_ids), chunking.text_length, chunking.stride)
     ):
-        if end - start < MIN_UNIT_TOKENS:
+        if len(bos) + end - start < MIN_UNIT_TOKENS:
             continue
         char_start, char_end = _char_span(offsets, start, min(end, n_text), len(doc.text))
         units.append(
@@ -150,7 +170,7 @@ def _chunk_document(
                 unit_id=f"{doc.doc_id}#{k}",
                 doc_id=doc.doc_id,
                 source=doc.source,
-                token_ids=all_ids[start:end],
+                token_ids=bos + all_ids[start:end],
                 char_start=char_start,
                 char_end=char_end,
             )
