@@ -58,15 +58,20 @@ def source_shares(positive_mass: pd.Series, top: int = 10) -> str:
     return _data_uri(fig)
 
 
-def loss_trajectories(trajectories: dict[str, list[float]]) -> str:
-    """Query loss at each perturbation step, descent (θ+) and ascent (θ−)."""
+def loss_trajectories(
+    trajectories: dict[str, list[float]], spans: Sequence[dict[str, list[float]]] = ()
+) -> str:
+    """Query loss at each perturbation step, descent (θ+) and ascent (θ−); thin dashed
+    lines: the same for each span's own loss."""
     fig, ax = plt.subplots(figsize=SIZE)
     colours = {"descent": "#1b9e77", "ascent": "#d95f02"}
-    values = [v for t in trajectories.values() for v in t]
+    values = [v for t in (trajectories, *spans) for losses in t.values() for v in losses]
+    for k, span in enumerate(spans):
+        for direction, losses in sorted(span.items()):
+            label = "spans" if k == 0 and direction == "ascent" else None
+            ax.plot(losses, "--", linewidth=0.8, alpha=0.5, color="#777", label=label)
     for direction, losses in sorted(trajectories.items()):
-        ax.plot(
-            range(len(losses)), losses, marker="o", label=direction, color=colours.get(direction)
-        )
+        ax.plot(losses, marker="o", label=direction, color=colours.get(direction))
     if values and min(values) > 0 and max(values) / min(values) > 50:
         ax.set_yscale("log")  # ascent often grows by orders of magnitude
     ax.set_xlabel("step")

@@ -93,7 +93,8 @@ def _figures(result: AttributionResult, query: dict[str, Any], shown: list[float
         out["sources"] = figures.source_shares(positive)
     trajectories = query.get("loss_trajectories") or {}
     if trajectories:
-        out["trajectories"] = figures.loss_trajectories(trajectories)
+        spans = [s.get("loss_trajectories") or {} for s in query.get("spans", [])]
+        out["trajectories"] = figures.loss_trajectories(trajectories, spans)
     return out
 
 
