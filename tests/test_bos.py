@@ -128,3 +128,23 @@ def test_pipeline_encodes_queries_and_units_alike(llama_tok, tiny_documents, tmp
     ]
     assert all(starts_with_bos) == (bos == "auto")
     assert (int(inputs.queries[0].input_ids[0, 0]) == llama_tok.bos_token_id) == (bos == "auto")
+
+
+def test_cli_bos_flag(tmp_path):
+    from tests.test_cli import TEXTS, invoke
+
+    model_dir, corpus = tmp_path / "model", tmp_path / "c.jsonl"
+    tok = make_llama_style_tokenizer()
+    tiny_llama(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    corpus.write_text("".join(f'{{"id": "d{i}", "text": "{t}"}}\n' for i, t in enumerate(TEXTS)))
+    args = ["attribute", "--model", model_dir, "--corpus", corpus, "--quiet", "--steps", "1",
+            "--max-length", "12", "--prompt", QUERY.prompt,
+            "--completion", QUERY.completion]  # fmt: skip
+    for mode in ("never", "auto"):
+        out = tmp_path / mode
+        result = invoke(*args, "--bos", mode, "--out", out, "--cache-dir", tmp_path / f"c{mode}")
+        assert result.exit_code == 0, result.output
+        assert f"bos: {mode}" in (out / "config.yaml").read_text()
+    bad = invoke(*args, "--bos", "maybe", "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "--bos='maybe' is unknown" in bad.output

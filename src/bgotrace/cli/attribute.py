@@ -56,6 +56,7 @@ def attribute(
     source_field: Annotated[str | None, _opt(CorpusSpec, "source_field")] = None,
     max_length: Annotated[int | None, _opt(CorpusSpec, "max_length")] = None,
     stride: Annotated[int | None, _opt(CorpusSpec, "stride")] = None,
+    bos: Annotated[str | None, _opt(CorpusSpec, "bos")] = None,
     cache_dir: Annotated[str | None, _opt(CorpusSpec, "cache_dir")] = None,
     optimizer: Annotated[str | None, _opt(PerturbConfig, "optimizer")] = None,
     lr: Annotated[str | None, _opt(PerturbConfig, "lr")] = None,
@@ -118,7 +119,15 @@ SECTION_OF = {
     **{n: ("model", n) for n in ("adapter", "device", "trust_remote_code")},
     **{
         n: ("corpus", n)
-        for n in ("text_field", "id_field", "source_field", "max_length", "stride", "cache_dir")
+        for n in (
+            "text_field",
+            "id_field",
+            "source_field",
+            "max_length",
+            "stride",
+            "bos",
+            "cache_dir",
+        )
     },
     **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on", "spans")},
     **{
