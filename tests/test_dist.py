@@ -42,10 +42,15 @@ DOCS = [
     for i in range(60)
 ]
 QUERIES = [Query("capital", "Paris is the capital of", " France.")]
+MANY = [
+    *QUERIES,
+    Query("water", "Water boils at", " one hundred degrees."),
+    Query("fox", "The quick brown", " fox jumps."),
+]
 CONFIG = {
     "corpus": {"max_length": 8, "stride": 2},
     "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 1},
-    "scoring": {"block_units": 2, "queries_per_sweep": 1},
+    "scoring": {"block_units": 2},
     "output": {"top_tokens": 0},
 }
 
@@ -81,11 +86,11 @@ def local(model, tok, tmp_path_factory):
     return attribute(model, tok, tmp_path_factory.mktemp("local"))
 
 
-def attribute(model, tok, tmp_path: Path, out: Path | None = None, **scoring):
+def attribute(model, tok, tmp_path: Path, out=None, queries=QUERIES, per_sweep=1, **scoring):
     config = json.loads(json.dumps(CONFIG))
     config["corpus"]["cache_dir"] = str(tmp_path / "cache")
-    config["scoring"].update(scoring)
-    return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config, out=out)
+    config["scoring"].update(scoring, queries_per_sweep=per_sweep)
+    return bgotrace.attribute(model, tok, DOCS, queries=queries, config=config, out=out)
 
 
 def by_unit(result) -> dict[tuple[str, str], float]:
@@ -134,6 +139,21 @@ def test_sweep_spreads_over_both_nodes_and_equals_local(cluster, model, tok, loc
     assert not ray.is_initialized()  # ... and this process disconnected
 
 
+def test_queries_are_perturbed_on_the_workers_into_the_same_states(cluster, model, tok,
+                                                                  tmp_path, records):  # fmt: skip
+    """θ± of 3 queries computed on both nodes: the same fingerprints as this process's."""
+    here = attribute(model, tok, tmp_path, out=tmp_path / "here", queries=MANY, per_sweep=3)
+    there = attribute(
+        model, tok, tmp_path, out=tmp_path / "there", queries=MANY, per_sweep=3,
+        workers=2, ray_address=cluster.address,
+    )  # fmt: skip
+    (per_node,) = records.values("perturbations_per_node")
+    assert sum(per_node.values()) == 2 * len(MANY) and len(per_node) == 2
+    state = [json.loads((tmp_path / d / "state.json").read_text()) for d in ("here", "there")]
+    assert state[0]["group000"] == state[1]["group000"]  # bit-identical θ+ and θ−
+    assert_same(here, there)
+
+
 def test_shipped_blocks_give_the_same_scores(cluster, model, tok, local, tmp_path, records):
     """--ship-cache always: no worker opens the cache; blocks travel by the object store."""
     shipped = attribute(
@@ -164,7 +184,7 @@ def test_sigkilled_worker_is_replaced_and_scores_are_identical(cluster, model, t
     result = attribute(model, tok, tmp_path, out=out, workers=2, ray_address=cluster.address)
     killer.join()
     assert killed, "the sweep ended before a worker could be killed"
-    assert records.values("worker_deaths") == [1]  # the run saw the death and went on
+    assert records.values("blocks_deaths") == [1]  # the run saw the death and went on
     assert (out / "summary.json").exists()
     assert_same(local, result)
 

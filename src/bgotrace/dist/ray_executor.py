@@ -17,8 +17,9 @@ cluster keeps running after the sweep.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,12 @@ from typing import Any
 import torch
 
 from bgotrace.config import ScoreConfig
-from bgotrace.dist.scheduler import BlockScheduler, Slot
+from bgotrace.dist.scheduler import Slot, Task, TaskScheduler
 from bgotrace.dist.session import RaySession, import_ray, placement_error
 from bgotrace.dist.units import UnitSlice
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
+from bgotrace.perturb.steps import PerturbedState
 from bgotrace.score.batching import TokenSource
 from bgotrace.score.executor import Block, BlockResult
 from bgotrace.score.sweep import Overrides
@@ -82,7 +84,10 @@ class RayExecutor:
         *,
         cache_root: Path | None,
         manifest: dict[str, Any],
+        perturb_model: torch.nn.Module | None = None,
     ) -> None:
+        """``perturb_model``: the base model in the perturbation dtype, when ``model`` (the
+        sweep dtype) is another one; the workers then hold both."""
         self.units, self.options = units, options
         self.session = RaySession.open(
             options.address,
@@ -91,14 +96,17 @@ class RayExecutor:
         )
         self.slots: list[Slot] = []
         try:
-            self._start_workers(model, cache_root, manifest)
+            self._start_workers(model, perturb_model, cache_root, manifest)
         except BaseException:
             self.close()
             raise
-        self.last_run: BlockScheduler | None = None
 
     def _start_workers(
-        self, model: torch.nn.Module, cache_root: Path | None, manifest: dict[str, Any]
+        self,
+        model: torch.nn.Module,
+        perturb_model: torch.nn.Module | None,
+        cache_root: Path | None,
+        manifest: dict[str, Any],
     ) -> None:
         ray, o = import_ray(), self.options
         setup = WorkerSetup(
@@ -108,15 +116,18 @@ class RayExecutor:
             batch_size=o.batch_size,
             pad_id=o.pad_id,
             device="cuda" if o.gpus_per_worker > 0 else "cpu",
+            threads=max(1, int(o.cpus_per_worker)),
         )
         actor = ray.remote(SweepWorker).options(
             num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
             max_restarts=o.block_attempts, max_task_retries=0,
         )  # fmt: skip
-        if next(model.parameters()).device.type != "cpu":
-            model = copy.deepcopy(model).cpu()  # never move the caller's model
-        self.model_ref = ray.put(model)  # kept alive: a restarted actor needs it again
-        self.slots = [Slot(i, actor.remote(self.model_ref, setup)) for i in range(o.workers)]
+        # Kept alive: a restarted actor is created from these refs again.
+        self.model_refs = [ray.put(_on_cpu(m)) for m in (model, perturb_model)]
+        model_ref, perturb_ref = self.model_refs
+        self.slots = [
+            Slot(i, actor.remote(model_ref, setup, perturb_ref)) for i in range(o.workers)
+        ]
         self._await_ready()
 
     def _await_ready(self) -> None:
@@ -154,8 +165,7 @@ class RayExecutor:
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         ray = import_ray()
-        cpu_states = [None if s is None else {k: v.cpu() for k, v in s.items()} for s in states]
-        states_ref = ray.put(cpu_states)
+        states_ref = ray.put([None if s is None else _on_cpu_dict(s) for s in states])
         shipped: dict[int, Any] = {}
 
         def payload(block: Block, slot: Slot) -> Any:
@@ -165,19 +175,64 @@ class RayExecutor:
                 shipped[block.index] = ray.put(UnitSlice.of_block(self.units, block))
             return shipped[block.index]
 
-        o = self.options
-        scheduler = BlockScheduler(
-            self.slots, attempts=o.block_attempts, restarts=o.block_attempts,
-            timeout=o.timeout, payload=payload,
-        )  # fmt: skip
-        self.last_run = scheduler
-        for result in scheduler.run(blocks, states_ref):
+        def task(k: int, block: Block) -> Task:
+            def submit(slot: Slot) -> Any:
+                return slot.actor.run_block.remote(block, states_ref, payload(block, slot))
+
+            return Task(k, f"block {block.index} (units {block.start}..{block.stop - 1})", submit)
+
+        scheduler = self._scheduler()
+        for _, result in scheduler.run([task(k, b) for k, b in enumerate(blocks)]):
             shipped.pop(result[0].index, None)  # frees the slice in the object store
             yield result
+        self._log_done("blocks", scheduler)
+
+    def perturb_many(
+        self,
+        jobs: Sequence[tuple[Any, Any, str]],
+        names: Sequence[str],
+        *,
+        n_units: int,
+        fisher: Mapping[str, torch.Tensor] | None,
+        advance: Callable[[int], None],
+    ) -> list[PerturbedState]:
+        """Each (query, config, direction)'s K steps on a worker (see score.perturbation)."""
+        ray = import_ray()
+        fisher_ref = ray.put(None if fisher is None else _on_cpu_dict(fisher))
+
+        def task(k: int, job: tuple[Any, Any, str]) -> Task:
+            query, cfg, direction = job
+            query = dataclasses.replace(
+                query, input_ids=query.input_ids.cpu(), labels=query.labels.cpu()
+            )
+
+            def submit(slot: Slot) -> Any:
+                return slot.actor.perturb.remote(
+                    (query, cfg, direction), names, n_units, fisher_ref
+                )
+
+            return Task(k, f"the {direction} of query {query.query.query_id!r}", submit)
+
+        scheduler = self._scheduler()
+        out: dict[int, PerturbedState] = {}
+        for done, state in scheduler.run([task(k, j) for k, j in enumerate(jobs)]):
+            out[done.key] = state
+            advance(1)
+        self._log_done("perturbations", scheduler)
+        return [out[k] for k in range(len(jobs))]
+
+    def _scheduler(self) -> TaskScheduler:
+        o = self.options
+        return TaskScheduler(
+            self.slots, attempts=o.block_attempts, restarts=o.block_attempts, timeout=o.timeout
+        )
+
+    def _log_done(self, what: str, scheduler: TaskScheduler) -> None:
+        nodes, deaths = dict(scheduler.nodes), scheduler.failures
         log.info(
-            "ray sweep: %d blocks on %d nodes, %d worker deaths survived",
-            sum(scheduler.nodes.values()), len(scheduler.nodes), scheduler.failures,
-            extra={"blocks_per_node": dict(scheduler.nodes), "worker_deaths": scheduler.failures},
+            "ray: %d %s on %d nodes, %d worker deaths survived",
+            sum(nodes.values()), what, len(nodes), deaths,
+            extra={f"{what}_per_node": nodes, f"{what}_deaths": deaths},
         )  # fmt: skip
 
     def close(self) -> None:
@@ -197,3 +252,14 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _on_cpu(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """A CPU copy of a model on an accelerator (never move the caller's model)."""
+    if model is None or next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).cpu()
+
+
+def _on_cpu_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in tensors.items()}

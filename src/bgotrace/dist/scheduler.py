@@ -1,12 +1,13 @@
-"""Hand blocks to Ray actors and survive their deaths: one ``ray.wait`` loop over every task.
+"""Hand tasks (sweep blocks, perturbations) to Ray actors and survive their deaths.
 
-Each live worker holds at most one block, so a failed task means exactly one death of
-that worker. A block whose worker died (SIGKILL, OOM, node loss) goes back to the front
-of the queue for the next live worker, up to ``attempts`` tries in all; then the run
-stops with an error naming the block and the cause. A worker that died is probed
-(``ready``) before it gets work again: Ray restarts it up to ``restarts`` times; one that
-does not come back within ``timeout`` seconds (its node is gone and nothing else fits)
-is dropped. A block is yielded once, when it succeeded, and never resubmitted after.
+One ``ray.wait`` loop tracks every task. Each live worker holds at most one task, so a
+failed task means exactly one death of that worker. A task whose worker died (SIGKILL,
+OOM, node loss) goes back to the front of the queue for the next live worker, up to
+``attempts`` tries in all; then the run stops with an error naming the task and the
+cause. A worker that died is probed (``ready``) before it gets work again: Ray restarts
+it up to ``restarts`` times; one that does not come back within ``timeout`` seconds (its
+node is gone and nothing else fits) is dropped. A task is yielded once, when it
+succeeded, and never resubmitted after.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 from bgotrace.dist.session import import_ray
 from bgotrace.errors import BgotraceError, DistributedError
-from bgotrace.score.executor import Block, BlockResult
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,19 @@ def _retryable() -> tuple[type[BaseException], ...]:
     )
 
 
-def _block_text(block: Block) -> str:
-    return f"block {block.index} (units {block.start}..{block.stop - 1})"
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: ``submit(slot)`` starts it on a worker and returns its ref."""
+
+    key: int
+    """Position of the task in its batch (what the caller gets back with the result)."""
+    label: str
+    """How errors name it, e.g. ``block 3 (units 6..7)``."""
+    submit: Callable[[Slot], Any]
 
 
-class BlockScheduler:
-    """Runs blocks on ``slots`` until each succeeded once (see the module docstring)."""
+class TaskScheduler:
+    """Runs tasks on ``slots`` until each succeeded once (see the module docstring)."""
 
     def __init__(
         self,
@@ -72,39 +79,37 @@ class BlockScheduler:
         attempts: int,
         restarts: int,
         timeout: float,
-        payload: Callable[[Block, Slot], Any],
     ) -> None:
         self.slots, self.attempts, self.restarts, self.timeout = slots, attempts, restarts, timeout
-        self.payload = payload
-        """Block → what ``run_block`` gets as ``shipped`` on that worker (None or a ref)."""
         self.nodes: collections.Counter[str] = collections.Counter()
-        """Blocks computed per node id (for the log and the tests)."""
+        """Tasks done per node id (for the log and the tests)."""
         self.failures = 0
+        """Worker deaths survived."""
 
-    def run(self, blocks: Sequence[Block], states_ref: Any) -> Iterator[BlockResult]:
+    def run(self, tasks: Sequence[Task]) -> Iterator[tuple[Task, Any]]:
+        """Yield (task, its result) as each task succeeds, in any order."""
         ray = import_ray()
-        queue = collections.deque(blocks)
+        queue = collections.deque(tasks)
         tries: collections.Counter[int] = collections.Counter()
-        inflight: dict[Any, tuple[Slot, Block | None]] = {}  # task → (worker, block | probe)
-        while queue or any(b is not None for _, b in inflight.values()):
+        inflight: dict[Any, tuple[Slot, Task | None]] = {}  # ref → (worker, task | probe)
+        while queue or any(t is not None for _, t in inflight.values()):
             for slot in self._idle():
                 if not queue:
                     break
                 todo = queue.popleft()
-                ref = slot.actor.run_block.remote(todo, states_ref, self.payload(todo, slot))
-                inflight[ref], slot.busy = (slot, todo), True
+                inflight[todo.submit(slot)], slot.busy = (slot, todo), True
             if not inflight:
                 raise self._no_workers(queue[0])
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
             self._expire_probes(inflight)
             for ref in ready:
-                slot, block = inflight.pop(ref)
-                if block is None:
+                slot, task = inflight.pop(ref)
+                if task is None:
                     self._probe_done(slot, ref)
                     continue
-                result = self._collect(ref, slot, block, tries, queue, inflight)
-                if result is not None:
-                    yield result
+                done, result = self._collect(ref, slot, task, tries, queue, inflight)
+                if done:
+                    yield task, result
 
     def _idle(self) -> list[Slot]:
         return [s for s in self.slots if not (s.dead or s.busy or s.probing_since is not None)]
@@ -113,38 +118,38 @@ class BlockScheduler:
         self,
         ref: Any,
         slot: Slot,
-        block: Block,
+        task: Task,
         tries: collections.Counter[int],
-        queue: collections.deque[Block],
-        inflight: dict[Any, tuple[Slot, Block | None]],
-    ) -> BlockResult | None:
-        """The block's result, or None after re-queueing it because its worker died."""
+        queue: collections.deque[Task],
+        inflight: dict[Any, tuple[Slot, Task | None]],
+    ) -> tuple[bool, Any]:
+        """(True, the task's result), or (False, None) after re-queueing it: its worker died."""
         ray = import_ray()
         slot.busy = False
         try:
             result, node = ray.get(ref)
         except _retryable() as err:
-            tries[block.index] += 1
+            tries[task.key] += 1
             self.failures += 1
             cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            log.warning("worker %d died during %s: %s", slot.index, _block_text(block), cause)
-            if tries[block.index] >= self.attempts:
-                raise self._gave_up(block, cause) from err
-            queue.appendleft(block)
+            log.warning("worker %d died during %s: %s", slot.index, task.label, cause)
+            if tries[task.key] >= self.attempts:
+                raise self._gave_up(task, cause) from err
+            queue.appendleft(task)
             self._restart(slot, inflight)
-            return None
-        except ray.exceptions.RayTaskError as err:  # the block itself raised: no retry
+            return False, None
+        except ray.exceptions.RayTaskError as err:  # the task itself raised: no retry
             if isinstance(err.cause, BgotraceError):
                 raise err.cause from None
             raise DistributedError(
-                f"{_block_text(block)} failed on worker {slot.index} with "
+                f"{task.label} failed on worker {slot.index} with "
                 f"{type(err.cause).__name__}: {err.cause}; if it ran out of memory, lower "
                 "--batch-size or --block-units, else report it with the run's config.yaml."
             ) from err
         self.nodes[node] += 1
-        return result
+        return True, result
 
-    def _restart(self, slot: Slot, inflight: dict[Any, tuple[Slot, Block | None]]) -> None:
+    def _restart(self, slot: Slot, inflight: dict[Any, tuple[Slot, Task | None]]) -> None:
         """Probe a dead worker; give up on it after ``restarts`` deaths."""
         slot.deaths += 1
         if slot.deaths > self.restarts:
@@ -162,11 +167,11 @@ class BlockScheduler:
             return
         log.info("worker %d is back on node %s (pid %d)", slot.index, slot.node[:8], slot.pid)
 
-    def _expire_probes(self, inflight: dict[Any, tuple[Slot, Block | None]]) -> None:
+    def _expire_probes(self, inflight: dict[Any, tuple[Slot, Task | None]]) -> None:
         now = time.monotonic()
-        for ref, (slot, block) in list(inflight.items()):
+        for ref, (slot, task) in list(inflight.items()):
             since = slot.probing_since
-            if block is None and since is not None and now - since > self.timeout:
+            if task is None and since is not None and now - since > self.timeout:
                 del inflight[ref]
                 slot.probing_since = None
                 self._drop(slot, f"it did not restart within {self.timeout:g} s")
@@ -176,17 +181,17 @@ class BlockScheduler:
         log.warning("worker %d is gone: %s", slot.index, why)
         import_ray().kill(slot.actor, no_restart=True)
 
-    def _gave_up(self, block: Block, cause: str) -> DistributedError:
+    def _gave_up(self, task: Task, cause: str) -> DistributedError:
         return DistributedError(
-            f"{_block_text(block)} of the sweep failed {self.attempts} times because its "
+            f"{task.label} failed {self.attempts} times because its "
             f"worker died (last cause: {cause}); the finished blocks are kept: fix the "
             "cluster (memory per worker: lower --batch-size or --workers per node) and rerun "
             "with --resume, or raise --block-attempts."
         )
 
-    def _no_workers(self, block: Block) -> DistributedError:
+    def _no_workers(self, task: Task) -> DistributedError:
         return DistributedError(
-            f"Every Ray worker is gone ({len(self.slots)} started) before {_block_text(block)} "
+            f"Every Ray worker is gone ({len(self.slots)} started) before {task.label} "
             "could be computed; the finished blocks are kept: check the cluster's nodes "
             "(`ray status`) and rerun with --resume."
         )

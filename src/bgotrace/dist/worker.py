@@ -1,4 +1,5 @@
-"""The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``.
+"""The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``
+and perturbations with ``perturb`` (the same functions this process would run).
 
 An actor is created from arguments only (the model through the object store, the cache
 by path), so Ray can restart it after its process dies (SIGKILL, OOM, node loss) by
@@ -9,15 +10,19 @@ or explain the problem, rather than see an opaque actor-creation failure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bgotrace.config import PerturbConfig
 from bgotrace.devices import resolve_device
 from bgotrace.dist.units import UnitSlice, open_cache_at
+from bgotrace.perturb.steps import PerturbedState, perturb
+from bgotrace.query import EncodedQuery
 from bgotrace.score.executor import Block, BlockResult, compute_block
 from bgotrace.score.sweep import Overrides
 
@@ -36,16 +41,25 @@ class WorkerSetup:
     pad_id: int
     device: str
     """``cpu`` or ``cuda`` (a worker given GPUs by Ray sees them as cuda:0..)."""
+    threads: int = 1
+    """Torch threads: the CPUs Ray reserved for this worker."""
 
 
 class SweepWorker:
     """Holds the sweep model (and the cache when readable); computes blocks on request."""
 
-    def __init__(self, model: torch.nn.Module, setup: WorkerSetup) -> None:
-        torch.set_num_threads(1)  # one thread per actor; Ray schedules actors on cores
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        setup: WorkerSetup,
+        perturb_model: torch.nn.Module | None = None,
+    ) -> None:
+        torch.set_num_threads(setup.threads)  # as many threads as Ray gave this actor CPUs
         self.setup = setup
         self.device = resolve_device(setup.device)
         self.model = model.to(self.device).eval()
+        # The perturbation's dtype (float32) when the sweep runs in another one.
+        self.perturb_model = self.model if perturb_model is None else perturb_model.to(self.device)
         self.cache, self.why_not = None, "--ship-cache always"
         if setup.try_path:
             self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
@@ -77,3 +91,24 @@ class SweepWorker:
             batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
         )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
+
+    def perturb(
+        self,
+        job: tuple[EncodedQuery, PerturbConfig, str],
+        names: Sequence[str],
+        n_units: int,
+        fisher: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[PerturbedState, str]:
+        """K steps of one query and direction from the base parameters (on CPU for the return)."""
+        import ray
+
+        query, cfg, direction = job
+        ids, labels = query.input_ids.to(self.device), query.labels.to(self.device)
+        query = dataclasses.replace(query, input_ids=ids, labels=labels)
+        if fisher is not None:
+            fisher = {k: v.to(self.device) for k, v in fisher.items()}
+        state = perturb(
+            self.perturb_model, query, names, cfg, direction, n_units=n_units, fisher=fisher
+        )
+        state.params = {k: v.cpu() for k, v in state.params.items()}
+        return state, ray.get_runtime_context().get_node_id()

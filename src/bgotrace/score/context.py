@@ -121,13 +121,14 @@ def build_sweep_context(
         n_units=len(cache),
         fisher=fisher,
         store=store,
-        block_executor=_ray_executor(sweep_model, cache, units, score_cfg, pad_id, device),
+        block_executor=_ray_executor(model, sweep_model, cache, units, score_cfg, pad_id, device),
         trunk_cache=_trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device),
         sensitivity=sensitivity,
     )
 
 
 def _ray_executor(
+    model: torch.nn.Module,
     sweep_model: torch.nn.Module,
     cache: TokenCache,
     units: TokenSource | None,
@@ -146,6 +147,7 @@ def _ray_executor(
         RayOptions.of(score_cfg, pad_id, device),
         cache_root=cache.root if units is None else None,
         manifest=cache.manifest,
+        perturb_model=None if model is sweep_model else model,
     )
 
 

@@ -1,19 +1,23 @@
 """Perturb every query of a group in the directions the score variant needs.
 
 The states come back in the sweep dtype, in a fixed order (query, direction), with θ0
-(``None``) appended when the variant compares against the base model.
+(``None``) appended when the variant compares against the base model. An executor with
+a ``perturb_many`` method (Ray workers) runs the perturbations in parallel instead of this
+process one after another; it runs the same :func:`perturb`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
+
+import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.perturb.calibrate import Calibration, resolve_query_config
-from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
+from bgotrace.perturb.steps import ASCENT, DESCENT, PerturbedState, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.report.progress import progress_task
 from bgotrace.score.context import SweepContext
@@ -34,6 +38,43 @@ class PerturbedGroup:
     calibrations: list[dict[str, Any] | None] = field(default_factory=list)
     """Per query: the ``--lr auto`` search (:class:`Calibration` as a dict + both
     directions' loss trajectories), None with a fixed lr."""
+
+
+PerturbJob = tuple[EncodedQuery, PerturbConfig, str]
+"""A query, its perturbation config and a direction: one call of :func:`perturb`."""
+
+
+class ParallelPerturber(Protocol):
+    """What an executor offers to perturb many queries at once (optional)."""
+
+    def perturb_many(
+        self,
+        jobs: Sequence[PerturbJob],
+        names: Sequence[str],
+        *,
+        n_units: int,
+        fisher: Mapping[str, torch.Tensor] | None,
+        advance: Callable[[int], None],
+    ) -> list[PerturbedState]:
+        """``perturb(model, *job, ...)`` of every job, in the order of ``jobs``."""
+        ...
+
+
+def _perturb_jobs(
+    ctx: SweepContext, jobs: Sequence[PerturbJob], advance: Callable[[int], None]
+) -> list[PerturbedState]:
+    executor = ctx.block_executor
+    if jobs and hasattr(executor, "perturb_many"):
+        return cast(ParallelPerturber, executor).perturb_many(
+            jobs, ctx.names, n_units=ctx.n_units, fisher=ctx.fisher, advance=advance
+        )
+    out = []
+    for q, cfg, direction in jobs:
+        out.append(
+            perturb(ctx.model, q, ctx.names, cfg, direction, n_units=ctx.n_units, fisher=ctx.fisher)
+        )
+        advance(1)
+    return out
 
 
 def _query_configs(
@@ -62,19 +103,22 @@ def perturb_group(ctx: SweepContext, group: Sequence[EncodedQuery]) -> Perturbed
     sweep_dtype = next(ctx.sweep_model.parameters()).dtype
     out = PerturbedGroup(keys=[], states=[], trajectories=[{} for _ in group])
     configs = _query_configs(ctx, group)
-    with progress_task("Perturbing", total=len(group) * len(directions)) as advance:
-        for (qi, q), direction in itertools.product(enumerate(group), directions):
-            cfg, cal = configs[qi]
-            if cal is not None and cal.ascent is not None and direction == ASCENT:
-                state = cal.ascent  # the search already ran these K steps at this lr
-            else:
-                state = perturb(
-                    ctx.model, q, ctx.names, cfg, direction, n_units=ctx.n_units, fisher=ctx.fisher
-                )
-            out.keys.append((qi, direction))
-            out.states.append({n: t.to(sweep_dtype) for n, t in state.params.items()})
-            out.trajectories[qi][direction] = state.loss_trajectory
-            advance(1)
+    pairs = list(itertools.product(range(len(group)), directions))
+    reused = {  # the lr search already ran these K ascent steps at this lr
+        k: cal.ascent
+        for k, (qi, d) in enumerate(pairs)
+        if (cal := configs[qi][1]) is not None and cal.ascent is not None and d == ASCENT
+    }
+    todo = [k for k in range(len(pairs)) if k not in reused]
+    with progress_task("Perturbing", total=len(pairs)) as advance:
+        advance(len(reused))
+        jobs = [(group[pairs[k][0]], configs[pairs[k][0]][0], pairs[k][1]) for k in todo]
+        computed = dict(zip(todo, _perturb_jobs(ctx, jobs, advance), strict=True))
+    for k, (qi, direction) in enumerate(pairs):
+        state = reused[k] if k in reused else computed[k]
+        out.keys.append((qi, direction))
+        out.states.append({n: t.to(sweep_dtype) for n, t in state.params.items()})
+        out.trajectories[qi][direction] = state.loss_trajectory
     for qi, (_, cal) in enumerate(configs):
         trajectories = out.trajectories[qi]
         entry = None if cal is None else {**cal.to_dict(), "loss_trajectories": trajectories}
