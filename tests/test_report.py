@@ -108,10 +108,15 @@ def test_notebook_view_is_compact_and_escaped():
 def test_report_shows_warnings_and_calibration_escaped():
     result = fake_result()
     result.summary["warnings"] = ["the model would not produce <b>this</b> completion"]
-    result.summary["queries"][0]["calibration"] = {"lr": 0.001, "target": "loss"}
+    result.summary["queries"][0]["calibration"] = {
+        "lr": 0.00123456,
+        "criterion": "loss",
+        "reached": True,
+        "trials": [{"lr": 1e-4, "effect": 0.1}],
+    }
     html = render_report(result)
     assert 'class="warning">the model would not produce &lt;b&gt;this&lt;/b&gt;' in html
-    assert "calibration: lr = 0.001 · target = loss" in html
+    assert "step-size calibration: lr = 0.00123 · criterion = loss · reached = True</p>" in html
     assert html.count('<tr class="unit"') == 10  # max(top_k, top_tokens) of the config
 
 

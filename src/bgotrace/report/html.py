@@ -118,10 +118,24 @@ def _query_view(
         "sources": result.by_source(qid).to_dict("records"),
         "descent": _first_last(traj.get("descent")),
         "ascent": _first_last(traj.get("ascent")),
+        "calibration_text": calibration_text(query.get("calibration")),
         "figures": _figures(result, query, [u["score"] for u in units])
         if index < MAX_FIGURE_QUERIES
         else {},
     }
+
+
+def calibration_text(calibration: Any) -> str:
+    """One line from a query's step-size calibration: its scalar fields (the trials stay in
+    summary.json)."""
+    if not isinstance(calibration, dict):
+        return "" if calibration is None else str(calibration)
+    parts = [
+        f"{key} = {value:.3g}" if isinstance(value, float) else f"{key} = {value}"
+        for key, value in calibration.items()
+        if isinstance(value, (str, int, float, bool)) and key != "seconds"
+    ]
+    return " · ".join(parts)
 
 
 def _first_last(trajectory: list[float] | None) -> str:
