@@ -102,7 +102,8 @@ def _convert(value: Any, kind: type) -> Any:
         return _parse(value, float) if isinstance(value, str) else _MISSING
     if kind is str:
         return value if isinstance(value, str) else _MISSING
-    return value if isinstance(value, kind) else _MISSING
+    origin = typing.get_origin(kind) or kind  # dict[str, Any] -> dict: isinstance needs it
+    return value if isinstance(value, origin) else _MISSING
 
 
 def _parse(text: str, kind: type) -> Any:
