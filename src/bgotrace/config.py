@@ -360,12 +360,13 @@ class ScoreConfig:
     def _check_ray(self) -> None:
         _one_of(self.ship_cache, ("auto", "always", "never"), "--ship-cache")
         if not 0 <= self.cpus_per_worker < float("inf"):
-            raise ConfigError(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}.")
+            raise ConfigError(
+                f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}: pass 0 or more."
+            )
         gpus = self.gpus_per_worker
         if gpus is not None and not 0 <= gpus < float("inf"):
-            raise ConfigError(f"--gpus-per-worker must be >= 0, got {gpus}.")
-        if self.block_attempts < 1:
-            raise ConfigError(f"--block-attempts must be >= 1, got {self.block_attempts}.")
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {gpus}: pass 0 or more.")
+        _at_least(self.block_attempts, 1, "--block-attempts")
         _positive(self.ray_timeout, "--ray-timeout")
         if self.ray_address is not None and not self.ray_address.strip():
             raise ConfigError("--ray-address is empty: pass auto or HEAD:PORT, or omit it.")
