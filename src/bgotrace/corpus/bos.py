@@ -50,4 +50,6 @@ def resolve_bos(tokenizer: Any, mode: str) -> int | None:
                 "--bos always, but the tokenizer has no bos_token: use --bos auto or never."
             )
         return int(bos)
-    return int(bos) if tokenizer_adds_bos(tokenizer) else None
+    if bos is None or not tokenizer_adds_bos(tokenizer):
+        return None
+    return int(bos)

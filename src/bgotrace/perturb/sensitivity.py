@@ -51,7 +51,9 @@ class UnitCache(Protocol):
 
     root: Path
     manifest: dict
-    lengths: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray: ...
 
     def __len__(self) -> int: ...
 
