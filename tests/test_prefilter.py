@@ -283,3 +283,13 @@ def test_params_last_half_selects_the_upper_ceil_half_of_the_blocks(tok):
     half = select_parameters(model, "last:half")
     assert half == select_parameters(model, "last:3")  # ceil(5 / 2)
     assert {n.split(".")[2] for n in half} == {"2", "3", "4"}
+
+
+def test_api_keywords_choose_the_candidates_and_the_prefilter(model, tok, tmp_path):
+    result = bgotrace.attribute(
+        model, tok, DOCS, queries=QUERIES[:1], config=config(tmp_path),
+        candidates="10%", prefilter="repsim",
+    )  # fmt: skip
+    assert result.summary["prefilter"]["prefilter"] == "repsim"
+    assert result.summary["config"]["scoring"]["candidates"] == "10%"
+    assert result.scores["candidate"].sum() == 3  # ceil(0.1 * 28)
