@@ -375,3 +375,13 @@ def test_slow_tokenizer_is_refused(tiny_documents: list[Document]) -> None:
 
     with pytest.raises(InputError, match="slow-tok is not a fast tokenizer"):
         tokenize_and_chunk(tiny_documents, Slow(), ChunkingConfig())
+
+
+def test_unpaired_surrogate_is_refused_where_it_comes_in(tmp_path: Path) -> None:
+    """JSON can escape half an emoji; no tokenizer or Parquet file can encode it."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "half an emoji \\ud83d"}\n')
+    with pytest.raises(InputError, match=r"line 2 field 'text' holds an unpaired surrogate"):
+        load_documents(path)
+    with pytest.raises(InputError, match="field 'source' holds an unpaired surrogate"):
+        documents_from_records([{"text": "ok", "source": "s\udcff"}])

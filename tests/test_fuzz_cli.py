@@ -282,6 +282,15 @@ def _huge_document(draw: Any, rows: list) -> tuple[str, Any, str | None]:
     return "corpus.jsonl", _jsonl(rows), None
 
 
+def _lone_surrogate(draw: Any, rows: list) -> tuple[str, Any, str | None]:
+    """Half an emoji, as JSON can escape it: Python reads it, no tokenizer can encode it."""
+    row = rows[draw(st.integers(0, len(rows) - 1))]
+    key = draw(st.sampled_from(["text", "id", "source"]))
+    half = draw(st.sampled_from(["\ud83d", "\udcff", "\udfff"]))
+    row[key] = f"{row[key]} {half}"
+    return "corpus.jsonl", _jsonl(rows), "unpaired surrogate"
+
+
 def _other_formats(draw: Any, rows: list) -> tuple[str, Any, str | None]:
     return draw(
         st.sampled_from(
@@ -312,6 +321,7 @@ CORPUS_BAD = [
     _empty_file,
     _invalid_utf8,
     _missing_text_field,
+    _lone_surrogate,
     _other_formats,
 ]
 CORPUS_FAULTS = CORPUS_VALID + CORPUS_BAD * 2  # valid cases run to the end: fewer of them
@@ -413,6 +423,14 @@ def _q_nothing_to_predict(draw: Any, queries: list) -> tuple[Any, str | None, li
     return _jsonl(one), "no token to take the loss on", []
 
 
+def _q_lone_surrogate(draw: Any, queries: list) -> tuple[Any, str | None, list[str]]:
+    key = draw(st.sampled_from(["prompt", "completion", "id"]))
+    queries[0][key] += "\ud800"
+    if draw(st.booleans()):  # the same from the command line (argv decoded with surrogateescape)
+        return None, "unpaired surrogate", ["--prompt", "Paris \udcff", "--completion", " is"]
+    return _jsonl(queries), "unpaired surrogate", []
+
+
 def _q_inline(draw: Any, queries: list) -> tuple[Any, str | None, list[str]]:
     return draw(
         st.sampled_from(
@@ -445,6 +463,7 @@ QUERY_BAD = [
     _q_invalid_utf8,
     _q_too_long,
     _q_nothing_to_predict,
+    _q_lone_surrogate,
     _q_inline,
 ]
 QUERY_FAULTS = QUERY_VALID * 2 + QUERY_BAD

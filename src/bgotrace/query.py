@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from bgotrace.corpus.documents import unpaired_surrogate
 from bgotrace.errors import InputError
 
 LOSS_ON = ("completion", "all")
@@ -36,6 +37,12 @@ class Query:
     """``completion`` (prompt tokens masked) or ``all`` (every predicted token)."""
 
     def __post_init__(self) -> None:
+        for name in ("query_id", "prompt", "completion"):
+            if (problem := unpaired_surrogate(getattr(self, name))) is not None:
+                raise InputError(
+                    f"Query {self.query_id!r}: the {name} holds {problem}, which is not text: "
+                    "fix the escape (often half an emoji) or remove it."
+                )
         if self.loss_on not in LOSS_ON:
             raise InputError(
                 f"Query {self.query_id!r}: loss_on={self.loss_on!r} is unknown; "

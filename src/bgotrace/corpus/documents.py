@@ -115,7 +115,35 @@ def _read_record(
         )
     given_id = _optional_str(record.get(fields.id_field))
     source = _optional_str(record.get(fields.source_field)) or DEFAULT_SOURCE
+    for name, value in (
+        (fields.text_field, text),
+        (fields.id_field, given_id),
+        (fields.source_field, source),
+    ):
+        if value is not None:
+            _check_encodable(value, f"Corpus {origin} {where} field {name!r}")
     return text, given_id, source
+
+
+def unpaired_surrogate(text: str) -> str | None:
+    """Describe an unpaired UTF-16 surrogate in ``text`` (None if there is none).
+
+    JSON may escape one (``"\\ud83d"``, half an emoji cut by a scraper); Python keeps it, but no
+    tokenizer or file format can encode it, so it must be caught where the text comes in.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"an unpaired surrogate {text[err.start]!r} at character {err.start}"
+    return None
+
+
+def _check_encodable(value: str, what: str) -> None:
+    if (problem := unpaired_surrogate(value)) is not None:
+        raise InputError(
+            f"{what} holds {problem}, which is not text: fix the escape (often half an emoji) "
+            "or remove it."
+        )
 
 
 def _optional_str(value: Any) -> str | None:
