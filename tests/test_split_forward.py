@@ -34,6 +34,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import RunDirectoryError
 from bgotrace.modeling import split as split_mod
+from bgotrace.modeling.bind import bind
 from bgotrace.modeling.losses import forward_logits, head_token_losses, token_losses
 from bgotrace.modeling.split import split_block, state_token_losses, trunk
 from bgotrace.perturb.steps import ASCENT, perturb
@@ -317,3 +318,21 @@ def test_chunked_head_losses_equal_full_logits_losses(dtype, chunk_rows):
     got = head_token_losses(hidden, head_layer, labels, chunk_rows=chunk_rows)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert (got[labels[:, 1:] == -100] == 0).all()
+
+
+def test_bind_shares_weights_keeps_ties_and_never_writes_the_model():
+    model = build("gpt2")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new = {"transformer.wte.weight": torch.zeros_like(model.transformer.wte.weight)}
+    bound = bind(model, new)
+    assert bound.lm_head.weight is bound.transformer.wte.weight  # the tie survives
+    assert bound.transformer.h[0].attn.c_attn.weight is model.transformer.h[0].attn.c_attn.weight
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        want = token_losses(forward_logits(model, ids, mask, new), labels)
+        got = token_losses(forward_logits(bound, ids, mask), labels)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(KeyError, match="no parameter"):
+        bind(model, {"nope.weight": torch.zeros(1)})

@@ -74,16 +74,25 @@ class TrunkCache:
         self.manifest = json.loads((root / MANIFEST).read_text())
         self.split: int = self.manifest["split"]
         self.dtype = resolve_dtype(self.manifest["dtype"])
-        raw = _RAW[self.manifest["dtype"]]
-        shape = (self.manifest["n_tokens"], self.manifest["hidden_size"])
-        self.rows = np.memmap(root / ROWS, dtype=raw, mode="r", shape=shape)
+        self._raw = np.dtype(_RAW[self.manifest["dtype"]])
+        self._row_bytes = self.manifest["hidden_size"] * self._raw.itemsize
         self.lengths = np.load(root / LENGTHS).astype(np.int64)  # (n_units,) tokens per unit
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        # Read with pread, not a memmap: touched memmap pages count as this process's
+        # resident memory, which would grow with the corpus; the page cache does not.
+        self._fd = os.open(root / ROWS, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def unit_hidden(self, i: int) -> torch.Tensor:
         """Hidden states (L_i, D) entering block ``split`` of corpus unit ``i``."""
-        rows = self.rows[self.starts[i] : self.starts[i] + self.lengths[i]]
-        return torch.from_numpy(np.array(rows)).view(self.dtype)  # a copy: memmaps are read-only
+        n = int(self.lengths[i])
+        data = os.pread(self._fd, n * self._row_bytes, int(self.starts[i]) * self._row_bytes)
+        rows = np.frombuffer(bytearray(data), dtype=self._raw).reshape(n, -1)
+        return torch.from_numpy(rows).view(self.dtype)
 
     def for_units(self, units: TokenSource) -> TrunkRows:
         """Rows in the order of ``units``: the token cache, or a subset view of it.

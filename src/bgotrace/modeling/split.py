@@ -22,6 +22,7 @@ import torch
 from torch.func import functional_call
 
 from bgotrace.modeling.adapters import Adapter, BlockKwargs, adapter_for
+from bgotrace.modeling.bind import bind
 from bgotrace.modeling.losses import forward_logits, head_token_losses, token_losses
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,46 @@ def state_token_losses(
     if state.start is None:
         return token_losses(top(model, state, overrides), labels)
     return head_token_losses(top_hidden(model, state, overrides), head(model), labels)
+
+
+@dataclass
+class BoundState:
+    """One state, bound once into module copies that share the base model's tensors."""
+
+    full: torch.nn.Module | None
+    """No split: the whole model with the state's values bound."""
+    blocks: list[torch.nn.Module] | None
+    """Split: blocks ``>= start`` with the state's values bound (the others are the model's)."""
+
+
+def bind_state(model: torch.nn.Module, start: int | None, overrides: Overrides) -> BoundState:
+    """Bind ``overrides`` for evaluating many batches (see :mod:`bgotrace.modeling.bind`)."""
+    if start is None:
+        return BoundState(full=bind(model, overrides) if overrides else model, blocks=None)
+    adapter = _require_adapter(model)
+    per_block = _overrides_by_block(adapter, overrides, start)
+    blocks = model.get_submodule(adapter.blocks)
+    bound = [
+        bind(blocks[i], per_block[i]) if i in per_block else blocks[i]
+        for i in range(start, len(blocks))
+    ]
+    return BoundState(full=None, blocks=bound)
+
+
+def bound_token_losses(
+    model: torch.nn.Module, state: TrunkState, bound: BoundState, labels: torch.Tensor
+) -> torch.Tensor:
+    """:func:`state_token_losses` of a bound state (the same modules, no per-call rebinding)."""
+    if state.start is None:
+        assert bound.full is not None
+        logits = forward_logits(bound.full, state.input_ids, state.attention_mask)  # (B, T, V)
+        return token_losses(logits, labels)
+    assert bound.blocks is not None and state.hidden is not None and state.block_kwargs
+    hidden = state.hidden
+    for k, block in enumerate(bound.blocks):
+        hidden = block(hidden, **state.block_kwargs[state.start + k])
+    adapter = _require_adapter(model)
+    return head_token_losses(model.get_submodule(adapter.norm)(hidden), head(model), labels)
 
 
 def _require_adapter(model: torch.nn.Module) -> Adapter:

@@ -18,6 +18,8 @@ import torch
 
 from bgotrace.modeling.split import (
     Overrides,
+    bind_state,
+    bound_token_losses,
     log_once,
     resume_trunk,
     split_block,
@@ -66,6 +68,7 @@ def unit_loss_sums(
     if trunk_rows is not None and trunk_rows.split != start:
         log_once("trunk cache (block %d) unused: this sweep splits at %s", trunk_rows.split, start)
         trunk_rows = None
+    bound = [bind_state(model, start, s) for s in states]  # once per block of units
     position = {int(u): k for k, u in enumerate(indices)}
     sums = np.zeros((len(states), len(indices)), dtype=np.float64)
     counts = np.zeros(len(indices), dtype=np.int64)
@@ -78,8 +81,8 @@ def unit_loss_sums(
             shared = resume_trunk(model, input_ids, attention_mask, start, hidden)
         else:
             shared = trunk(model, input_ids, attention_mask, start)
-        for s, overrides in enumerate(states):
-            losses = state_token_losses(model, shared, overrides, labels)  # (B, T-1)
+        for s, state in enumerate(bound):
+            losses = bound_token_losses(model, shared, state, labels)  # (B, T-1)
             sums[s, cols] = losses.sum(dim=1).double().cpu().numpy()
         advance(len(batch))
     return sums, counts

@@ -1,0 +1,234 @@
+"""Amortized BGO: what a query costs as a fraction of a corpus pass, measured side by side.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 12x128   # ~5 min, 1 core
+    OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 6x256
+    OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 12x128 --quick  # ~1 min
+
+A randomly initialised GPT-2 (12 layers x width 128, or 6 x 256; vocabulary 2,048, so the
+LM head costs about one block) over >= 1,000 synthetic units. Prints and appends to
+benchmarks/RESULTS.md:
+
+1. one full-model query end to end (perturbation, sweep, top tokens, written run) vs its
+   physical limit: two plain inference passes (model forward + loss) over the same units;
+2. 16 queries with ``--params last:2`` in one sweep vs 16 full-model single-query runs
+   (one run measured, times 16: each costs the same), cold and with a warm trunk cache;
+3. corpus x1 vs x4 (one last:2 query, each in a fresh process): time and peak-RSS ratios;
+4. time to the first result and to 32 results: BGO (full; last:2 shared; last:2 + warm
+   trunk cache), and with ``--trackstar`` TrackStar (gradient index build + query).
+
+Ratios, not absolute times, are the result: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from results_log import publish
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import bgotrace
+from bgotrace.baselines import MethodContext, get_attributor
+from bgotrace.cache import TokenCache
+from bgotrace.corpus import Document
+from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.query import Query, encode_query
+from bgotrace.report.progress import set_progress
+from bgotrace.score.batching import collate, length_buckets
+from bgotrace.train.tokenizer import train_tokenizer
+
+WORDS = (
+    "river mountain forest capital language model token gradient query corpus data "
+    "attribution city sea island winter summer light dark stone glass paper ink"
+).split()
+SHAPES = {"12x128": (12, 128), "6x256": (6, 256)}
+MAX_LENGTH, VOCAB, BATCH = 32, 2048, 16
+
+
+def corpus(n_docs: int, seed: int = 0) -> list[Document]:
+    rng = random.Random(seed)
+    return [
+        Document(f"d{i}", " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 160))), "syn")
+        for i in range(n_docs)
+    ]
+
+
+def queries(n: int) -> list[Query]:
+    return [
+        Query(f"q{i}", " ".join(WORDS[i % 20 : i % 20 + 4]), " " + WORDS[(i * 7) % len(WORDS)])
+        for i in range(n)
+    ]
+
+
+def config(cache: Path, params: str = "all", **scoring: Any) -> dict[str, Any]:
+    return {
+        "corpus": {"max_length": MAX_LENGTH, "cache_dir": str(cache)},
+        "perturb": {"params": params},  # defaults otherwise: Adam, K = 10 steps each way
+        "scoring": {"batch_size": BATCH, "queries_per_sweep": 16, **scoring},
+        "output": {"top_tokens": 3},
+    }
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def plain_pass(model: torch.nn.Module, cache: TokenCache, batch_size: int = BATCH) -> None:
+    """The physical limit's unit: one forward + loss per unit, same batching, nothing else."""
+    device = next(model.parameters()).device
+    for batch in length_buckets(np.arange(len(cache)), cache.lengths, batch_size):
+        ids, mask, labels = collate(cache, batch, 0, device)
+        token_losses(forward_logits(model, ids, mask), labels).sum(dim=1)
+
+
+def child_rss(args: argparse.Namespace) -> None:
+    """One last:2 query in this fresh process: print its seconds and the peak RSS (MiB)."""
+    set_progress(False)
+    model = GPT2LMHeadModel.from_pretrained(args.work / "model").eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(args.work / "model")
+    docs = corpus(args.docs)
+    seconds = timed(
+        lambda: bgotrace.attribute(
+            model, tok, docs, queries=queries(1), config=config(args.cache, "last:2")
+        )
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+
+
+def run_child(work: Path, cache: Path, docs: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", "--work", str(work), "--cache", str(cache),
+           "--docs", str(docs)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="12x128")
+    parser.add_argument("--quick", action="store_true", help="smaller corpus, fewer queries")
+    parser.add_argument("--trackstar", action="store_true", help="also time TrackStar (slow)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--docs", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_rss(args)
+    set_progress(False)
+    torch.manual_seed(0)
+    n_docs, n_q = (60, 4) if args.quick else (300, 16)
+    docs = corpus(n_docs)
+    tok = train_tokenizer([d.text for d in docs], vocab_size=512)
+    layers, width = SHAPES[args.model]
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=MAX_LENGTH, n_embd=width, n_layer=layers,
+                   n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ).eval()  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="bgotrace-amortized-"))
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    rows, notes = measure(model, tok, docs, n_q, work, args.trackstar)
+    report(args, rows, notes)
+
+
+def measure(model, tok, docs, n_q: int, work: Path, trackstar: bool) -> tuple[list, dict]:
+    cache_dir = work / "cache"
+    one, many = queries(1), queries(n_q)
+
+    def attribute(qs, params="all", out=None, **scoring):
+        return bgotrace.attribute(
+            model, tok, docs, queries=qs, config=config(cache_dir, params, **scoring), out=out
+        )
+
+    attribute(one)  # warm-up: builds the token cache
+    cache = TokenCache(cache_dir)
+    rows: list[tuple[str, float, float, str]] = []
+    limit = timed(lambda: (plain_pass(model, cache), plain_pass(model, cache)))
+    full = timed(lambda: attribute(one, out=work / "run-full"))
+    rows.append(("1 full-model query, end to end vs 2 plain passes", full, limit, "limit/run"))
+    shared = timed(lambda: attribute(many, "last:2"))
+    rows.append(
+        (f"{n_q} queries last:2, one sweep vs {n_q} full runs", shared, n_q * full, "run/ref")
+    )
+    attribute(one, "last:2", trunk_cache=True)  # builds the trunk cache
+    warm = timed(lambda: attribute(many, "last:2", trunk_cache=True))
+    rows.append((f"{n_q} queries last:2 + warm trunk cache vs {n_q} full runs", warm, n_q * full,
+                 "run/ref"))  # fmt: skip
+    run_child(work, work / "cache4", 4 * len(docs))  # the first child builds its cache ...
+    x4 = run_child(work, work / "cache4", 4 * len(docs))  # ... the second is measured
+    x1 = run_child(work, cache_dir, len(docs))
+    rows.append(
+        ("corpus x4 vs x1: time (1 query, last:2)", x4["seconds"], x1["seconds"], "run/ref")
+    )
+    rows.append(("corpus x4 vs x1: peak RSS (MiB)", x4["peak_mib"], x1["peak_mib"], "run/ref"))
+    notes = {"n_units": len(cache), "n_tokens": int(cache.lengths.sum()), "full": full,
+             "shared": shared, "warm": warm, "n_q": n_q}  # fmt: skip
+    single = timed(lambda: attribute(one, "last:2"))
+    single_warm = timed(lambda: attribute(one, "last:2", trunk_cache=True))
+    notes["ttr"] = {
+        "BGO full (2 passes per query)": (full, 32 * full),
+        "BGO last:2, 16 per sweep": (single, 32 / n_q * shared),
+        "BGO last:2, warm trunk cache": (single_warm, 32 / n_q * warm),
+    }
+    if trackstar:
+        notes["ttr"]["TrackStar (build + query)"] = trackstar_times(model, tok, cache)
+    return rows, notes
+
+
+def trackstar_times(model, tok, cache) -> tuple[float, float]:
+    """Seconds to the first result and to 32 results: gradient index build + queries."""
+    ctx = MethodContext(model, tok, cache, batch_size=BATCH)
+    encoded = [encode_query(q, tok, MAX_LENGTH) for q in queries(32)]
+    start = time.perf_counter()
+    method = get_attributor("trackstar")
+    method.prepare(ctx)
+    built = time.perf_counter() - start
+    first = built + timed(lambda: method.score(encoded[:1]))
+    return first, built + timed(lambda: method.score(encoded))
+
+
+def report(args: argparse.Namespace, rows: list, notes: dict) -> None:
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_amortized.py " \
+        f"--model {args.model}{' --quick' if args.quick else ''}"  # fmt: skip
+    lines = [
+        f"\n### Amortized BGO, GPT-2 {args.model} ({date.today()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s), shared machine)\n",
+        f"`{command}` — {notes['n_units']} units, {notes['n_tokens']} tokens, vocabulary "
+        f"{VOCAB}, batch {BATCH}, K = 10 Adam steps each way.\n",
+        "| comparison | measured (s) | reference (s) | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, new, ref, kind in rows:
+        ratio = ref / new if kind == "limit/run" else new / ref
+        lines.append(f"| {name} | {new:.2f} | {ref:.2f} | {ratio:.2f} |")
+    lines += ["", "| method | first result (s) | 32 results (s) |", "|---|---:|---:|"]
+    for name, (first, all32) in notes["ttr"].items():
+        lines.append(f"| {name} | {first:.1f} | {all32:.1f} |")
+    lines.append(
+        "\nFirst result: one query alone (last:2 modes: a single-query sweep). 32 results: "
+        "32 x the full run, or 32/16 x the measured 16-query sweep; TrackStar's are measured."
+    )
+    if args.quick:  # a smoke run, not a result
+        print("\n".join(lines))
+    else:
+        publish(lines)
+
+
+if __name__ == "__main__":
+    main()
