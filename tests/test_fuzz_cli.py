@@ -797,3 +797,57 @@ def test_config_numbers_written_as_strings_are_converted() -> None:
         16,
         7,
     )
+
+
+def _weights(d: Path) -> Path:
+    return next(d.glob("*.safetensors"))
+
+
+MODEL_FAULTS = {
+    "garbage weights": (
+        lambda d: _weights(d).write_bytes(b"garbage" * 10),
+        "weights .* unreadable",
+    ),
+    "truncated weights": (
+        lambda d: _weights(d).write_bytes(_weights(d).read_bytes()[:1000]),
+        "weights .* unreadable",
+    ),
+    "config not JSON": (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    "unknown architecture": (
+        lambda d: (d / "config.json").write_text('{"model_type": "nonexistent"}'),
+        "config.json is unreadable",
+    ),
+    "no tokenizer": (
+        lambda d: [p.unlink() for p in d.iterdir() if "token" in p.name],
+        "no tokenizer files",
+    ),
+    "damaged tokenizer": (lambda d: (d / "tokenizer.json").write_text("{}"), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MODEL_FAULTS))
+def test_damaged_model_directory_is_one_line_error(world: World, fault: str) -> None:
+    import shutil
+
+    damage, expect = MODEL_FAULTS[fault]
+    broken = world.root / f"model-{fault.replace(' ', '-')}"
+    shutil.copytree(world.model, broken)
+    damage(broken)
+    case = Case(
+        args=["--method", "random", "--prompt", "Paris is", "--completion", " the capital"],
+        expect=expect,
+        must_fail=True,
+    )
+    run_case(world, case, model=broken)
+
+
+def test_damaged_adapter_config_is_one_line_error(world: World) -> None:
+    here = world.root / "adapter"
+    here.mkdir()
+    (here / "adapter_config.json").write_text("{broken")
+    case = Case(
+        args=["--adapter", str(here), "--prompt", "Paris is", "--completion", " the capital"],
+        expect="adapter_config.json is not a JSON object",
+        must_fail=True,
+    )
+    run_case(world, case)

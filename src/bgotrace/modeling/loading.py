@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,6 +36,13 @@ def _check_model_dir(path: Path) -> None:
             f"{path} has no config.json, so it is not a Hugging Face model directory: "
             "pass the folder that save_pretrained wrote."
         )
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(
+            f"{path}/config.json is not valid JSON ({str(err).splitlines()[0]}): re-save the "
+            "model with save_pretrained."
+        ) from None
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(
             f"{path} has no *.safetensors weights; bgotrace loads weights with safetensors only: "
@@ -45,11 +53,19 @@ def _check_model_dir(path: Path) -> None:
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizer backends raise many types for a damaged file
         raise ModelLoadError(
-            f"Could not load a tokenizer from {path} ({type(err).__name__}): "
+            f"Could not load a tokenizer from {path} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}): "
             "save the tokenizer next to the model with tokenizer.save_pretrained."
-        ) from err
+        ) from None
+    # Without tokenizer files transformers may build an empty tokenizer that encodes any text
+    # to no tokens at all; that would surface much later as an empty query or corpus.
+    if not tokenizer("The", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(
+            f"{path} has no tokenizer files (tokenizer.json or a vocabulary): save the "
+            "tokenizer next to the model with tokenizer.save_pretrained."
+        )
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         # Padding positions are masked out of every loss, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,7 +76,11 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{path}/config.json is unreadable: {err}".splitlines()[0]) from err
+        reason = str(err).splitlines()[0].split(". ")[0]
+        raise ModelLoadError(
+            f"{path}/config.json is unreadable ({reason}): re-save the model with "
+            "save_pretrained, or upgrade transformers if the architecture is new."
+        ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -74,6 +94,11 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> 
             f"{path} holds a {type(config).__name__}, which is not a causal LM: "
             "bgotrace needs a model that AutoModelForCausalLM can load."
         ) from err
+    except (SafetensorError, OSError, RuntimeError) as err:  # damaged or truncated weights
+        raise ModelLoadError(
+            f"The weights in {path} are unreadable ({str(err).splitlines()[0]}): check that the "
+            "download is complete, or re-save the model with save_pretrained."
+        ) from None
     return model
 
 
@@ -108,9 +133,15 @@ def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
         )
     from peft import PeftModel
 
-    base_name = json.loads((adapter / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
+    try:
+        base_name = json.loads((adapter / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+    except (ValueError, AttributeError) as err:
+        raise ModelLoadError(
+            f"{adapter}/adapter_config.json is not a JSON object ({err}): re-save the adapter "
+            "with save_pretrained."
+        ) from None
     log.info("merging PEFT adapter %s (trained on %s)", adapter, base_name)
     peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload()
