@@ -544,6 +544,8 @@ BAD_OPTIONS: list[tuple[str, str, str]] = [
     ("--config", "{here}/missing.yaml", "does not exist"),
     ("--cache-dir", "{here}/afile", "is a file"),
     ("--out", "{here}/afile", "is a file"),
+    ("--out", "{here}/afile/run", "Cannot create the run directory"),
+    ("--cache-dir", "{here}/afile/sub", "Cannot create"),
     ("--text-field", "body", "--text-field"),
     ("--frobnicate", "1", "No such option"),
 ]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from bgotrace.errors import CacheMismatchError
+from bgotrace.errors import CacheMismatchError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ POLL_SECONDS = 0.1
 
 class CacheLockedError(CacheMismatchError):
     """Another process held a cache's lock for longer than the caller would wait."""
+
+
+class CacheLocationError(InputError):
+    """The folder of a cache cannot be created (a parent is a file, a read-only mount)."""
 
 
 def lock_path(target: str | Path) -> Path:
@@ -54,7 +58,13 @@ def exclusive(
     with a ``timeout`` in seconds, raises :class:`CacheLockedError` when it runs out.
     """
     path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheLocationError(
+            f"Cannot create {path.parent} for the {what} {target} ({err.strerror}): "
+            "choose another cache directory."
+        ) from None
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)

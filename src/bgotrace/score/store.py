@@ -73,7 +73,12 @@ class RunStore:
                 )
         elif resume:
             raise RunDirectoryError(f"--resume was given but {root} holds no run: drop --resume.")
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a parent that is a file, a read-only or missing mount
+            raise RunDirectoryError(
+                f"Cannot create the run directory {root} ({err.strerror}): choose another --out."
+            ) from None
         if resume:
             (root / SUMMARY).unlink(missing_ok=True)  # the outputs are rewritten at the end
         return cls(root)
