@@ -385,3 +385,18 @@ def test_unpaired_surrogate_is_refused_where_it_comes_in(tmp_path: Path) -> None
         load_documents(path)
     with pytest.raises(InputError, match="field 'source' holds an unpaired surrogate"):
         documents_from_records([{"text": "ok", "source": "s\udcff"}])
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"state.json": "junk"},
+        {"state.json": '{"x": 1}', "dataset_info.json": "{"},
+        {"state.json": '{"x": 1}', "dataset_info.json": "{}"},
+    ],
+)
+def test_damaged_saved_dataset_is_refused(tmp_path: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match="cannot be read .*: re-save it with save_to_disk"):
+        load_documents(tmp_path)

@@ -197,7 +197,13 @@ def _is_hf_dataset(root: Path) -> bool:
 def _load_hf_dataset(root: Path, split: str | None, fields: CorpusFields) -> list[Document]:
     import datasets  # imported here: it takes a second and most corpora do not need it
 
-    loaded = datasets.load_from_disk(str(root))
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as err:  # datasets raises KeyError, OSError, JSON errors for a damaged folder
+        raise InputError(
+            f"Corpus {root} looks like a saved datasets folder but cannot be read "
+            f"({str(err).splitlines()[0]}): re-save it with save_to_disk."
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         dataset = _pick_split(root, loaded, split)
     elif split is not None:
