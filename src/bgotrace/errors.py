@@ -40,3 +40,9 @@ class RunDirectoryError(BgotraceError):
 
 class DistributedError(BgotraceError):
     """A Ray cluster cannot run the sweep: unreachable, too small, or workers keep dying."""
+
+
+def first_line(err: BaseException) -> str:
+    """First line of a third-party exception's message (its type without one), for our messages."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -27,7 +27,7 @@ from bgotrace.corpus.documents import (
     Document,
     build_documents,
 )
-from bgotrace.errors import InputError
+from bgotrace.errors import InputError, first_line
 
 JSON_SUFFIXES = (".jsonl", ".json")
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -202,7 +202,7 @@ def _load_hf_dataset(root: Path, split: str | None, fields: CorpusFields) -> lis
     except Exception as err:  # datasets raises KeyError, OSError, JSON errors for a damaged folder
         raise InputError(
             f"Corpus {root} looks like a saved datasets folder but cannot be read "
-            f"({str(err).splitlines()[0]}): re-save it with save_to_disk."
+            f"({first_line(err)}): re-save it with save_to_disk."
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         dataset = _pick_split(root, loaded, split)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from bgotrace.devices import resolve_device, resolve_dtype
-from bgotrace.errors import ModelLoadError
+from bgotrace.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _check_model_dir(path: Path) -> None:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ModelLoadError(
-            f"{path}/config.json is not valid JSON ({str(err).splitlines()[0]}): re-save the "
+            f"{path}/config.json is not valid JSON ({first_line(err)}): re-save the "
             "model with save_pretrained."
         ) from None
     if not any(path.glob("*.safetensors")):
@@ -56,7 +56,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerB
     except Exception as err:  # tokenizer backends raise many types for a damaged file
         raise ModelLoadError(
             f"Could not load a tokenizer from {path} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}): "
+            f"{first_line(err)}): "
             "save the tokenizer next to the model with tokenizer.save_pretrained."
         ) from None
     # Without tokenizer files transformers may build an empty tokenizer that encodes any text
@@ -76,7 +76,7 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0].split(". ")[0]
+        reason = first_line(err).split(". ")[0]
         raise ModelLoadError(
             f"{path}/config.json is unreadable ({reason}): re-save the model with "
             "save_pretrained, or upgrade transformers if the architecture is new."
@@ -96,7 +96,7 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> 
         ) from err
     except (SafetensorError, OSError, RuntimeError) as err:  # damaged or truncated weights
         raise ModelLoadError(
-            f"The weights in {path} are unreadable ({str(err).splitlines()[0]}): check that the "
+            f"The weights in {path} are unreadable ({first_line(err)}): check that the "
             "download is complete, or re-save the model with save_pretrained."
         ) from None
     return model
