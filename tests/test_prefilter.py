@@ -192,6 +192,14 @@ def test_documents_without_candidates_are_nan_and_last():
     assert docs.loc["d1", "n_units"] == 2
 
 
+def test_top_lists_leave_unscored_units_and_documents_out(model, tok, tmp_path):
+    result = run(model, tok, tmp_path, candidates=2, queries_per_sweep=1)
+    for granularity in ("unit", "document", "source"):
+        top = result.top(1000, "capital", granularity=granularity)
+        assert len(top) and top.filter(like="score").notna().all().all()
+    assert len(result.top(1000, "capital")) == 2  # the two candidates, not every unit
+
+
 def test_bgo_method_reranks_and_lds_refuses_it(model, tok, tmp_path):
     run(model, tok, tmp_path)  # builds the cache
     ctx = MethodContext(model, tok, TokenCache(tmp_path / "c"), batch_size=1)

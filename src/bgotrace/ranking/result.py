@@ -10,9 +10,11 @@ from typing import Any
 import pandas as pd
 
 from bgotrace.errors import InputError
+from bgotrace.ranking.aggregate import RANK_KEY
 from bgotrace.score.store import SUMMARY, RunStore
 
 TABLES = {"unit": "scores", "document": "documents", "source": "sources"}
+_GROUP_KEY = {"unit": "unit_id", "document": "doc_id", "source": "source"}
 
 
 @dataclass
@@ -104,8 +106,11 @@ class AttributionResult:
             raise InputError(
                 f"granularity={granularity!r} is unknown: use unit, document or source."
             )
-        table = getattr(self, TABLES[granularity])
-        return self._pick(table, query_id).sort_values("rank").head(k).reset_index(drop=True)
+        table = self._pick(getattr(self, TABLES[granularity]), query_id)
+        # A prefiltered run (--candidates) leaves non-candidates unscored (NaN): they are in
+        # the tables, never in a top-k list.
+        scored = table[table[RANK_KEY.get(_GROUP_KEY[granularity], "score")].notna()]
+        return scored.sort_values("rank").head(k).reset_index(drop=True)
 
     def by_source(self, query_id: str | None = None) -> pd.DataFrame:
         """Source-level scores of one query, best first."""
