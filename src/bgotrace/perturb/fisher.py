@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bgotrace.cache.locking import exclusive
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, mean_loss
 from bgotrace.perturb.grad_scope import grads_only_for
@@ -116,12 +117,14 @@ def cached_fisher(
 ) -> dict[str, torch.Tensor]:
     """Load F̂ from beside the token cache, or estimate and store it."""
     path = units.root / "fisher" / f"{fisher_key(units, model, names, n_samples, seed)}.safetensors"
-    if path.is_file():
-        log.info("reusing Fisher diagonal %s", path)
-        return {n: t.to(device) for n, t in load_file(path).items()}
-    fisher = estimate_fisher(model, units, names, sample_units(len(units), n_samples, seed), device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    save_file({n: t.contiguous().cpu() for n, t in fisher.items()}, str(tmp))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written Fisher file
+    # Two runs on one cache estimate F̂ once: the second waits, then reuses the file.
+    with exclusive(path, what="Fisher diagonal"):
+        if path.is_file():
+            log.info("reusing Fisher diagonal %s", path)
+            return {n: t.to(device) for n, t in load_file(path).items()}
+        sample = sample_units(len(units), n_samples, seed)
+        fisher = estimate_fisher(model, units, names, sample, device)
+        tmp = path.with_suffix(".part")
+        save_file({n: t.contiguous().cpu() for n, t in fisher.items()}, str(tmp))
+        tmp.replace(path)  # atomic: a crash never leaves a half-written Fisher file
     return fisher
