@@ -254,3 +254,30 @@ def test_local_workers_start_and_stop_a_private_ray(model, tok, local, tmp_path,
     assert_same(local, spread)
     assert sum(records.values("blocks_per_node")[0].values()) > 0
     assert not ray.is_initialized()
+
+
+# --- last: it takes node2 away for good ---------------------------------------------------
+def test_losing_a_node_mid_sweep_leaves_the_run_to_the_other(cluster, model, tok, local,
+                                                             tmp_path, records):  # fmt: skip
+    """Node2 (raylet and its worker) SIGKILLed: the head's worker finishes the sweep (the
+    lost worker cannot restart: its node is gone and the head has no free CPU)."""
+    out, ended = tmp_path / "run", threading.Event()
+
+    def lose_node2() -> None:
+        while not any((out / "shards").rglob("*.npz")):
+            if ended.wait(0.01):
+                return
+        os.killpg(cluster.nodes[1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=lose_node2)
+    killer.start()
+    try:
+        result = attribute(
+            model, tok, tmp_path, out=out, workers=2, ray_address=cluster.address, ray_timeout=60
+        )
+    finally:
+        ended.set()
+    killer.join()
+    assert records.values("blocks_deaths")[-1] >= 1  # the lost worker's block was redone
+    assert (out / "summary.json").exists()
+    assert_same(local, result)
