@@ -853,3 +853,16 @@ def test_damaged_adapter_config_is_one_line_error(world: World) -> None:
         must_fail=True,
     )
     run_case(world, case)
+
+
+def test_resume_with_the_default_unit_length_is_the_same_config(world: World) -> None:
+    """config.yaml holds the resolved length; the same flags resolve to it again: resume works."""
+    here = world.case_dir()
+    (here / "corpus.jsonl").write_text(_jsonl([_row(i, t) for i, t in enumerate(TEXTS)]))
+    args = ["attribute", "--quiet", "--model", str(world.model), "--steps", "1"]
+    args += ["--corpus", str(here / "corpus.jsonl"), "--out", str(here / "run")]
+    args += ["--prompt", "Paris is", "--completion", " the capital"]
+    assert runner.invoke(app, args).exit_code == 0
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (here / "run" / "summary.json").is_file()
