@@ -90,9 +90,7 @@ class RayExecutor:
         sweep dtype) is another one; the workers then hold both."""
         self.units, self.options = units, options
         self.session = RaySession.open(
-            options.address,
-            n_cpus=options.workers * options.cpus_per_worker,
-            n_gpus=options.workers * options.gpus_per_worker,
+            options.address, n_cpus=options.workers * options.cpus_per_worker
         )
         self.slots: list[Slot] = []
         try:

@@ -40,12 +40,12 @@ class RaySession:
     """True when this run initialised Ray (and so must shut it down)."""
 
     @classmethod
-    def open(cls, address: str | None, *, n_cpus: float, n_gpus: float) -> RaySession:
+    def open(cls, address: str | None, *, n_cpus: float) -> RaySession:
+        """Join ``address``, or start a private instance with ``n_cpus`` CPUs (GPUs detected)."""
         ray = import_ray()
         if ray.is_initialized():
             return cls("caller's", owned=False)
         if address is None:
-            # Enough whole CPUs for the workers; GPUs as Ray detects them.
             ray.init(
                 address="local",
                 num_cpus=max(1, math.ceil(n_cpus)),
