@@ -268,7 +268,7 @@ def attribute(model, tok, tmp_path, **scoring):
     config = {
         "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},
         "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 2, "params": "last:1"},
-        "scoring": {"reduce": "sum", **scoring},
+        "scoring": {"reduce": "sum", "normalize": "none", **scoring},
         "output": {"top_tokens": 3},
     }
     return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config)

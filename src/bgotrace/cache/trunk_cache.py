@@ -25,7 +25,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def trunk_request(
         dtype=dtype,
         sweep_dtype=str(param.dtype).removeprefix("torch."),
         token_cache_fingerprint=token_cache_fingerprint(cache),
-        hidden_size=int(model.config.hidden_size),
+        hidden_size=int(cast(Any, model).config.hidden_size),
         n_units=len(cache),
         n_tokens=int(cache.lengths.sum()),
     )

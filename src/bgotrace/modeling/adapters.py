@@ -50,7 +50,7 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[1], device=x.device).unsqueeze(0)
 
 
-def _causal(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
+def _causal(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
     return create_causal_mask(
         config=model.config,
         inputs_embeds=hidden,
@@ -60,23 +60,23 @@ def _causal(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | N
     )
 
 
-def _gpt2_embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _gpt2_embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
     t = model.transformer
     hidden = t.wte(ids) + t.wpe(_positions(ids))
     return t.drop(hidden)
 
 
-def _gpt2_kwargs(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
+def _gpt2_kwargs(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
     causal = _causal(model, hidden, mask)
     kw = {"attention_mask": causal, "position_ids": _positions(hidden), "use_cache": False}
     return [kw] * model.config.n_layer
 
 
-def _neox_embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _neox_embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return model.gpt_neox.emb_dropout(model.gpt_neox.embed_in(ids))
 
 
-def _neox_kwargs(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
+def _neox_kwargs(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
     positions = _positions(hidden)
     kw = {
         "attention_mask": _causal(model, hidden, mask),
@@ -87,11 +87,11 @@ def _neox_kwargs(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tenso
     return [kw] * model.config.num_hidden_layers
 
 
-def _llama_embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _llama_embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return model.model.embed_tokens(ids)
 
 
-def _llama_kwargs(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
+def _llama_kwargs(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
     """Llama, Mistral and Qwen2: one rotary table, a full or sliding-window mask per layer."""
     config, positions = model.config, _positions(hidden)
     args = {

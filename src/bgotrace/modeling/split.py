@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch.func import functional_call
@@ -88,7 +89,7 @@ def trunk(
         return TrunkState(input_ids, attention_mask, None)
     hidden = adapter.embed(model, input_ids)  # (B, T, D)
     kwargs = adapter.block_kwargs(model, hidden, attention_mask)
-    blocks = model.get_submodule(adapter.blocks)
+    blocks = _blocks(model, adapter)
     for i in range(start):
         hidden = blocks[i](hidden, **kwargs[i])
     return TrunkState(input_ids, attention_mask, start, hidden, kwargs)
@@ -112,7 +113,7 @@ def top_hidden(model: torch.nn.Module, state: TrunkState, overrides: Overrides) 
     adapter = _require_adapter(model)
     assert state.start is not None and state.hidden is not None and state.block_kwargs
     per_block = _overrides_by_block(adapter, overrides, state.start)
-    blocks = model.get_submodule(adapter.blocks)
+    blocks = _blocks(model, adapter)
     hidden = state.hidden
     for i in range(state.start, len(blocks)):
         own = per_block.get(i)
@@ -163,7 +164,7 @@ def bind_state(model: torch.nn.Module, start: int | None, overrides: Overrides) 
         return BoundState(full=bind(model, overrides) if overrides else model, blocks=None)
     adapter = _require_adapter(model)
     per_block = _overrides_by_block(adapter, overrides, start)
-    blocks = model.get_submodule(adapter.blocks)
+    blocks = _blocks(model, adapter)
     bound = [
         bind(blocks[i], per_block[i]) if i in per_block else blocks[i]
         for i in range(start, len(blocks))
@@ -185,6 +186,10 @@ def bound_token_losses(
         hidden = block(hidden, **state.block_kwargs[state.start + k])
     adapter = _require_adapter(model)
     return head_token_losses(model.get_submodule(adapter.norm)(hidden), head(model), labels)
+
+
+def _blocks(model: torch.nn.Module, adapter: Adapter) -> torch.nn.ModuleList:
+    return cast(torch.nn.ModuleList, model.get_submodule(adapter.blocks))
 
 
 def _require_adapter(model: torch.nn.Module) -> Adapter:
