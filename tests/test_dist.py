@@ -30,7 +30,7 @@ from bgotrace.errors import DistributedError
 from bgotrace.query import Query
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
-from tests.ray_cluster import ENV, start_cluster
+from tests.ray_cluster import ENV, free_port, start_cluster
 
 pytestmark = pytest.mark.dist
 ray = pytest.importorskip("ray")
@@ -254,6 +254,19 @@ def test_local_workers_start_and_stop_a_private_ray(model, tok, local, tmp_path,
     assert_same(local, spread)
     assert sum(records.values("blocks_per_node")[0].values()) > 0
     assert not ray.is_initialized()
+
+
+def test_an_address_nobody_answers_is_one_error_line(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": DOCS[0].text}) + "\n")
+    result = invoke(
+        "attribute", "--model", model_dir, "--corpus", corpus, "--quiet", "--max-length", 8,
+        "--cache-dir", tmp_path / "cache", "--prompt", "Paris is", "--completion", " France.",
+        "--workers", 1, "--ray-address", f"127.0.0.1:{free_port()}", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "error: Nothing answers at --ray-address=127.0.0.1:" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "summary.json").exists()
 
 
 # --- last: it takes node2 away for good ---------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ class RaySession:
             )
             log.info("started a local Ray instance with %d CPUs", max(1, math.ceil(n_cpus)))
             return cls("local", owned=True)
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -70,6 +72,21 @@ class RaySession:
         if self.owned:
             import_ray().shutdown()
             self.owned = False
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a HEAD:PORT nobody listens on (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise DistributedError(
+            f"Nothing answers at --ray-address={address} ({err.strerror or err}): start the "
+            "head with `ray start --head --port PORT`, check the host and port, or drop "
+            "--ray-address to run on this machine."
+        ) from err
 
 
 def resources_text(resources: dict[str, float]) -> str:
