@@ -51,10 +51,48 @@ print(json.dumps({"built": bool(built), "created_at": cache.manifest["created_at
 """
 
 
-def _start(tmp_path: Path, name: str, cache_dir: Path, go: Path) -> tuple[subprocess.Popen, Path]:
+TRUNK_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import torch
+import bgotrace.cache.trunk_cache as trunk_cache
+from bgotrace.cache import get_token_cache
+from bgotrace.corpus import ChunkingConfig, Document
+from tests.conftest import make_tiny_tokenizer
+from tests.models import tiny_gpt2
+
+cache_dir, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+built = []
+write_rows = trunk_cache._write_rows
+
+def slow_write_rows(*args, **kwargs):
+    built.append(True)
+    time.sleep(1.0)  # without the lock, the other process would start its own build here
+    return write_rows(*args, **kwargs)
+
+trunk_cache._write_rows = slow_write_rows
+tokenizer = make_tiny_tokenizer()
+model = tiny_gpt2(tokenizer)
+docs = [Document(f"d{i}", f"The quick brown fox number {i} jumps.", "s") for i in range(12)]
+cache = get_token_cache(docs, tokenizer, ChunkingConfig(max_length=8), cache_dir, progress=False)
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+trunk = trunk_cache.get_trunk_cache(
+    model, cache, 1, dtype="float32", batch_size=4, pad_id=0, device=torch.device("cpu")
+)
+print(json.dumps({"built": bool(built), "root": str(trunk.root)}))
+"""
+
+
+def _start(
+    tmp_path: Path, name: str, cache_dir: Path, go: Path, child: str = CHILD
+) -> tuple[subprocess.Popen, Path]:
     ready = tmp_path / f"{name}.ready"
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(REPO), str(cache_dir), str(ready), str(go)],
+        [sys.executable, "-c", child, str(REPO), str(cache_dir), str(ready), str(go)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,9 +101,10 @@ def _start(tmp_path: Path, name: str, cache_dir: Path, go: Path) -> tuple[subpro
     return proc, ready
 
 
-def test_two_processes_build_one_cache_once(tmp_path: Path) -> None:
-    cache_dir, go = tmp_path / "cache", tmp_path / "go"
-    children = [_start(tmp_path, name, cache_dir, go) for name in ("a", "b")]
+def _race(tmp_path: Path, cache_dir: Path, child: str) -> list[dict]:
+    """Start two children, release them together, and return their reports."""
+    go = tmp_path / "go"
+    children = [_start(tmp_path, name, cache_dir, go, child) for name in ("a", "b")]
     deadline = time.time() + 120
     while not all(ready.exists() for _, ready in children):
         assert time.time() < deadline and all(p.poll() is None for p, _ in children), [
@@ -78,12 +117,26 @@ def test_two_processes_build_one_cache_once(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+def test_two_processes_build_one_cache_once(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    reports = _race(tmp_path, cache_dir, CHILD)
     assert sorted(r["built"] for r in reports) == [False, True]  # one built, one reused
     assert reports[0]["created_at"] == reports[1]["created_at"]  # the very same build
     cache = TokenCache(cache_dir)  # complete and consistent (checked when opened)
     assert len(cache) == reports[0]["n_units"] > 0
     leftovers = sorted(p.name for p in tmp_path.iterdir() if ".building-" in p.name)
     assert leftovers == []
+
+
+def test_two_processes_build_one_trunk_cache_once(tmp_path: Path) -> None:
+    """Without the lock the second build's rename onto the first one's directory fails."""
+    reports = _race(tmp_path, tmp_path / "cache", TRUNK_CHILD)
+    assert sorted(r["built"] for r in reports) == [False, True]
+    assert reports[0]["root"] == reports[1]["root"]
+    assert not list(Path(reports[0]["root"]).parent.glob(".*.tmp-*"))  # no build left behind
 
 
 def test_lock_excludes_and_is_released_on_exit(tmp_path: Path) -> None:

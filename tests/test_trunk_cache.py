@@ -70,7 +70,7 @@ def test_warm_cache_scores_equal_computed_trunk_scores(
     model = make(tok)
     plain = attribute(model, tok, tmp_path / "c")
     cold = attribute(model, tok, tmp_path / "c", trunk_cache=True, trunk_cache_dtype=dtype)
-    (built,) = (tmp_path / "c" / "trunk").iterdir()
+    (built,) = _visible(tmp_path / "c" / "trunk")
     assert built.name.endswith(f"-b1-{dtype}")  # last:1 of 2 blocks: the trunk is block 0
 
     def no_trunk(*args, **kwargs):
@@ -149,7 +149,12 @@ def test_cli_trunk_cache_second_run_reuses_it(tok, tmp_path):
     for out in ("a", "b"):
         result = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / out]])
         assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "cache" / "trunk").iterdir())) == 1
+    assert len(_visible(tmp_path / "cache" / "trunk")) == 1
     a = json.loads((tmp_path / "a" / "summary.json").read_text())["queries"][0]["top_units"]
     b = json.loads((tmp_path / "b" / "summary.json").read_text())["queries"][0]["top_units"]
     assert a == b
+
+
+def _visible(folder):
+    """Entries of a folder without the hidden lock files of bgotrace.cache.locking."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]

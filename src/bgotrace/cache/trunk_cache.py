@@ -30,6 +30,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from bgotrace.cache.locking import exclusive
 from bgotrace.cache.token_cache import TokenCache
 from bgotrace.devices import resolve_dtype
 from bgotrace.errors import CacheMismatchError, ConfigError
@@ -172,19 +173,21 @@ def get_trunk_cache(
     """Reopen the trunk cache of this model, split and token cache, or build it."""
     request = trunk_request(model, cache, split, dtype)
     root = trunk_cache_dir(cache, request)
-    if (root / MANIFEST).is_file():
-        stored = json.loads((root / MANIFEST).read_text())
-        wanted = request.manifest()
-        diffs = [k for k in sorted(wanted) if stored.get(k) != wanted[k]]
-        if diffs:
-            raise CacheMismatchError(
-                f"Trunk cache {root} is stale (differs in {', '.join(diffs)}): delete it "
-                "(rm -r) to rebuild it, or run without --trunk-cache."
-            )
-        log.info("reusing trunk cache %s (block %d)", root, split)
-        return TrunkCache(root)
-    build_trunk_cache(model, cache, request, root, batch_size=batch_size, pad_id=pad_id,
-                      device=device)  # fmt: skip
+    # Two runs on one cache build it once: the second waits here, then reuses it.
+    with exclusive(root, what="trunk cache"):
+        if (root / MANIFEST).is_file():
+            stored = json.loads((root / MANIFEST).read_text())
+            wanted = request.manifest()
+            diffs = [k for k in sorted(wanted) if stored.get(k) != wanted[k]]
+            if diffs:
+                raise CacheMismatchError(
+                    f"Trunk cache {root} is stale (differs in {', '.join(diffs)}): delete it "
+                    "(rm -r) to rebuild it, or run without --trunk-cache."
+                )
+            log.info("reusing trunk cache %s (block %d)", root, split)
+            return TrunkCache(root)
+        build_trunk_cache(model, cache, request, root, batch_size=batch_size, pad_id=pad_id,
+                          device=device)  # fmt: skip
     return TrunkCache(root)
 
 
