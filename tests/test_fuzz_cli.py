@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import re
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +141,7 @@ def run_case(
         (here / "corpus.jsonl").write_text(_jsonl([_row(i, t) for i, t in enumerate(TEXTS)]))
         args += ["--corpus", str(here / "corpus.jsonl")]
     args += [a.replace("{here}", str(here)) for a in case.args]
-    started = time.perf_counter()
     result = runner.invoke(app, args)
-    if os.environ.get("BGOTRACE_FUZZ_TIMES"):
-        with open(os.environ["BGOTRACE_FUZZ_TIMES"], "a") as fh:
-            took = time.perf_counter() - started
-            fh.write(f"{took:.3f} {result.exit_code} {'random' in args} {case.expect}\n")
     check_result(result, out, case, args)
 
 
