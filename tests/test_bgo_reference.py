@@ -86,7 +86,13 @@ def _run(model, tokenizer, tmp_path, optimizer, variant, reduce, batch_size=3):
     cfg = {
         "corpus": {"max_length": 12, "stride": 4, "cache_dir": str(tmp_path / "cache")},
         "perturb": {"optimizer": optimizer, "lr": LR[optimizer], "steps": 3, "fisher_samples": 4},
-        "scoring": {"score": variant, "reduce": reduce, "batch_size": batch_size},
+        # raw loss changes: the normalised default is checked in tests/test_normalize.py
+        "scoring": {
+            "score": variant,
+            "reduce": reduce,
+            "batch_size": batch_size,
+            "normalize": "none",
+        },
         "output": {"top_tokens": 100},
     }
     result = bgotrace.attribute(

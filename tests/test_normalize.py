@@ -108,3 +108,28 @@ def test_hub_correlations():
     assert mean_spearman(np.array([[1.0, 2.0, 3.0, 4.0]]), lengths) == pytest.approx(1.0)
     assert mean_spearman(np.array([[4.0, 3.0, 2.0, 1.0]]), lengths) == pytest.approx(-1.0)
     assert np.isnan(mean_spearman(np.array([[1.0, 1.0, 1.0, 1.0]]), lengths))
+
+
+def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_documents, tmp_path):
+    """End to end: the default ranks by raw BGO score / ‖∇L(z)‖ of the slow loop (rtol 1e-4)."""
+    import bgotrace
+
+    model, tokenizer = setup
+
+    def run(normalize: str):
+        cfg = {
+            "corpus": {"max_length": 16, "cache_dir": str(tmp_path / "cache")},
+            "perturb": {"steps": 2},
+            "scoring": {"normalize": normalize},
+        }
+        result = bgotrace.attribute(
+            model, tokenizer, tiny_documents, prompt="Paris is the capital of",
+            completion=" France.", config=cfg,
+        )  # fmt: skip
+        return result.scores.sort_values("unit_index")["score"].to_numpy()
+
+    raw, default = run("none"), run("sensitivity")
+    cache = get_token_cache(tiny_documents, tokenizer, ChunkingConfig(16), tmp_path / "cache")
+    slow = _slow_norms(model, cache, [n for n, _ in model.named_parameters()])
+    np.testing.assert_allclose(default, raw / slow, rtol=1e-4)
+    assert bgotrace.config.ScoreConfig().normalize == "sensitivity"  # the shipped default

@@ -55,7 +55,7 @@ UNITS_FILE = "units.parquet"
 DOCUMENTS_FILE = "documents.parquet"
 MANIFEST_FILE = "manifest.json"
 CACHE_FILES = (TOKENS_FILE, UNITS_FILE, DOCUMENTS_FILE, MANIFEST_FILE)
-DERIVED_DIRS = ("fisher", "kronfluence")
+DERIVED_DIRS = ("fisher", "kronfluence", "sensitivity")
 """Artefacts computed from a cache's units and kept beside it (keyed by its manifest);
 a rebuild replaces them together with the cache."""
 
