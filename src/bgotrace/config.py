@@ -78,9 +78,18 @@ def _at_least(value: int, minimum: int, option: str) -> None:
         )
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Numbers of the perturbation meet float32 weights: larger ones overflow inside torch."""
+
+
 def _positive(value: float, option: str) -> None:
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{option} must be > 0, got {value}: pass a positive value.")
+    if value > FLOAT32_MAX:
+        raise ConfigError(
+            f"{option}={value:g} is beyond float32's range ({FLOAT32_MAX:.1e}): "
+            "pass a smaller value."
+        )
 
 
 @dataclass
@@ -286,12 +295,10 @@ class ScoreConfig:
     )
     # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
-    # sensitivity: won the validation sweep and held on test (benchmarks/RESULTS.md, issue 9).
     normalize: str = _help(
-        "sensitivity | none: divide each unit's score by the norm of its loss gradient (like "
-        "gradient cosine; query-independent, computed once and cached beside the token cache; "
-        "curbs hub units). none: raw loss changes in nats.",
-        "sensitivity",
+        "none | sensitivity: divide each unit's score by its loss change under fixed random "
+        "perturbations (query-independent, cached beside the token cache; curbs hub units).",
+        "none",
     )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
@@ -416,6 +423,8 @@ class AttributeConfig:
     """``bgo`` (perturbation + sweep) or a baseline name (``bgotrace.baselines``)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed={self.seed} is out of range: pass a seed in [0, 2**32).")
         if self.method not in METHODS:
             raise ConfigError(
                 f"Unknown attribution method {self.method!r}: use one of {', '.join(METHODS)}."
