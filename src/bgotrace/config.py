@@ -295,10 +295,12 @@ class ScoreConfig:
     )
     # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
+    # sensitivity: won the validation sweep and held on test (benchmarks/RESULTS.md, issue 9).
     normalize: str = _help(
-        "none | sensitivity: divide each unit's score by its loss change under fixed random "
-        "perturbations (query-independent, cached beside the token cache; curbs hub units).",
-        "none",
+        "sensitivity | none: divide each unit's score by the norm of its loss gradient (like "
+        "gradient cosine; query-independent, computed once and cached beside the token cache; "
+        "curbs hub units). none: raw loss changes in nats.",
+        "sensitivity",
     )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
