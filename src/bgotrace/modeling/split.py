@@ -178,6 +178,9 @@ def bound_token_losses(
     """:func:`state_token_losses` of a bound state (the same modules, no per-call rebinding)."""
     if state.start is None:
         assert bound.full is not None
+        if adapter_for(bound.full) is not None:  # every block, with the chunked head
+            whole = trunk(bound.full, state.input_ids, state.attention_mask, 0)
+            return head_token_losses(top_hidden(bound.full, whole, None), head(bound.full), labels)
         logits = forward_logits(bound.full, state.input_ids, state.attention_mask)  # (B, T, V)
         return token_losses(logits, labels)
     assert bound.blocks is not None and state.hidden is not None and state.block_kwargs
