@@ -28,6 +28,7 @@ DEFAULT: dict[str, Any] = {
     "steps": 10,
     "reduce": "mean",
     "score": "bidirectional",
+    "normalize": "none",  # the default until issue 9's sweep (below) made it "sensitivity"
 }
 VARIANTS: list[dict[str, Any]] = [
     {},
@@ -66,8 +67,51 @@ CALIBRATION_VARIANTS: list[dict[str, Any]] = [
     {"optimizer": "fisher", "fisher_damping": 0.1, "lr": "auto", "lr_target": 1.0},
 ]
 """``--grid calibration``: --lr auto targets, damped Fisher (on top of CALIBRATION_BASE)."""
-METRICS = ("mrr", "recall@10", "precision@10", "source_rank", "tail_patch_vs_random@10")
-FAMILIES = ["fact", "source", "tail-patch"]
+NORMALIZE_VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"normalize": "sensitivity"},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 1.0},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 1.0, "normalize": "sensitivity"},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 2.0},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 3.0},
+    {"lr": "auto", "lr_target": 3.0, "normalize": "sensitivity"},
+    {"optimizer": "fisher", "normalize": "sensitivity"},
+]
+"""``--grid normalize``: the second round (sensitivity normalisation, Fisher + auto targets)."""
+GRADNORM_VARIANTS: list[dict[str, Any]] = [
+    {"normalize": "sensitivity"},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 2.0, "normalize": "sensitivity"},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 2.0, "fisher_damping": 0.1},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 1.5},
+    {"optimizer": "fisher", "lr": "auto", "lr_target": 2.0, "score": "ascent"},
+]
+"""``--grid gradnorm``: the third round, after s(z) became the exact gradient norm."""
+FINAL_VARIANTS: list[dict[str, Any]] = [
+    {"normalize": "sensitivity", "lr": "auto", "lr_target": 3.0},
+    {"normalize": "sensitivity", "lr": "auto", "lr_target": 1.0},
+    {"normalize": "sensitivity", "lr": "auto", "lr_criterion": "radius", "lr_target": 1e-2},
+    {"normalize": "sensitivity", "score": "ascent"},
+    {"normalize": "sensitivity", "reduce": "mean"},
+]
+"""``--grid final``: the fourth round, around the best of the third (normalize=sensitivity)."""
+GRIDS = {
+    "defaults": (DEFAULT, VARIANTS),
+    "calibration": (CALIBRATION_BASE, CALIBRATION_VARIANTS),
+    "normalize": (CALIBRATION_BASE, NORMALIZE_VARIANTS),
+    "gradnorm": (CALIBRATION_BASE, GRADNORM_VARIANTS),
+    "final": (CALIBRATION_BASE, FINAL_VARIANTS),
+}
+METRICS = (
+    "mrr",
+    "recall@10",
+    "precision@10",
+    "source_rank",
+    "tail_patch_vs_random@10",
+    "tail_patch_ref@10",
+    "hub_share",
+    "corr_length",
+)
+FAMILIES = ["fact", "source", "tail-patch", "hubs"]
 
 
 def evaluate(
@@ -102,13 +146,12 @@ def main() -> None:
     parser.add_argument("--confirm", nargs="*", help="KEY=VALUE of a setting to run on test")
     parser.add_argument(
         "--grid",
-        choices=("defaults", "calibration"),
+        choices=tuple(GRIDS),
         default="defaults",
-        help="defaults: the first sweep; calibration: --lr auto / damped Fisher (issue 9)",
+        help="defaults: the first sweep; calibration / normalize: issue 9's two rounds",
     )
     args = parser.parse_args()
-    base = CALIBRATION_BASE if args.grid == "calibration" else DEFAULT
-    variants = CALIBRATION_VARIANTS if args.grid == "calibration" else VARIANTS
+    base, variants = GRIDS[args.grid]
     if args.confirm is not None:
         change = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.confirm)}
         rows = [
@@ -141,14 +184,15 @@ def write(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) ->
     lines = [
         f"\n### BGO sensitivity ({split} split, `{args.bench}`, grid {args.grid})\n",
         "| setting | fact MRR | fact recall@10 | source precision@10 | true-source rank "
-        "| tail-patch@10 − random | s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| tail-patch@10 − random | tail-patch ref@10 (%) | hub share | ρ(score, length) | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
         lines.append(
             f"| {name} | {r['mrr']:.3f} | {r['recall@10']:.3f} | "
             f"{r['precision@10']:.3f} | {r['source_rank']:.2f} | "
-            f"{r['tail_patch_vs_random@10']:.3f} | {r['seconds']:.0f} |"
+            f"{r['tail_patch_vs_random@10']:.3f} | {r['tail_patch_ref@10']:.2f} | "
+            f"{r['hub_share']:.2f} | {r['corr_length']:.2f} | {r['seconds']:.0f} |"
         )
     publish(lines)
 
