@@ -98,6 +98,27 @@ def test_terminal_tables_keep_one_line_per_row_at_80_columns(granularity):
         assert all(row.rstrip().endswith("…") for row in rows)  # the snippet is cut, not wrapped
 
 
+@pytest.mark.parametrize(
+    ("method", "scoring", "unit"),
+    [
+        ("bgo", {"reduce": "sum", "normalize": "none"}, "nats"),
+        ("bgo", {"reduce": "mean", "normalize": "none"}, "nats/token"),
+        ("bgo", {"reduce": "sum", "normalize": "sensitivity"}, "nats per unit of ‖∇L(z)‖"),
+        ("bm25", {"reduce": "sum", "normalize": "sensitivity"}, "bm25 score units"),
+    ],
+)
+def test_every_view_names_the_unit_the_score_is_in(method, scoring, unit):
+    result = fake_result()
+    result.summary["method"] = method
+    result.summary["config"]["scoring"].update(scoring)
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    print_result(result, granularity="unit", k=3, out=None, console=console)
+    assert f"(score in {unit})" in console.export_text()
+    assert f"scores in {unit}," in result._repr_html_()
+    if method == "bgo":
+        assert f"in {unit}\n(high = supports the query)" in render_report(result)
+
+
 def test_notebook_view_is_compact_and_escaped():
     html = fake_result()._repr_html_()
     assert "<script" not in html and "&lt;script&gt;" in html

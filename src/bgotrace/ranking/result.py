@@ -17,12 +17,29 @@ TABLES = {"unit": "scores", "document": "documents", "source": "sources"}
 _GROUP_KEY = {"unit": "unit_id", "document": "doc_id", "source": "source"}
 
 
+def score_unit(summary: dict[str, Any]) -> str:
+    """The unit of the ranked score of a run with this ``summary.json``.
+
+    BGO's raw score is a loss change in nats (per unit with reduce=sum, per token with
+    mean); ``normalize=sensitivity`` divides it by the unit's gradient norm; a baseline's
+    score is in that method's own units.
+    """
+    method = summary.get("method", "bgo")
+    if method not in ("bgo", "untrac-inv"):
+        return f"{method} score units"
+    scoring = (summary.get("config") or {}).get("scoring") or {}
+    nats = "nats/token" if scoring.get("reduce") == "mean" else "nats"
+    if scoring.get("normalize", "none") == "sensitivity":
+        return f"{nats} per unit of ‖∇L(z)‖"
+    return nats
+
+
 @dataclass
 class AttributionResult:
     """Ranked scores of every unit, document and source for each query.
 
-    Scores are in nats, signed: high = the unit supports the query (see the score
-    variant in ``summary["config"]["scoring"]``).
+    Scores are signed: high = the unit supports the query. Their unit depends on the
+    method and the scoring options (:attr:`score_unit`; see ``summary["config"]["scoring"]``).
     """
 
     scores: pd.DataFrame
@@ -37,6 +54,11 @@ class AttributionResult:
     """Config, seed, corpus size, query loss trajectories, timings."""
     snippets: dict[str, str] = field(default_factory=dict)
     """Text of the top units, by unit_id."""
+
+    @property
+    def score_unit(self) -> str:
+        """What a unit's score is measured in, for labels (tables, report, figures)."""
+        return score_unit(self.summary)
 
     @property
     def query_ids(self) -> list[str]:

@@ -37,7 +37,9 @@ def _num(table: Table, name: str) -> None:
 
 def unit_table(result: AttributionResult, query_id: str, k: int, title: str = "") -> Table:
     top = result.top(k, query_id=query_id)
-    table = _table(title or f"Top {len(top)} units for query {query_id!r} (score in nats)")
+    table = _table(
+        title or f"Top {len(top)} units for query {query_id!r} (score in {result.score_unit})"
+    )
     _num(table, "rank")
     _num(table, "score")
     _cut(table, "unit", ID_WIDTH)
@@ -58,7 +60,9 @@ def group_table(result: AttributionResult, query_id: str, granularity: str, k: i
     """Top documents or sources of one query."""
     top = result.top(k, query_id=query_id, granularity=granularity)
     key = "doc_id" if granularity == "document" else "source"
-    table = _table(f"Top {len(top)} {granularity}s for query {query_id!r} (score in nats)")
+    table = _table(
+        f"Top {len(top)} {granularity}s for query {query_id!r} (score in {result.score_unit})"
+    )
     _num(table, "rank")
     _cut(table, granularity, ratio=1)
     for col in ("sum", "mean", "units"):

@@ -31,7 +31,7 @@ def _data_uri(fig: matplotlib.figure.Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def score_distribution(scores: np.ndarray, shown: Sequence[float]) -> str:
+def score_distribution(scores: np.ndarray, shown: Sequence[float], unit: str) -> str:
     """Histogram of every unit's score, with the units the report lists marked."""
     fig, ax = plt.subplots(figsize=SIZE)
     finite = scores[np.isfinite(scores)]
@@ -39,7 +39,7 @@ def score_distribution(scores: np.ndarray, shown: Sequence[float]) -> str:
     for value in shown:
         ax.axvline(value, color="#1b9e77", linewidth=0.8, alpha=0.7)
     ax.axvline(0.0, color="#444", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("score (nats); green lines: units listed below")
+    ax.set_xlabel(f"score ({unit}); green lines: units listed below")
     ax.set_ylabel("units")
     return _data_uri(fig)
 

@@ -88,7 +88,11 @@ def _figures(result: AttributionResult, query: dict[str, Any], shown: list[float
     qid = query["query_id"]
     rows = result.scores[result.scores["query_id"] == qid]
     positive = rows[rows["score"] > 0].groupby("source")["score"].sum()
-    out = {"distribution": figures.score_distribution(rows["score"].to_numpy(), shown)}
+    out = {
+        "distribution": figures.score_distribution(
+            rows["score"].to_numpy(), shown, result.score_unit
+        )
+    }
     if len(positive):
         out["sources"] = figures.source_shares(positive)
     trajectories = query.get("loss_trajectories") or {}
@@ -181,6 +185,7 @@ def render_report(
             config_yaml=yaml.safe_dump(config, sort_keys=False) if config else "",
             command=replay_command(config),
             warnings=[str(w) for w in result.summary.get("warnings") or []],
+            score_unit=result.score_unit,
             score_formula=FORMULAS[(config.get("scoring") or {}).get("score", "bidirectional")],
             queries=[_query_view(result, q, k, i) for i, q in enumerate(queries)],
         )
@@ -222,6 +227,7 @@ def render_compact(result: AttributionResult, k: int = 5, max_queries: int = 5) 
     template = environment().get_template("notebook.html.j2")
     return template.render(
         method=result.summary.get("method", ""),
+        score_unit=result.score_unit,
         n_units=(result.summary.get("corpus") or {}).get("n_units", ""),
         n_queries=len(queries),
         more=len(queries) > max_queries,
