@@ -26,6 +26,8 @@ def forward_logits(
     ``functional_call`` never writes into the model, so the base parameters stay
     bit-identical however many perturbed states are evaluated.
     """
+    if attention_mask is None:  # unpadded: say so, or HF warns whenever a pad id occurs
+        attention_mask = torch.ones_like(input_ids)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if overrides:
         out = functional_call(model, dict(overrides), args=(), kwargs=kwargs, strict=False)
