@@ -86,6 +86,11 @@ def test_more_candidates_than_units_is_refused_at_run_time(model, tok, tmp_path)
         run(model, tok, tmp_path, candidates=1000)
 
 
+def test_a_prefilter_without_candidates_is_refused():
+    with pytest.raises(ConfigError, match="--prefilter repsim has no effect without --candidates"):
+        ScoreConfig(prefilter="repsim")
+
+
 @pytest.mark.parametrize(
     "scoring,match",
     [

@@ -367,6 +367,11 @@ class ScoreConfig:
         _one_of(self.trunk_cache_dtype, ("float16", "bfloat16", "float32"), "--trunk-cache-dtype")
         if self.candidates is not None:
             self._check_candidates()
+        elif self.prefilter != "bm25":  # the default is harmless; an explicit one was meant
+            raise ConfigError(
+                f"--prefilter {self.prefilter} has no effect without --candidates: add "
+                "--candidates M (e.g. 5%) to rerank its top units, or drop --prefilter."
+            )
 
     def _check_ray(self) -> None:
         _one_of(self.ship_cache, ("auto", "always", "never"), "--ship-cache")
