@@ -33,3 +33,14 @@ def tiny_llama(tokenizer, seed: int = 0, width: int = 32) -> LlamaForCausalLM:
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def memorise(model: torch.nn.Module, input_ids: torch.Tensor, steps: int = 150) -> torch.nn.Module:
+    """``model`` trained on one token sequence (1, T) until its loss is ≈ 0, in eval mode."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+    return model.eval()

@@ -21,7 +21,7 @@ from bgotrace.perturb.fisher import fisher_denominators
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
 from bgotrace.query import Query, encode_query
 from tests.conftest import make_tiny_tokenizer
-from tests.models import tiny_gpt2
+from tests.models import memorise, tiny_gpt2
 
 QUERY = Query("q", "Paris is the capital of", " France, Berlin of Germany.")
 
@@ -39,14 +39,7 @@ def fresh(tokenizer):
 @pytest.fixture(scope="module")
 def memorised(tokenizer):
     """A tiny model trained on the query text until its loss is ≈ 0."""
-    model = tiny_gpt2(tokenizer, seed=2).train()
-    q = encode_query(QUERY, tokenizer, None)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        model(q.input_ids, labels=q.input_ids).loss.backward()
-        opt.step()
-    return model.eval()
+    return memorise(tiny_gpt2(tokenizer, seed=2), encode_query(QUERY, tokenizer, None).input_ids)
 
 
 def _names(model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bgotrace.config import AttributeConfig
 from bgotrace.generate import generate_completion
@@ -11,7 +10,7 @@ from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.plausibility import GAP_WARN, check_query
 from bgotrace.query import Query, encode_query
 from tests.conftest import make_tiny_tokenizer
-from tests.models import tiny_gpt2
+from tests.models import memorise, tiny_gpt2
 
 TEXT_PROMPT, TEXT_COMPLETION = "Paris is the capital of", " France, Berlin of Germany."
 OWN = Query("own", TEXT_PROMPT, TEXT_COMPLETION)
@@ -26,14 +25,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def memorised(tokenizer):
     """A tiny model that has learned the one sentence of OWN."""
-    model = tiny_gpt2(tokenizer, seed=4).train()
-    q = encode_query(OWN, tokenizer, None)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        model(q.input_ids, labels=q.input_ids).loss.backward()
-        opt.step()
-    return model.eval()
+    return memorise(tiny_gpt2(tokenizer, seed=4), encode_query(OWN, tokenizer, None).input_ids)
 
 
 def test_own_text_passes_and_greedy_reproduces_it(tokenizer, memorised):
