@@ -126,6 +126,12 @@ def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_d
             model, tokenizer, tiny_documents, prompt="Paris is the capital of",
             completion=" France.", config=cfg,
         )  # fmt: skip
+        for row in result.top_tokens:  # token changes (nats) add up to the unit's raw change
+            # float32 per-token losses of a unit alone vs in a batch, 6 decimals kept: 1e-4 nats
+            assert sum(row["token_scores"]) == pytest.approx(
+                row["score"] * row["normalizer"], abs=1e-4
+            )
+        assert {r["normalizer"] == 1.0 for r in result.top_tokens} == {normalize == "none"}
         return result.scores.sort_values("unit_index")["score"].to_numpy()
 
     raw, default = run("none"), run("sensitivity")

@@ -35,7 +35,7 @@ from bgotrace.corpus import (
 from bgotrace.corpus.bos import resolve_bos
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
-from bgotrace.perturb.sensitivity import normalized
+from bgotrace.perturb.sensitivity import normalized, score_divisors
 from bgotrace.plausibility import check_query
 from bgotrace.prefilter import plan_candidates, rerank_queries
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
@@ -172,6 +172,7 @@ def _run_bgo(
         for i, ql in enumerate(losses)
     ]
     top_tokens: list[dict[str, Any]] = []
+    divisors = None if ctx.sensitivity is None else score_divisors(ctx.sensitivity)
     for ql, ranked in zip(losses, per_query, strict=True):
         top_tokens += top_token_changes(
             ctx.sweep_model,
@@ -182,6 +183,7 @@ def _run_bgo(
             k=config.output.top_tokens,
             variant=variant,
             device=ctx.device,
+            divisors=divisors,
         )
     params = dict(inputs.model.named_parameters())
     details = {

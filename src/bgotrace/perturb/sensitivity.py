@@ -82,11 +82,17 @@ def sensitivity_from(norms: np.ndarray, counts: np.ndarray, reduce: str) -> np.n
     return norms / np.maximum(counts, 1) if reduce == "mean" else norms
 
 
-def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
-    """score / s, with s floored at a fraction of its median (a unit that never moves)."""
+def score_divisors(sensitivity: np.ndarray) -> np.ndarray:
+    """What each unit's score is divided by: s, floored at a fraction of its median (a unit
+    that never moves would otherwise get an unbounded score)."""
     positive = sensitivity[sensitivity > 0]
     floor = _FLOOR * float(np.median(positive)) if positive.size else 1.0
-    return scores / np.maximum(sensitivity, floor)
+    return np.maximum(sensitivity, floor)
+
+
+def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+    """score / s (floored, see :func:`score_divisors`)."""
+    return scores / score_divisors(sensitivity)
 
 
 def sensitivity_key(units: UnitCache, model: torch.nn.Module, names: Sequence[str]) -> str:

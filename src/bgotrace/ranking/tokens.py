@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,11 +25,13 @@ def top_token_changes(
     k: int,
     variant: str,
     device: torch.device,
+    divisors: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """For each of the top-k units: its tokens and each predicted token's score (nats).
 
     ``token_scores[t]`` belongs to ``tokens[t + 1]`` (the first token is not predicted);
-    for ``reduce=sum`` the unit's score is the sum of its token scores.
+    for ``reduce=sum`` the unit's score is the sum of its token scores divided by
+    ``normalizer`` (the unit's entry of ``divisors`` under ``--normalize sensitivity``, else 1).
     """
     names = sorted(result.states)
     rows = []
@@ -45,6 +48,7 @@ def top_token_changes(
                 "unit_id": row.unit_id,
                 "rank": int(row.rank),
                 "score": float(row.score),
+                "normalizer": 1.0 if divisors is None else float(divisors[index]),
                 "tokens": [tokenizer.decode([t]) for t in ids],
                 "token_scores": [round(float(s), 6) for s in token_scores],
             }
