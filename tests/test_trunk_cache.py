@@ -20,27 +20,13 @@ from typer.testing import CliRunner
 import bgotrace
 from bgotrace.cache.trunk_cache import MANIFEST, TrunkCache, get_trunk_cache
 from bgotrace.cli.main import app
-from bgotrace.corpus import Document
 from bgotrace.errors import CacheMismatchError
-from bgotrace.query import Query
 from bgotrace.score import sweep as sweep_mod
 from bgotrace.score.sweep import unit_loss_sums
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2, tiny_llama
+from tests.test_split_forward import DOCS, QUERIES
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France, Berlin of Germany.",
-    "Rome is the capital of Italy and Madrid of Spain.",
-    "Water boils at one hundred degrees and ice melts at zero.",
-    "Rivers carry sand to the sea, mountains rise slowly.",
-    "A language model predicts the next token from the tokens before it.",
-]
-DOCS = [Document(f"d{i}", t, f"s{i % 2}") for i, t in enumerate(TEXTS)]
-QUERIES = [
-    Query("capital", "Paris is the capital of", " France."),
-    Query("fox", "The quick", " fox."),
-]
 CPU = torch.device("cpu")
 
 
