@@ -28,13 +28,7 @@ from bgotrace.ranking.aggregate import aggregate, unit_scores
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
 from tests.test_cli import invoke
-from tests.test_invariance import DOCS
-
-QUERIES = [
-    Query("capital", "Paris is the capital of", " France."),
-    Query("water", "Water boils at", " one hundred degrees."),
-    Query("fox", "The quick brown", " fox jumps."),
-]
+from tests.test_invariance import DOCS, QUERIES
 
 
 @pytest.fixture(scope="module")
