@@ -15,7 +15,8 @@ benchmarks/RESULTS.md:
    (one run measured, times 16: each costs the same), cold and with a warm trunk cache;
 3. corpus x1 vs x4 (one last:2 query, each in a fresh process): time and peak-RSS ratios;
 4. time to the first result and to 32 results: BGO (full; last:2 shared; last:2 + warm
-   trunk cache), and with ``--trackstar`` TrackStar (gradient index build + query).
+   trunk cache), and with ``--baselines trackstar,ekfac`` those methods (index build or
+   factor fit, then queries).
 
 Each timing is the best of two rounds taken in turn. Ratios, not absolute times, are the
 result: the machine is shared and noisy.
@@ -133,7 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(SHAPES), default="12x128")
     parser.add_argument("--quick", action="store_true", help="smaller corpus, fewer queries")
-    parser.add_argument("--trackstar", action="store_true", help="also time TrackStar (slow)")
+    parser.add_argument(
+        "--baselines", default="", help="also time these methods, e.g. trackstar,ekfac (slow)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -154,11 +157,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bgotrace-amortized-"))
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
-    rows, notes = measure(model, tok, docs, n_q, work, args.trackstar)
+    baselines = [b for b in args.baselines.split(",") if b]
+    rows, notes = measure(model, tok, docs, n_q, work, baselines)
     report(args, rows, notes)
 
 
-def measure(model, tok, docs, n_q: int, work: Path, trackstar: bool) -> tuple[list, dict]:
+def measure(model, tok, docs, n_q: int, work: Path, baselines: list[str]) -> tuple[list, dict]:
     cache_dir = work / "cache"
     one, many = queries(1), queries(n_q)
 
@@ -202,17 +206,18 @@ def measure(model, tok, docs, n_q: int, work: Path, trackstar: bool) -> tuple[li
         "BGO last:2, 16 per sweep": (single, 32 / n_q * shared),
         "BGO last:2, warm trunk cache": (single_warm, 32 / n_q * warm),
     }
-    if trackstar:
-        notes["ttr"]["TrackStar (build + query)"] = trackstar_times(model, tok, cache)
+    for name in baselines:
+        notes["ttr"][f"{name} (prepare + query)"] = baseline_times(name, model, tok, cache)
     return rows, notes
 
 
-def trackstar_times(model, tok, cache) -> tuple[float, float]:
-    """Seconds to the first result and to 32 results: gradient index build + queries."""
+def baseline_times(name: str, model, tok, cache) -> tuple[float, float]:
+    """Seconds to the first result and to 32 results: the method's preparation (gradient
+    index, EK-FAC factors) + its queries."""
     ctx = MethodContext(model, tok, cache, batch_size=BATCH)
     encoded = [encode_query(q, tok, MAX_LENGTH) for q in queries(32)]
     start = time.perf_counter()
-    method = get_attributor("trackstar")
+    method = get_attributor(name)
     method.prepare(ctx)
     built = time.perf_counter() - start
     first = built + timed(lambda: method.score(encoded[:1]))
@@ -238,7 +243,7 @@ def report(args: argparse.Namespace, rows: list, notes: dict) -> None:
         lines.append(f"| {name} | {first:.1f} | {all32:.1f} |")
     lines.append(
         "\nFirst result: one query alone (last:2 modes: a single-query sweep). 32 results: "
-        "32 x the full run, or 32/16 x the measured 16-query sweep; TrackStar's are measured."
+        "32 x the full run, or 32/16 x the measured 16-query sweep; the baselines' are measured."
     )
     if args.quick:  # a smoke run, not a result
         print("\n".join(lines))
