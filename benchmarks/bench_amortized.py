@@ -245,10 +245,7 @@ def report(args: argparse.Namespace, rows: list, notes: dict) -> None:
         "\nFirst result: one query alone (last:2 modes: a single-query sweep). 32 results: "
         "32 x the full run, or 32/16 x the measured 16-query sweep; the baselines' are measured."
     )
-    if args.quick:  # a smoke run, not a result
-        print("\n".join(lines))
-    else:
-        publish(lines)
+    publish(lines, record=not args.quick)  # a quick run is a smoke test, not a result
 
 
 if __name__ == "__main__":

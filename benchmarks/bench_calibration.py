@@ -99,10 +99,7 @@ def main() -> None:
             f"| {secs / one_pass:.2f} | {extra / one_pass:.2f} "
             f"| {sum(c.reached for c in cals)}/{len(cals)} | {diverged} |"
         )
-    if args.publish:
-        publish(lines)
-    else:
-        print("\n".join(lines))
+    publish(lines, record=args.publish)
 
 
 if __name__ == "__main__":

@@ -105,10 +105,7 @@ def main() -> None:
         f"| 16 queries last:2, warm trunk cache vs 16 full runs | {warm:.2f} | {16 * full:.2f} | "
         f"{warm / (16 * full):.2f} |",
     ]
-    if args.record:
-        publish(lines)
-    else:
-        print("\n".join(lines))
+    publish(lines, record=args.record)
 
 
 if __name__ == "__main__":

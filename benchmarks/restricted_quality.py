@@ -247,10 +247,7 @@ def main() -> None:
     else:
         lines = speed(args)
     lines.append(f"\ncommand: `{shlex.join(['python', *sys.argv])}`")
-    if args.record:
-        publish(lines)
-    else:
-        print("\n".join(lines))
+    publish(lines, record=args.record)
 
 
 if __name__ == "__main__":
