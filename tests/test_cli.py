@@ -230,3 +230,13 @@ def test_queries_file_and_granularity(model_dir, corpus, tmp_path):
     assert set(sources["query_id"]) == {"a", "b"} and set(sources["source"]) == {"s0", "s1"}
     bad = _write(tmp_path, "bad.jsonl", '{"id": "a", "prompt": "x"}\n')
     assert_one_line_error(invoke(*args[:6], bad, *args[7:]), "completion")
+
+
+def test_every_config_field_has_a_flag_except_the_yaml_only_ones():
+    import inspect
+
+    from bgotrace.cli.attribute import _YAML_ONLY, SECTION_OF, attribute
+
+    flags = set(inspect.signature(attribute).parameters)
+    assert set(SECTION_OF) <= flags  # each derived config key is an option of the command
+    assert _YAML_ONLY.isdisjoint(SECTION_OF)

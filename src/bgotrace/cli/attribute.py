@@ -9,6 +9,7 @@ Example (CPU)::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -111,64 +112,30 @@ def attribute(
     print_result(result, granularity=cfg.output.granularity, k=cfg.output.top_k, out=cfg.output.out)
 
 
-SECTION_OF = {
-    "model": ("model", "path"),
+_SECTIONS = {
+    "model": ModelSpec,
+    "corpus": CorpusSpec,
+    "query": QuerySpec,
+    "perturb": PerturbConfig,
+    "scoring": ScoreConfig,
+    "output": OutputSpec,
+}
+_YAML_ONLY = {"adam_beta1", "adam_beta2", "adam_eps", "fisher_eps"}
+"""Fields set in config.yaml only (no flag): optimizer internals few users change."""
+
+SECTION_OF: dict[str, tuple[str | None, str]] = {
+    "model": ("model", "path"),  # --model and --corpus are the sections' paths
     "corpus": ("corpus", "path"),
     "seed": (None, "seed"),
     "method": (None, "method"),
-    **{n: ("model", n) for n in ("adapter", "device", "trust_remote_code")},
     **{
-        n: ("corpus", n)
-        for n in (
-            "text_field",
-            "id_field",
-            "source_field",
-            "max_length",
-            "stride",
-            "bos",
-            "cache_dir",
-        )
+        f.name: (section, f.name)
+        for section, cls in _SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.name != "path" and f.name not in _YAML_ONLY
     },
-    **{n: ("query", n) for n in ("prompt", "completion", "queries", "loss_on", "spans")},
-    **{
-        n: ("perturb", n)
-        for n in (
-            "optimizer",
-            "lr",
-            "lr_target",
-            "lr_criterion",
-            "steps",
-            "params",
-            "max_grad_norm",
-            "fisher_samples",
-            "fisher_damping",
-        )
-    },
-    **{
-        n: ("scoring", n)
-        for n in (
-            "score",
-            "reduce",
-            "normalize",
-            "batch_size",
-            "dtype",
-            "block_units",
-            "queries_per_sweep",
-            "workers",
-            "ray_address",
-            "cpus_per_worker",
-            "gpus_per_worker",
-            "ship_cache",
-            "block_attempts",
-            "ray_timeout",
-            "trunk_cache",
-            "trunk_cache_dtype",
-            "candidates",
-            "prefilter",
-        )
-    },
-    **{n: ("output", n) for n in ("out", "top_k", "granularity", "top_tokens")},
 }
+"""Flag name → (config section or None for top level, field): every option is a config field."""
 
 
 def build_config(values: dict[str, Any]) -> AttributeConfig:
