@@ -330,6 +330,26 @@ def test_other_benchmark_version_and_foreign_model_are_refused(built, tmp_path) 
         run_eval(built.bench_dir, built.model_dir, ["bm25"], ["fact"], out=tmp_path / "exists")
 
 
+def test_queries_follow_the_training_units_bos(built, tmp_path) -> None:
+    """The eval encodes queries with the BOS the recorded training chunking put on units."""
+    from bgotrace.eval.runner import EvalOptions, _load
+
+    bench = load_benchmark(built.bench_dir)
+    records = bench.queries[:2]
+    plain = _load(bench, built.model_dir, records, EvalOptions())
+    with_bos = tmp_path / "model-bos"
+    shutil.copytree(built.model_dir, with_bos)
+    summary = json.loads((with_bos / "train_config.json").read_text())
+    bos = plain.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    summary["chunking"] = {**summary["chunking"], "bos_id": bos}
+    (with_bos / "train_config.json").write_text(json.dumps(summary))
+    marked = _load(bench, with_bos, records, EvalOptions())
+    for a, b in zip(plain.queries, marked.queries, strict=True):
+        assert b.input_ids[0, 0] == bos and b.input_ids[0, 1:].tolist() == a.input_ids[0].tolist()
+        assert b.n_loss_tokens == a.n_loss_tokens
+    assert all(int(marked.ctx.cache.unit_tokens(i)[0]) == bos for i in range(3))
+
+
 def test_cli_errors_are_one_line_exit_2(built) -> None:
     app = typer.Typer()
     app.command("eval")(user_errors(eval_command))

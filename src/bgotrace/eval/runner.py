@@ -257,7 +257,10 @@ def _load(
         batch_size=options.batch_size,
     )  # fmt: skip
     limit = context_length(model)
-    queries = [encode_query(_as_query(r), tokenizer, limit) for r in records]
+    # Queries carry the BOS exactly when the training units did (the recorded chunking),
+    # so a query is read as the model read its training text.
+    bos_id = setup.chunking.bos_id
+    queries = [encode_query(_as_query(r), tokenizer, limit, bos_id) for r in records]
     return EvalInputs(model, tokenizer, setup, ctx, queries, records, bench.root / "retrains")
 
 
