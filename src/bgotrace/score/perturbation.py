@@ -3,7 +3,9 @@
 The states come back in the sweep dtype, in a fixed order (query, direction), with θ0
 (``None``) appended when the variant compares against the base model. An executor with
 a ``perturb_many`` method (Ray workers) runs the perturbations in parallel instead of this
-process one after another; it runs the same :func:`perturb`.
+process one after another; it runs the same :func:`perturb`. In this process a query's
+descent and ascent run as one :func:`perturb_pair` (bit-identical; their shared first step
+is taken once).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.perturb.calibrate import Calibration, resolve_query_config
-from bgotrace.perturb.steps import ASCENT, DESCENT, PerturbedState, perturb
+from bgotrace.perturb.steps import ASCENT, DESCENT, PerturbedState, perturb, perturb_pair
 from bgotrace.query import EncodedQuery
 from bgotrace.report.progress import progress_task
 from bgotrace.score.context import SweepContext
@@ -68,13 +70,33 @@ def _perturb_jobs(
         return cast(ParallelPerturber, executor).perturb_many(
             jobs, ctx.names, n_units=ctx.n_units, fisher=ctx.fisher, advance=advance
         )
-    out = []
-    for q, cfg, direction in jobs:
-        out.append(
-            perturb(ctx.model, q, ctx.names, cfg, direction, n_units=ctx.n_units, fisher=ctx.fisher)
-        )
-        advance(1)
+    return _perturb_locally(ctx, jobs, advance)
+
+
+def _perturb_locally(
+    ctx: SweepContext, jobs: Sequence[PerturbJob], advance: Callable[[int], None]
+) -> list[PerturbedState]:
+    """The jobs in this process; a query's descent + ascent share their first step."""
+    model, names, n_units, fisher = ctx.model, ctx.names, ctx.n_units, ctx.fisher
+    out: list[PerturbedState] = []
+    while len(out) < len(jobs):
+        k = len(out)
+        q, cfg, direction = jobs[k]
+        if k + 1 < len(jobs) and _is_pair(jobs[k], jobs[k + 1]):
+            out.extend(perturb_pair(model, q, names, cfg, n_units=n_units, fisher=fisher))
+        else:
+            out.append(perturb(model, q, names, cfg, direction, n_units=n_units, fisher=fisher))
+        advance(len(out) - k)
     return out
+
+
+def _is_pair(first: PerturbJob, second: PerturbJob) -> bool:
+    """Descent then ascent of one query at one config: both start with the same step."""
+    return (
+        first[0] is second[0]
+        and first[1] == second[1]
+        and (first[2], second[2]) == (DESCENT, ASCENT)
+    )
 
 
 def _query_configs(

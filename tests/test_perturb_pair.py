@@ -1,0 +1,143 @@
+"""``perturb_pair`` (one shared first step) is bit-identical to two ``perturb`` calls.
+
+Tolerance: none. The pair runs the same operations on the same values as the two separate
+runs (only the first step's loss and gradient at θ0 are computed once), so every perturbed
+parameter and every loss of the trajectories must be equal to the last bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import bgotrace
+from bgotrace.config import PerturbConfig
+from bgotrace.corpus import Document
+from bgotrace.perturb.params import select_parameters
+from bgotrace.perturb.steps import ASCENT, DESCENT, perturb, perturb_pair
+from bgotrace.query import Query, encode_query
+from bgotrace.score import perturbation
+from tests.conftest import make_tiny_tokenizer
+from tests.models import tiny_gpt2, tiny_llama
+
+QUERY = Query("q", "Paris is the capital of", " France, Berlin of Germany.")
+LR = {"sgd": 1e-2, "adam": 1e-2, "fisher": 1e-4}
+N_UNITS = 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    return {"gpt2": tiny_gpt2(tokenizer, seed=3), "llama": tiny_llama(tokenizer, seed=3)}
+
+
+def _fisher(model):
+    """A positive diagonal 'Fisher' of every parameter (its values only scale the steps)."""
+    gen = torch.Generator().manual_seed(0)
+    return {n: 0.5 + torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+
+
+def _assert_same(pair_state, single_state, names):
+    assert pair_state.direction == single_state.direction
+    assert pair_state.loss_trajectory == single_state.loss_trajectory  # exact floats
+    for n in names:
+        assert torch.equal(pair_state.params[n], single_state.params[n]), n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "fisher"])
+@pytest.mark.parametrize("params", ["all", "last:1"])  # full forward; shared trunk
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_pair_equals_two_perturb_calls(models, tokenizer, arch, optimizer, params, max_grad_norm):
+    model = models[arch]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, params)
+    cfg = PerturbConfig(optimizer=optimizer, lr=LR[optimizer], steps=3, max_grad_norm=max_grad_norm)
+    fisher = _fisher(model) if optimizer == "fisher" else None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    descent, ascent = perturb_pair(model, q, names, cfg, n_units=N_UNITS, fisher=fisher)
+    for state, direction in ((descent, DESCENT), (ascent, ASCENT)):
+        single = perturb(model, q, names, cfg, direction, n_units=N_UNITS, fisher=fisher)
+        _assert_same(state, single, names)
+    # the test can fail: both directions moved, apart, and the model is untouched
+    traj_d, traj_a = descent.loss_trajectory, ascent.loss_trajectory
+    assert traj_d[0] == traj_a[0] and traj_d[-1] < traj_d[0] < traj_a[-1]
+    assert any(not torch.equal(descent.params[n], ascent.params[n]) for n in names)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_pair_with_one_step(models, tokenizer):
+    """K = 1: the shared step is the only one; each direction adds its final loss."""
+    model = models["gpt2"]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, "last:1")
+    cfg = PerturbConfig(optimizer="adam", lr=1e-2, steps=1)
+    pair = perturb_pair(model, q, names, cfg, n_units=N_UNITS)
+    for state, direction in zip(pair, (DESCENT, ASCENT), strict=True):
+        _assert_same(state, perturb(model, q, names, cfg, direction, n_units=N_UNITS), names)
+        assert len(state.loss_trajectory) == 2
+
+
+def _attribute(model, tokenizer, tmp_path, lr):
+    docs = [Document(f"d{i}", f"Paris is the capital of France {i} times.", "s") for i in range(6)]
+    cfg = {
+        "corpus": {"max_length": 12, "cache_dir": str(tmp_path / "cache")},
+        "perturb": {"lr": lr, "steps": 2, "params": "last:1"},
+        "scoring": {"batch_size": 4},
+    }
+    return bgotrace.attribute(model, tokenizer, docs, queries=[QUERY], config=cfg)
+
+
+def _count_calls(monkeypatch, pair_as_two: bool = False) -> dict[str, int]:
+    calls = {"pair": 0, "single": 0}
+    real_pair, real_single = perturbation.perturb_pair, perturbation.perturb
+
+    def pair(model, q, names, cfg, **kw):
+        calls["pair"] += 1
+        if pair_as_two:  # what the sweep ran before perturb_pair existed
+            return tuple(real_single(model, q, names, cfg, d, **kw) for d in (DESCENT, ASCENT))
+        return real_pair(model, q, names, cfg, **kw)
+
+    def single(*args, **kw):
+        calls["single"] += 1
+        return real_single(*args, **kw)
+
+    monkeypatch.setattr(perturbation, "perturb_pair", pair)
+    monkeypatch.setattr(perturbation, "perturb", single)
+    return calls
+
+
+def test_sweep_uses_the_pair_and_scores_do_not_change(models, tokenizer, tmp_path, monkeypatch):
+    model = models["gpt2"]
+    calls = _count_calls(monkeypatch)
+    paired = _attribute(model, tokenizer, tmp_path, 1e-2)
+    assert calls == {"pair": 1, "single": 0}
+    _count_calls(monkeypatch, pair_as_two=True)
+    separate = _attribute(model, tokenizer, tmp_path, 1e-2)
+    got, want = (r.scores.sort_values("unit_index")["score"].to_numpy() for r in (paired, separate))
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got).max() > 0
+
+
+def test_lr_auto_reuses_the_calibrated_ascent(models, tokenizer, tmp_path, monkeypatch):
+    """With ``--lr auto`` the search already ran the ascent: only the descent is left."""
+    calls = _count_calls(monkeypatch)
+    _attribute(models["gpt2"], tokenizer, tmp_path, "auto")
+    assert calls == {"pair": 0, "single": 1}
+
+
+def test_different_configs_are_not_paired():
+    q = encode_query(QUERY, make_tiny_tokenizer(), None)
+    cfg = PerturbConfig()
+    other = dataclasses.replace(cfg, lr=2e-4)
+    assert perturbation._is_pair((q, cfg, DESCENT), (q, cfg, ASCENT))
+    assert not perturbation._is_pair((q, cfg, DESCENT), (q, other, ASCENT))
+    assert not perturbation._is_pair((q, cfg, ASCENT), (q, cfg, DESCENT))
