@@ -294,3 +294,99 @@ def test_losing_a_node_mid_sweep_leaves_the_run_to_the_other(cluster, model, tok
     assert records.values("blocks_deaths")[-1] >= 1  # the lost worker's block was redone
     assert (out / "summary.json").exists()
     assert_same(local, result)
+
+
+# --- the trunk cache read by the workers ---------------------------------------------------
+# One worker: it runs after the node-loss test above, so only the head may be left.
+# bfloat16 rows move most scores here by 2e-5..4e-5 nats (tests/test_trunk_cache.py bounds
+# that by 1e-2), while a worker reading the same rows in the same batches as this process
+# matches it to float32 noise: compared at TRUNK_ATOL, equal scores show which trunk the
+# worker used.
+TRUNK_ATOL = 1e-6
+
+
+def assert_close(a, b, atol: float = TRUNK_ATOL) -> None:
+    x, y = by_unit(a), by_unit(b)
+    assert x.keys() == y.keys()
+    keys = sorted(x)
+    np.testing.assert_allclose([x[k] for k in keys], [y[k] for k in keys], atol=atol, rtol=0)
+
+
+def _last1(model, tok, tmp_path: Path, **scoring):
+    config = json.loads(json.dumps(CONFIG))
+    config["corpus"]["cache_dir"] = str(tmp_path / "cache")
+    config["perturb"]["params"] = "last:1"
+    config["scoring"].update(scoring, trunk_cache_dtype="bfloat16")
+    return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config)
+
+
+def test_workers_read_the_warm_trunk_cache_by_path(cluster, model, tok, tmp_path, records):
+    plain = _last1(model, tok, tmp_path)
+    local = _last1(model, tok, tmp_path, trunk_cache=True)  # builds it, then sweeps with it
+    a, b = by_unit(plain), by_unit(local)
+    assert np.median([abs(a[k] - b[k]) for k in a]) > 10 * TRUNK_ATOL  # bfloat16 rounding shows
+    spread = _last1(model, tok, tmp_path, trunk_cache=True, workers=1, ray_address=cluster.address)
+    assert_close(local, spread)
+    assert records.values("worker_trunk") == ["by path"]
+    assert not records.values("trunk_blind_workers")
+
+
+def test_a_worker_that_cannot_read_the_trunk_cache_computes_the_trunk(cluster, model, tok,
+                                                                       tmp_path, records,
+                                                                       monkeypatch):  # fmt: skip
+    from bgotrace.dist.trunk import TrunkSource
+
+    plain = _last1(model, tok, tmp_path)
+    elsewhere = classmethod(lambda cls, c: cls(str(tmp_path / "not-on-this-node"), c.manifest))
+    monkeypatch.setattr(TrunkSource, "of", elsewhere)  # as if the path were not mounted there
+    spread = _last1(model, tok, tmp_path, trunk_cache=True, workers=1, ray_address=cluster.address)
+    assert_close(plain, spread)  # the computed trunk, not the bfloat16 rows
+    assert records.values("worker_trunk") == ["computed"]
+    assert records.values("trunk_blind_workers") == [[0]]  # one warning for the run
+
+
+def test_a_worker_refuses_another_or_a_truncated_trunk_cache_at_the_path(model, tok, tmp_path):
+    """What a worker checks on its node before it reads rows (no Ray needed)."""
+    from bgotrace.cache.trunk_cache import ROWS
+    from bgotrace.dist.trunk import TrunkSource, open_trunk_at
+
+    _last1(model, tok, tmp_path, trunk_cache=True)
+    (root,) = (tmp_path / "cache" / "trunk").glob("[!.]*")
+    source = TrunkSource(str(root), json.loads((root / "manifest.json").read_text()))
+    assert open_trunk_at(source)[0] is not None
+    other = TrunkSource(source.root, {**source.manifest, "model_fingerprint": "another model"})
+    assert open_trunk_at(other) == (None, f"{root} on this node is another trunk cache "
+                                          "(model_fingerprint differ)")  # fmt: skip
+    with open(root / ROWS, "r+b") as rows:
+        rows.truncate(rows.seek(0, 2) - 2)  # a copy that stopped short
+    assert "is incomplete" in open_trunk_at(source)[1]
+    assert "not readable" in open_trunk_at(TrunkSource(str(tmp_path / "x"), {}))[1]
+
+
+def test_shipped_slices_find_their_trunk_rows(model, tok, tmp_path):
+    """A block shipped to a worker (of the cache, or of a subset view) is read with the rows
+    of its own corpus units: the sums of the same units swept here (no Ray needed)."""
+    import torch
+
+    from bgotrace.cache import TokenCache
+    from bgotrace.cache.trunk_cache import TrunkCache
+    from bgotrace.dist.units import UnitSlice
+    from bgotrace.prefilter.rerank import SubsetUnits
+    from bgotrace.score.executor import Block, compute_block
+
+    _last1(model, tok, tmp_path, trunk_cache=True)
+    cache = TokenCache(tmp_path / "cache")
+    (root,) = (tmp_path / "cache" / "trunk").glob("[!.]*")
+    trunk = TrunkCache(root)
+    params = dict(model.named_parameters())
+    top = {n: p.detach() + 0.05 * torch.ones_like(p) for n, p in params.items() if ".h.1." in n}
+    states, block = [None, top], Block(3, 1, 4)
+    kw = {"batch_size": 2, "pad_id": 0, "device": torch.device("cpu")}
+    for units in (cache, SubsetUnits(cache, np.array([7, 2, 40, 11, 3]))):
+        _, want, _ = compute_block(model, units, block, states, trunk_rows=trunk.for_units(units),
+                                   **kw)  # fmt: skip
+        part = UnitSlice.of_block(units, block)
+        rows = trunk.for_units(part)  # what the worker does
+        _, got, _ = compute_block(model, part, part.local_block(block), states, trunk_rows=rows,
+                                  **kw)  # fmt: skip
+        np.testing.assert_allclose(got, want, atol=TRUNK_ATOL, rtol=0)

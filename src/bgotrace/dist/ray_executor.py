@@ -2,7 +2,9 @@
 
 Each actor receives the base model once through Ray's object store, and reads blocks
 either from the token cache by path (a shared file system) or from block slices the
-driver ships through the object store (:mod:`bgotrace.dist.units`). Per query group the
+driver ships through the object store (:mod:`bgotrace.dist.units`). With a trunk cache
+(validated or built by the driver) an actor reads the trunk rows by path where its node
+can, and computes the trunk otherwise (:mod:`bgotrace.dist.trunk`). Per query group the
 perturbed states are put in the object store once and every block task refers to them,
 so only block indices (or slices) and per-unit loss sums travel. Blocks come back as
 they finish; the engine writes each as a resume point. Dead workers are survived by
@@ -26,9 +28,11 @@ from typing import Any
 
 import torch
 
+from bgotrace.cache.trunk_cache import TrunkCache
 from bgotrace.config import ScoreConfig
 from bgotrace.dist.scheduler import Slot, Task, TaskScheduler
 from bgotrace.dist.session import RaySession, import_ray, placement_error
+from bgotrace.dist.trunk import TrunkSource
 from bgotrace.dist.units import UnitSlice
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
@@ -85,10 +89,12 @@ class RayExecutor:
         cache_root: Path | None,
         manifest: dict[str, Any],
         perturb_model: torch.nn.Module | None = None,
+        trunk: TrunkCache | None = None,
     ) -> None:
         """``perturb_model``: the base model in the perturbation dtype, when ``model`` (the
-        sweep dtype) is another one; the workers then hold both."""
-        self.units, self.options = units, options
+        sweep dtype) is another one; the workers then hold both. ``trunk``: the driver's
+        trunk cache of ``model`` and these units' token cache, for workers that can read it."""
+        self.units, self.options, self.trunk = units, options, TrunkSource.of(trunk)
         self.session = RaySession.open(
             options.address, n_cpus=options.workers * options.cpus_per_worker
         )
@@ -115,6 +121,7 @@ class RayExecutor:
             pad_id=o.pad_id,
             device="cuda" if o.gpus_per_worker > 0 else "cpu",
             threads=max(1, int(o.cpus_per_worker)),
+            trunk=self.trunk,
         )
         actor = ray.remote(SweepWorker).options(
             num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
@@ -134,10 +141,11 @@ class RayExecutor:
         done, _ = ray.wait(list(probes), num_returns=len(probes), timeout=o.timeout)
         if len(done) < len(probes):
             raise placement_error(self.session, len(done), len(probes), o.per_worker, o.timeout)
+        infos: dict[int, dict[str, Any]] = {}
         for ref in done:
             slot = probes[ref]
             try:
-                info = ray.get(ref)
+                infos[slot.index] = info = ray.get(ref)
             except ray.exceptions.RayError as err:
                 raise DistributedError(
                     f"Ray worker {slot.index} failed to start ({type(err).__name__}: "
@@ -146,12 +154,31 @@ class RayExecutor:
                 ) from err
             slot.update(info)
             self._check_cache_access(slot, info)
-            log.info(
-                "ray worker %d on node %s (pid %d), cache %s",
-                slot.index, slot.node[:8], slot.pid,
-                "by path" if slot.reads_cache else "shipped",
-                extra={"worker_pid": slot.pid, "worker_node": slot.node},
-            )  # fmt: skip
+            self._log_worker(slot)
+        self._log_trunk_access(infos)
+
+    def _log_worker(self, slot: Slot) -> None:
+        trunk = "" if self.trunk is None else "by path" if slot.reads_trunk else "computed"
+        log.info(
+            "ray worker %d on node %s (pid %d), cache %s%s",
+            slot.index, slot.node[:8], slot.pid,
+            "by path" if slot.reads_cache else "shipped", trunk and f", trunk {trunk}",
+            extra={"worker_pid": slot.pid, "worker_node": slot.node, "worker_trunk": trunk},
+        )  # fmt: skip
+
+    def _log_trunk_access(self, infos: dict[int, dict[str, Any]]) -> None:
+        """One warning for every worker that cannot read the trunk cache (it computes it)."""
+        blind = {i: info["trunk_why_not"] for i, info in infos.items() if not info["reads_trunk"]}
+        if self.trunk is None or not blind:
+            return
+        first = min(blind)
+        log.warning(
+            "--trunk-cache: %d of %d Ray workers cannot read it (worker %d: %s) and compute "
+            "the trunk themselves (slower; scores move by the stored dtype's rounding; a trunk "
+            "cache is never shipped): put --cache-dir on a file system every node mounts",
+            len(blind), len(infos), first, blind[first],
+            extra={"trunk_blind_workers": sorted(blind)},
+        )  # fmt: skip
 
     def _check_cache_access(self, slot: Slot, info: dict[str, Any]) -> None:
         if self.options.ship_cache == "never" and not slot.reads_cache:

@@ -37,6 +37,8 @@ class Slot:
     node: str = ""
     pid: int = 0
     reads_cache: bool = False
+    reads_trunk: bool = False
+    """Whether it reads the trunk cache (else it computes the trunk)."""
     deaths: int = 0
     dead: bool = False
     busy: bool = False
@@ -45,6 +47,7 @@ class Slot:
 
     def update(self, info: dict[str, Any]) -> None:
         self.node, self.pid, self.reads_cache = info["node"], info["pid"], info["reads_cache"]
+        self.reads_trunk = info.get("reads_trunk", False)
 
 
 def _retryable() -> tuple[type[BaseException], ...]:

@@ -31,6 +31,9 @@ class UnitSlice:
     """Offset of each unit in ``tokens``, (n_units,) int64."""
     unit_lengths: np.ndarray
     """Tokens per unit, (n_units,) int64."""
+    indices: np.ndarray
+    """Corpus unit (token-cache index) of each unit, (n_units,) int64: where a trunk cache
+    finds its rows (:meth:`bgotrace.cache.trunk_cache.TrunkCache.for_units`)."""
 
     @property
     def lengths(self) -> np.ndarray:
@@ -41,12 +44,19 @@ class UnitSlice:
 
     @classmethod
     def of_block(cls, units: TokenSource, block: Block) -> UnitSlice:
-        """Copy units ``block.start:block.stop`` out of ``units`` (in their order)."""
+        """Copy units ``block.start:block.stop`` out of ``units`` (in their order).
+
+        ``units`` is the token cache, or a subset view of it naming its corpus units
+        through ``indices`` (as ``bgotrace.prefilter.rerank.SubsetUnits`` does).
+        """
         seqs = [np.asarray(units.unit_tokens(i)) for i in range(block.start, block.stop)]
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.uint32)
-        return cls(tokens=tokens, starts=starts, unit_lengths=lengths)
+        view = getattr(units, "indices", None)
+        span = np.arange(block.start, block.stop, dtype=np.int64)
+        indices = span if view is None else np.asarray(view, dtype=np.int64)[span]
+        return cls(tokens=tokens, starts=starts, unit_lengths=lengths, indices=indices)
 
     def local_block(self, block: Block) -> Block:
         """The same block indexed into this slice (units 0..n)."""

@@ -1,5 +1,6 @@
 """The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``
-and perturbations with ``perturb`` (the same functions this process would run).
+and perturbations with ``perturb`` (the same functions this process would run), reading
+the trunk from the driver's trunk cache where its node can (:mod:`bgotrace.dist.trunk`).
 
 An actor is created from arguments only (the model through the object store, the cache
 by path), so Ray can restart it after its process dies (SIGKILL, OOM, node loss) by
@@ -20,6 +21,7 @@ import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.devices import resolve_device
+from bgotrace.dist.trunk import TrunkSource, open_trunk_at
 from bgotrace.dist.units import UnitSlice, open_cache_at
 from bgotrace.perturb.steps import PerturbedState, perturb
 from bgotrace.query import EncodedQuery
@@ -43,10 +45,12 @@ class WorkerSetup:
     """``cpu`` or ``cuda`` (a worker given GPUs by Ray sees them as cuda:0..)."""
     threads: int = 1
     """Torch threads: the CPUs Ray reserved for this worker."""
+    trunk: TrunkSource | None = None
+    """The driver's trunk cache (None: none; the workers compute the trunk)."""
 
 
 class SweepWorker:
-    """Holds the sweep model (and the cache when readable); computes blocks on request."""
+    """Holds the sweep model (and the caches when readable); computes blocks on request."""
 
     def __init__(
         self,
@@ -63,9 +67,11 @@ class SweepWorker:
         self.cache, self.why_not = None, "--ship-cache always"
         if setup.try_path:
             self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
+        # Read by path or not at all (never shipped: see bgotrace.dist.trunk).
+        self.trunk, self.trunk_why_not = open_trunk_at(setup.trunk)
 
     def ready(self) -> dict[str, Any]:
-        """Where this worker runs and whether it reads the cache by path."""
+        """Where this worker runs and whether it reads the token and trunk caches by path."""
         import ray
 
         return {
@@ -73,6 +79,8 @@ class SweepWorker:
             "pid": os.getpid(),
             "reads_cache": self.cache is not None,
             "why_not": self.why_not,
+            "reads_trunk": self.trunk is not None,
+            "trunk_why_not": self.trunk_why_not,
         }
 
     def run_block(
@@ -86,9 +94,12 @@ class SweepWorker:
         ]
         units: Any = self.cache if shipped is None else shipped
         local = block if shipped is None else shipped.local_block(block)
+        # A shipped slice names its corpus units (``indices``): the trunk rows follow them.
+        rows = None if self.trunk is None else self.trunk.for_units(units)
         _, sums, counts = compute_block(
             self.model, units, local, states,
             batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
+            trunk_rows=rows,
         )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
 

@@ -104,6 +104,8 @@ def build_sweep_context(
             model, cache, names, n_samples=perturb_cfg.fisher_samples, seed=seed, device=device
         )
     sweep_model = sweep_model_in(model, score_cfg.dtype)
+    # Before the workers start: they are told where the validated trunk cache is.
+    trunk_cache = _trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device)
     sensitivity = None
     if score_cfg.normalize == "sensitivity":
         sensitivity = cached_sensitivity(
@@ -121,8 +123,10 @@ def build_sweep_context(
         n_units=len(cache),
         fisher=fisher,
         store=store,
-        block_executor=_ray_executor(model, sweep_model, cache, units, score_cfg, pad_id, device),
-        trunk_cache=_trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device),
+        block_executor=_ray_executor(
+            model, sweep_model, cache, units, score_cfg, pad_id, device, trunk_cache
+        ),
+        trunk_cache=trunk_cache,
         sensitivity=sensitivity,
     )
 
@@ -135,6 +139,7 @@ def _ray_executor(
     score_cfg: ScoreConfig,
     pad_id: int,
     device: torch.device,
+    trunk_cache: TrunkCache | None,
 ) -> BlockExecutor | None:
     if score_cfg.workers == 0:
         return None
@@ -148,6 +153,7 @@ def _ray_executor(
         cache_root=cache.root if units is None else None,
         manifest=cache.manifest,
         perturb_model=None if model is sweep_model else model,
+        trunk=trunk_cache,
     )
 
 
@@ -159,12 +165,13 @@ def _trunk_cache(
     pad_id: int,
     device: torch.device,
 ) -> TrunkCache | None:
+    """The trunk cache of this split, validated or built here (Ray workers included: each
+    then reads it by path where its node can, see ``bgotrace.dist.trunk``)."""
     if not score_cfg.trunk_cache:
         return None
     split = split_block(sweep_model, names)
-    if split is None or score_cfg.workers > 0:
-        why = "Ray workers compute their own trunk" if split is not None else "no split"
-        log.warning("--trunk-cache unused: %s (restrict --params to blocks, e.g. last:N)", why)
+    if split is None:
+        log.warning("--trunk-cache unused: no split (restrict --params to blocks, e.g. last:N)")
         return None
     return get_trunk_cache(
         sweep_model, cache, split, dtype=score_cfg.trunk_cache_dtype,
