@@ -1,13 +1,18 @@
 """Cost of ``--lr auto``: the per-query search against one corpus pass, side by side.
 
-    python benchmarks/bench_calibration.py --bench /work/bench/cpu \\
-        --model /work/bench/cpu/model-test [--split validation] [--publish]
+    OMP_NUM_THREADS=1 python benchmarks/bench_calibration.py --bench /work/bench/cpu \\
+        --model /work/bench/cpu/model-test [--split validation] [--limit N] [--publish]
 
-For each query of the split: the calibration's wall time and trials, the time of the fixed-lr
-perturbation (K steps each way), and one corpus pass under one state (the unit of the target:
-the search should cost <= 20% of one pass). The engine reuses the search's best ascent, so the
-extra cost of ``--lr auto`` is the search minus one ascent ("extra" column). Also checks, for
-each setting, that the search never diverges and how often it reached its target.
+Any benchmark built by ``bgotrace bench build`` works (``--bench DIR --model DIR``, e.g.
+/work/bench/default with its base model). For each query of the split: the calibration's
+wall time, trials and query forward passes, the time of the fixed-lr perturbation (K steps
+each way), and one corpus pass under one state (the unit of the target: the search should
+cost <= 20% of one pass). The engine reuses the search's chosen ascent (K steps, K + 1
+forwards), so the extra cost of ``--lr auto`` is the search minus that ascent ("extra",
+prorated by forward passes). Each setting also runs with every trial taken to K steps
+(``early_abort=False``, the reference): the chosen η must be the same for every query
+("same η"), and its passes show what stopping overshoots early saves. Also checks that the
+search never diverges and how often it reached its target.
 """
 
 from __future__ import annotations
@@ -56,16 +61,21 @@ def main() -> None:
     parser.add_argument("--bench", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--split", default="validation")
+    parser.add_argument("--limit", type=int, default=None, help="first N queries of the split")
+    parser.add_argument("--unit-length", type=int, default=128, help="tokens per corpus unit")
     parser.add_argument("--publish", action="store_true", help="append to RESULTS.md")
     args = parser.parse_args()
     model, tok = load_model_and_tokenizer(args.model, device="cpu")
     docs = load_documents(str(Path(args.bench) / "corpus.jsonl"), CorpusFields())
     cache = get_token_cache(
-        docs, tok, ChunkingConfig(max_length=128), Path(args.bench) / "cache-calibration"
+        docs,
+        tok,
+        ChunkingConfig(max_length=args.unit_length),
+        Path(args.bench) / f"cache-calibration-{args.unit_length}",
     )
     names = [n for n, _ in model.named_parameters()]
     records = [json.loads(line) for line in open(Path(args.bench) / "queries.jsonl")]
-    records = [r for r in records if r["split"] == args.split]
+    records = [r for r in records if r["split"] == args.split][: args.limit]
     queries = [
         encode_query(Query(r["id"], r["prompt"], r["completion"], r["loss_on"]), tok, 128)
         for r in records
@@ -81,25 +91,41 @@ def main() -> None:
     lines = [
         f"\n### --lr auto cost ({args.split} split, {len(queries)} queries, `{args.model}`)\n",
         f"One corpus pass under one state ({len(cache)} units): {one_pass:.2f} s; "
-        f"fixed-lr perturbation (K = 10 each way): {fixed_s:.3f} s per query.\n",
-        "| optimizer, criterion, target | trials (mean) | search s / query "
-        "| search / corpus pass | extra / corpus pass | reached | diverged |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"fixed-lr perturbation (K = {fixed.steps} each way): {fixed_s:.3f} s per query.\n",
+        "| optimizer, criterion, target | trials (mean) | query passes (full trials) "
+        "| search s / query | search / corpus pass | extra / corpus pass | same η "
+        "| reached | diverged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setting in SETTINGS:
         cfg = PerturbConfig(lr="auto", **setting)
         f = fisher if cfg.optimizer == "fisher" else None
-        cals = [calibrate_lr(model, q, names, cfg, n_units=len(cache), fisher=f) for q in queries]
-        secs = float(np.mean([c.seconds for c in cals]))
-        extra = secs * float(np.mean([(len(c.trials) - 1) / len(c.trials) for c in cals]))
-        diverged = sum(not np.isfinite(c.achieved) for c in cals)
-        lines.append(
-            f"| {cfg.optimizer}, {cfg.lr_criterion} {cfg.lr_target:g} "
-            f"| {np.mean([len(c.trials) for c in cals]):.1f} | {secs:.3f} "
-            f"| {secs / one_pass:.2f} | {extra / one_pass:.2f} "
-            f"| {sum(c.reached for c in cals)}/{len(cals)} | {diverged} |"
-        )
+        runs = {
+            abort: [
+                calibrate_lr(model, q, names, cfg, n_units=len(cache), fisher=f, early_abort=abort)
+                for q in queries
+            ]
+            for abort in (False, True)
+        }
+        lines.append(_row(cfg, runs[True], runs[False], one_pass))
     publish(lines, record=args.publish)
+
+
+def _row(cfg: PerturbConfig, cals: list, full: list, one_pass: float) -> str:
+    """One table row: the search as the engine runs it, against the full-trial reference."""
+    secs = float(np.mean([c.seconds for c in cals]))
+    passes = np.array([c.query_steps for c in cals], dtype=float)
+    reused = cfg.steps + 1  # the chosen ascent's forwards, which the engine does not redo
+    extra = secs * float(np.mean(np.maximum(passes - reused, 0) / passes))
+    same = sum(c.lr == r.lr for c, r in zip(cals, full, strict=True))
+    diverged = sum(not np.isfinite(c.achieved) for c in cals)
+    return (
+        f"| {cfg.optimizer}, {cfg.lr_criterion} {cfg.lr_target:g} "
+        f"| {np.mean([len(c.trials) for c in cals]):.2f} "
+        f"| {passes.mean():.1f} ({np.mean([r.query_steps for r in full]):.1f}) | {secs:.3f} "
+        f"| {secs / one_pass:.2f} | {extra / one_pass:.2f} | {same}/{len(cals)} "
+        f"| {sum(c.reached for c in cals)}/{len(cals)} | {diverged} |"
+    )
 
 
 if __name__ == "__main__":

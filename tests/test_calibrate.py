@@ -18,6 +18,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.errors import ConfigError
 from bgotrace.perturb.calibrate import calibrate_lr
 from bgotrace.perturb.fisher import fisher_denominators
+from bgotrace.perturb.lr_trials import first_order_lr, start_point
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
 from bgotrace.query import Query, encode_query
 from tests.conftest import make_tiny_tokenizer
@@ -71,7 +72,9 @@ def test_search_reaches_the_target(request, tokenizer, which, criterion, target)
     if criterion == "loss":  # the recorded effect is what the perturbation reproduces
         rise, _ = _ascent_rise(model, q, cfg, cal.lr)
         assert rise == pytest.approx(cal.achieved, rel=1e-5)
-    assert cal.query_steps == len(cal.trials) * cfg.steps
+    # θ0's pass is shared by every trial; each trial adds one forward per step it ran
+    assert cal.query_steps == 1 + sum(len(t.trajectory) - 1 for t in cal.trials)
+    assert cal.query_steps <= 1 + len(cal.trials) * cfg.steps
     assert len(cal.trials) <= 10
 
 
@@ -125,6 +128,124 @@ def test_demo_model_auto_does_not_diverge():
         cfg = PerturbConfig(optimizer=optimizer, lr="auto", steps=10)
         cal = calibrate_lr(model, q, _names(model), cfg, n_units=100, fisher=fisher)
         assert cal.reached and math.isfinite(cal.achieved)
+
+
+OPTIMIZERS = ("adam", "sgd", "fisher")
+
+
+def _fisher_for(which: str, model):
+    """F̂ → 0 on the memorised model (the case that breaks fixed Fisher steps); else O(1e-3)."""
+    return _fisher_like(model, 1e-9 if which == "memorised" else 1e-3)
+
+
+def _effect(model, q, cfg, lr, fisher):
+    """K ascent steps at lr, measured the slow way: loss rise or ‖θK − θ0‖/‖θ0‖."""
+    rise, state = _ascent_rise(model, q, cfg, lr, fisher)
+    if cfg.lr_criterion == "loss":
+        return rise
+    base = dict(model.named_parameters())
+    moved = sum(float((state.params[n] - base[n].detach()).pow(2).sum()) for n in base)
+    return math.sqrt(moved / sum(float(p.detach().pow(2).sum()) for p in base.values()))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("criterion,target", [("loss", 1e-3), ("radius", 1e-6)])
+def test_first_order_guess_is_exact_for_one_small_step(
+    tokenizer, fresh, optimizer, criterion, target
+):
+    """K = 1 and a tiny target: one step at the guess reaches the target to within 2% (the
+    neglected terms are O(η²); measured ≤ 0.3%)."""
+    q = encode_query(QUERY, tokenizer, None)
+    fisher = _fisher_for("fresh", fresh)
+    cfg = PerturbConfig(
+        optimizer=optimizer, lr="auto", lr_target=target, lr_criterion=criterion, steps=1
+    )
+    start = start_point(fresh, q, _names(fresh))
+    guess = first_order_lr(start, _names(fresh), cfg, n_units=10, fisher=fisher)
+    assert guess is not None
+    assert _effect(fresh, q, cfg, guess, fisher) / target == pytest.approx(1.0, rel=0.02)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("criterion,target,factor", [("loss", 1.0, 5.0), ("radius", 1e-3, 1.25)])
+def test_first_order_guess_is_near_the_chosen_lr(
+    tokenizer, fresh, optimizer, criterion, target, factor
+):
+    """K = 5 on the fresh model: the guess is within ``factor`` of the η the search chose
+    (loss: measured 0.23-0.32x, the rise saturates along the ascent; radius: 1.0x). On the
+    memorised model (loss ≈ 0, gradient ≈ 0) the first order says little: there the
+    search's later trials do the work (see the divergence test below)."""
+    q = encode_query(QUERY, tokenizer, None)
+    cfg = PerturbConfig(
+        optimizer=optimizer, lr="auto", lr_target=target, lr_criterion=criterion, steps=5
+    )
+    cal = calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10, fisher=_fisher_for("fresh", fresh))
+    assert cal.reached and cal.first_guess is not None
+    assert cal.trials[0].lr == cal.first_guess  # the search starts there
+    assert 1 / factor <= cal.first_guess / cal.lr <= factor
+
+
+@pytest.mark.parametrize("which", ["fresh", "memorised"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_early_abort_changes_only_the_cost(request, tokenizer, which, optimizer):
+    """Stopping overshoots early gives the same trials and the same η, bit for bit, as
+    running every trial to K steps, for fewer query passes whenever a trial overshot."""
+    model = request.getfixturevalue(which)
+    q = encode_query(QUERY, tokenizer, None)
+    fisher = _fisher_for(which, model)
+    cfg = PerturbConfig(optimizer=optimizer, lr="auto", lr_target=1.0, steps=5)
+    runs = [
+        calibrate_lr(model, q, _names(model), cfg, n_units=10, fisher=fisher, early_abort=abort)
+        for abort in (True, False)
+    ]
+    stopped, full = runs
+    assert stopped.lr == full.lr and stopped.achieved == full.achieved
+    assert [t.lr for t in stopped.trials] == [t.lr for t in full.trials]
+    assert [t.overshot_at for t in stopped.trials] == [t.overshot_at for t in full.trials]
+    overshoots = [t for t in full.trials if t.overshot_at is not None]
+    assert all(t.steps == t.overshot_at for t in stopped.trials if t.overshot_at is not None)
+    assert stopped.query_steps <= full.query_steps - len(overshoots)
+    for n, v in full.ascent.params.items():
+        torch.testing.assert_close(stopped.ascent.params[n], v, rtol=0, atol=0)
+    if which == "memorised":  # the case where the first-order guess overshoots: it must stop
+        assert overshoots
+
+
+@pytest.mark.parametrize("which", ["fresh", "memorised"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_no_divergence_with_any_optimizer(request, tokenizer, which, optimizer):
+    model = request.getfixturevalue(which)
+    q = encode_query(QUERY, tokenizer, None)
+    fisher = _fisher_for(which, model)
+    cfg = PerturbConfig(optimizer=optimizer, lr="auto", lr_target=1.0, steps=5)
+    cal = calibrate_lr(model, q, _names(model), cfg, n_units=10, fisher=fisher)
+    assert cal.reached and math.isfinite(cal.achieved), cal.to_dict()
+    fixed = dataclasses.replace(cfg, lr=cal.lr)
+    for direction in (ASCENT, DESCENT):
+        state = perturb(model, q, _names(model), fixed, direction, n_units=10, fisher=fisher)
+        assert all(math.isfinite(v) for v in state.loss_trajectory)
+    assert (
+        cal.ascent.loss_trajectory
+        == perturb(
+            model, q, _names(model), fixed, ASCENT, n_units=10, fisher=fisher
+        ).loss_trajectory
+    )
+
+
+def test_lr_depends_on_the_query_alone(tokenizer, fresh):
+    """Same query, same η and same ascent, bit for bit, whatever was calibrated before it."""
+    q = encode_query(QUERY, tokenizer, None)
+    other = encode_query(Query("o", "The sea is", " wide and deep, and cold."), tokenizer, None)
+    cfg = PerturbConfig(lr="auto", lr_target=0.5, steps=4)
+    first = calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10)
+    between = calibrate_lr(fresh, other, _names(fresh), cfg, n_units=10)
+    again = calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10)
+    assert between.lr != first.lr  # another query really is another search
+    a, b = first.to_dict(), again.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    for n, v in first.ascent.params.items():
+        torch.testing.assert_close(again.ascent.params[n], v, rtol=0, atol=0)
 
 
 def test_damped_fisher_tends_to_the_eps_form():

@@ -16,22 +16,36 @@ Criteria (``--lr-criterion``), each with its target (``--lr-target``):
 - ``radius``: the ascent's update has norm ``target`` × the norm of the perturbed
   parameters, ‖θ_K − θ0‖ / ‖θ0‖ (dimensionless).
 
-The search works on log η: a first trial at a fixed start, proportional jumps until the
-target is bracketed, then log-log interpolation inside the bracket (the effect is close to
-a power of η), stopping once a trial is within ``TOLERANCE`` of the target or after
-``MAX_TRIALS`` trials. A trial whose loss becomes NaN/inf counts as an overshoot. The
-chosen η is the trial closest to the target (in log ratio), so the recorded ascent
-trajectory is the one the perturbation reproduces. Every step is deterministic, so resume
-fingerprints of the perturbed states still hold.
+The search works on log η. Its first trial is a first-order guess from the query's gradient
+at θ0 (:func:`~bgotrace.perturb.lr_trials.first_order_lr`; ``START_LR`` when the gradient
+gives none). Each next η comes from what the trials so far show (:func:`_next_lr`): before
+the target is bracketed, the trajectory of the nearest trial read as a curve of η
+(:func:`~bgotrace.perturb.lr_trials.predict_lr`), at most ``_MAX_JUMP`` away; inside a
+bracket, a log-log secant or that prediction, kept strictly inside it and bisecting it when
+two trials in a row fall on the same side. The search stops once an *eligible* trial is
+within ``TOLERANCE`` of the target, or after ``MAX_TRIALS`` trials.
+
+A trial is eligible when its K steps kept the loss finite and its effect never passed the
+top of the tolerance window, target × (1 + ``TOLERANCE``), before step K; otherwise it is an
+overshoot whatever its effect at K (a perturbation that shot past the target and came back
+is not the controlled one the target asks for). So the search only needs the first steps of
+an overshoot, up to where it passed the window, and ``early_abort`` stops it there: the
+chosen η is then the same, bit for bit, as with every trial run to K steps (only the cost
+differs). The chosen η is the eligible trial closest to the target (in log ratio), so the
+recorded ascent trajectory is the one the perturbation reproduces. Every step is
+deterministic and uses the query alone, so the same query gets the same η, bit for bit,
+whatever else the run holds or in what order, and resume fingerprints of the perturbed
+states still hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +53,23 @@ import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.errors import NonFiniteLossError
-from bgotrace.perturb.steps import ASCENT, PerturbedState, perturb
+from bgotrace.perturb.lr_trials import (
+    Trial,
+    crossing,
+    eligible,
+    first_order_lr,
+    predict_lr,
+    run_trial,
+    start_point,
+)
+from bgotrace.perturb.steps import PerturbedState
 from bgotrace.query import EncodedQuery
 
 log = logging.getLogger(__name__)
 
 START_LR = {"adam": 1e-4, "fisher": 1e-4, "sgd": 1e-2}
-"""First trial of the search per optimizer (the previous fixed defaults)."""
+"""The previous fixed defaults: the first trial when the gradient gives no first-order
+guess, and the centre of the span the search stays in."""
 SPAN = (1e-6, 1e4)
 """The search stays within [start × SPAN[0], start × SPAN[1]]."""
 TOLERANCE = 0.1
@@ -54,19 +78,10 @@ MAX_TRIALS = 10
 """At most this many trials of K ascent steps each."""
 _MAX_JUMP = 100.0
 """Largest factor between consecutive trials before the target is bracketed."""
+_SHRINK = (0.1, 0.9)
+"""Inside a bracket, the next η stays within this fraction of its log width (progress)."""
 
-
-@dataclass
-class Trial:
-    """One candidate step size and the effect its K ascent steps had."""
-
-    lr: float
-    effect: float
-    """Loss rise (nats) or relative radius; +inf when the loss became non-finite."""
-    trajectory: list[float] = field(default_factory=list)
-    """Query loss along the ascent (K+1 values, nats); empty when it diverged."""
-    state: PerturbedState | None = field(default=None, repr=False)
-    """The ascent's parameters, kept for the best trial so far only (memory)."""
+__all__ = ["Calibration", "Trial", "calibrate_lr", "resolve_query_config"]
 
 
 @dataclass
@@ -85,13 +100,16 @@ class Calibration:
     seconds: float
     """Wall time of the search."""
     query_steps: int
-    """Forward + backward passes on the query that the search cost."""
+    """Forward passes on the query the search ran (all but each trial's last with a
+    backward); θ0's, shared by every trial, counts once."""
+    first_guess: float | None = None
+    """The first-order η the search started from (None: it started at ``START_LR``)."""
     ascent: PerturbedState | None = field(default=None, repr=False)
     """The chosen trial's ascent: exactly what ``perturb`` gives at ``lr``, so the caller
     reuses it instead of running the K ascent steps again."""
 
     def chosen(self) -> Trial:
-        return next(t for t in self.trials if t.lr == self.lr)
+        return next(t for t in self.trials if t.lr == self.lr and t.state is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,41 +118,14 @@ class Calibration:
             "target": self.target,
             "achieved": self.achieved,
             "reached": self.reached,
-            "trials": [{"lr": t.lr, "effect": t.effect} for t in self.trials],
+            "first_guess": self.first_guess,
+            "trials": [
+                {"lr": t.lr, "effect": t.effect, "steps": t.steps, "overshot_at": t.overshot_at}
+                for t in self.trials
+            ],
             "seconds": round(self.seconds, 4),
             "query_steps": self.query_steps,
         }
-
-
-def _effect(state: PerturbedState, base: Mapping[str, torch.Tensor], criterion: str) -> float:
-    if criterion == "loss":
-        return state.final_loss - state.loss_trajectory[0]
-    moved = sum(float((state.params[n].float() - base[n].float()).pow(2).sum()) for n in base)
-    norm = sum(float(base[n].float().pow(2).sum()) for n in base)
-    return math.sqrt(moved / max(norm, 1e-30))
-
-
-def _trial(
-    model: torch.nn.Module,
-    query: EncodedQuery,
-    names: Sequence[str],
-    cfg: PerturbConfig,
-    lr: float,
-    *,
-    n_units: int,
-    fisher: Mapping[str, torch.Tensor] | None,
-) -> Trial:
-    trial_cfg = dataclasses.replace(cfg, lr=lr)
-    try:
-        state = perturb(model, query, names, trial_cfg, ASCENT, n_units=n_units, fisher=fisher)
-    except NonFiniteLossError:  # a diverging trial is an overshoot, not an error
-        return Trial(lr, math.inf)
-    params = dict(model.named_parameters())
-    base = {n: params[n].detach() for n in names}
-    effect = _effect(state, base, cfg.lr_criterion)
-    if not math.isfinite(effect):
-        effect = math.inf
-    return Trial(lr, effect, state.loss_trajectory, state)
 
 
 def _rank(trial: Trial, target: float) -> tuple[float, float]:
@@ -143,13 +134,12 @@ def _rank(trial: Trial, target: float) -> tuple[float, float]:
 
 
 def _keep_best_state(trials: Sequence[Trial], target: float) -> None:
-    """Drop the parameters of every trial but the best so far (one copy in memory)."""
-    kept = [t for t in trials if t.state is not None]
-    if kept:
-        best = min(kept, key=lambda t: _rank(t, target))
-        for t in kept:
-            if t is not best:
-                t.state = None
+    """Drop the parameters of every trial but the best eligible one so far (one copy)."""
+    kept = [t for t in trials if t.state is not None and eligible(t)]
+    best = min(kept, key=lambda t: _rank(t, target)) if kept else None
+    for t in trials:
+        if t is not best:
+            t.state = None
 
 
 def _log_ratio(effect: float, target: float) -> float:
@@ -159,26 +149,60 @@ def _log_ratio(effect: float, target: float) -> float:
     return abs(math.log(effect / target))
 
 
-def _next_lr(trials: Sequence[Trial], target: float, lo_lr: float, hi_lr: float) -> float:
-    """Next η: interpolate inside a bracket, else jump towards the target."""
-    under = [t for t in trials if t.effect < target]
-    over = [t for t in trials if t.effect >= target]
+def _within(effect: float, target: float) -> bool:
+    return _log_ratio(effect, target) <= math.log1p(TOLERANCE)
+
+
+def _next_lr(
+    trials: Sequence[Trial], target: float, k_steps: int, lo_lr: float, hi_lr: float
+) -> float:
+    """Next η, from trials below the target (eligible, short of it) and above it (the rest).
+
+    Inside a bracket: bisect it (log) after two trials in a row on the same side; else the
+    log-log secant between its ends when both have a K-step effect, else the trajectory's
+    prediction; always within ``_SHRINK`` of its log width. Before a bracket: the
+    trajectory's prediction, the jump doubled for each trial on the same side after the
+    second. Of a trial that overshot early it uses only where it crossed the target, so a
+    trial stopped there leads to the same next η as the full one.
+    """
+    under = [t for t in trials if _below(t, target)]
+    over = [t for t in trials if not _below(t, target)]
     lo = max(under, key=lambda t: t.lr) if under else None
     hi = min(over, key=lambda t: t.lr) if over else None
     if lo is not None and hi is not None and lo.lr < hi.lr:
         a, b = math.log(lo.lr), math.log(hi.lr)
-        frac = 0.5
-        if lo.effect > 0 and math.isfinite(hi.effect):  # log-log secant
-            la, lb = math.log(lo.effect), math.log(hi.effect)
-            frac = (math.log(target) - la) / (lb - la) if lb > la else 0.5
-        frac = min(max(frac, 0.1), 0.9)  # always shrink the bracket
-        return math.exp(a + frac * (b - a))
-    if lo is not None and hi is None:  # every trial fell short: larger η
-        factor = target / lo.effect if lo.effect > 0 else _MAX_JUMP
-        return min(lo.lr * min(max(factor, 2.0), _MAX_JUMP), hi_lr)
-    assert hi is not None
-    factor = hi.effect / target if math.isfinite(hi.effect) else _MAX_JUMP
-    return max(hi.lr / min(max(factor, 2.0), _MAX_JUMP), lo_lr)
+        frac = _bracket_frac(trials, lo, hi, target, k_steps)
+        return math.exp(a + min(max(frac, _SHRINK[0]), _SHRINK[1]) * (b - a))
+    ref = lo if lo is not None else hi
+    assert ref is not None
+    up = ref is lo
+    guess = predict_lr(ref, target, k_steps)
+    if guess is None:  # no usable trajectory: the largest jump towards the target
+        guess = ref.lr * (_MAX_JUMP if up else 1 / _MAX_JUMP)
+    push = 2.0 ** max(0, len(under if up else over) - 2)  # from the third on this side
+    guess = guess * push if up else guess / push
+    guess = min(max(guess, ref.lr / _MAX_JUMP), ref.lr * _MAX_JUMP)
+    return min(max(guess, lo_lr), hi_lr)
+
+
+def _bracket_frac(
+    trials: Sequence[Trial], lo: Trial, hi: Trial, target: float, k_steps: int
+) -> float:
+    """Where in the bracket's log width the next η goes (0: ``lo``, 1: ``hi``)."""
+    a, b = math.log(lo.lr), math.log(hi.lr)
+    if len(trials) >= 2 and _below(trials[-1], target) == _below(trials[-2], target):
+        return 0.5  # the last step did not cross: bisect so the bracket halves
+    if eligible(hi) and math.isfinite(hi.effect) and 0 < lo.effect < hi.effect:
+        la, lb = math.log(lo.effect), math.log(hi.effect)
+        return (math.log(target) - la) / (lb - la)
+    source = hi if (crossing(hi, target) or 0) >= 2 else lo
+    guess = predict_lr(source, target, k_steps)
+    return (math.log(guess) - a) / (b - a) if guess else 0.5
+
+
+def _below(trial: Trial, target: float) -> bool:
+    """An eligible trial short of the target (overshoots and divergences are above it)."""
+    return eligible(trial) and trial.effect < target
 
 
 def calibrate_lr(
@@ -189,47 +213,76 @@ def calibrate_lr(
     *,
     n_units: int,
     fisher: Mapping[str, torch.Tensor] | None = None,
+    early_abort: bool = True,
 ) -> Calibration:
-    """Search η for one query so K ascent steps reach ``cfg.lr_target``."""
+    """Search η for one query so K ascent steps reach ``cfg.lr_target``.
+
+    ``early_abort``: stop a trial once it has passed the tolerance window above the target
+    (the chosen η is the same unless the effect falls back into the window by step K: see
+    the module doc); False runs every trial to K steps (a reference for tests/benchmarks).
+    """
     started = time.perf_counter()
-    target, start = cfg.lr_target, START_LR[cfg.optimizer]
-    lo_lr, hi_lr = start * SPAN[0], start * SPAN[1]
+    target, start_lr = cfg.lr_target, START_LR[cfg.optimizer]
+    lo_lr, hi_lr = start_lr * SPAN[0], start_lr * SPAN[1]
+    start = start_point(model, query, names)
+    guess = first_order_lr(start, names, cfg, n_units=n_units, fisher=fisher)
+    lr = start_lr if guess is None else min(max(guess, lo_lr), hi_lr)
+    trial_at = functools.partial(
+        run_trial, model, query, names, cfg, start=start, n_units=n_units, fisher=fisher,
+        window_top=target * (1 + TOLERANCE),
+    )  # fmt: skip
     trials: list[Trial] = []
-    lr = start
     for _ in range(MAX_TRIALS):
-        trials.append(_trial(model, query, names, cfg, lr, n_units=n_units, fisher=fisher))
+        trial = trial_at(lr, stop_early=early_abort)
+        trials.append(trial)
         _keep_best_state(trials, target)
-        if _log_ratio(trials[-1].effect, target) <= math.log1p(TOLERANCE):
+        if eligible(trial) and _within(trial.effect, target):
             break
-        lr = _next_lr(trials, target, lo_lr, hi_lr)
+        lr = _next_lr(trials, target, cfg.steps, lo_lr, hi_lr)
         if any(math.isclose(lr, t.lr, rel_tol=1e-9) for t in trials):
             break  # pinned at an end of the span, or the bracket cannot shrink further
-    finite = [t for t in trials if t.trajectory]
-    if not finite:
+    best = _choose(trials, target, trial_at)
+    if best is None:
         raise NonFiniteLossError(
             f"Query {query.query.query_id!r}: the ascent diverged for every step size down to "
             f"{lo_lr:g} (optimizer {cfg.optimizer}): use --lr with a fixed value, or set "
             "--max-grad-norm."
         )
-    best = min(finite, key=lambda t: _rank(t, target))
-    if best.effect <= 0:  # nothing moved the loss up: take the largest finite trial
-        best = max(finite, key=lambda t: t.lr)
-    reached = _log_ratio(best.effect, target) <= math.log1p(TOLERANCE)
     result = Calibration(
         lr=best.lr,
         criterion=cfg.lr_criterion,
         target=target,
         achieved=best.effect,
-        reached=reached,
+        reached=_within(best.effect, target),
         trials=trials,
         seconds=time.perf_counter() - started,
-        query_steps=len(trials) * cfg.steps,
+        query_steps=1 + sum(len(t.trajectory) - 1 for t in trials),
+        first_guess=guess,
         ascent=best.state,
     )
     for t in trials:
         t.state = None
     _log_result(query, result)
     return result
+
+
+def _choose(trials: list[Trial], target: float, trial_at: Callable[[float], Trial]) -> Trial | None:
+    """The eligible trial closest to the target; None when every trial diverged.
+
+    When no trial is eligible (every one overshot early or diverged), a full run of the
+    smallest η tried is appended and taken if it finished: only a finished trial has an
+    ascent state to reuse.
+    """
+    candidates = [t for t in trials if eligible(t)]
+    if not candidates and any(len(t.trajectory) > 1 for t in trials):
+        trials.append(trial_at(min(t.lr for t in trials)))
+        candidates = [trials[-1]] if trials[-1].finished else []
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda t: _rank(t, target))
+    if best.effect <= 0:  # nothing moved the loss up: take the largest eligible trial
+        best = max(candidates, key=lambda t: t.lr)
+    return best
 
 
 def _log_result(query: EncodedQuery, result: Calibration) -> None:
