@@ -1,4 +1,5 @@
-"""``perturb_pair`` (one shared first step) is bit-identical to two ``perturb`` calls.
+"""``perturb_pair`` (one shared first step) is bit-identical to two ``perturb`` calls, and
+``perturb`` to a plain loop of K optimizer steps.
 
 Tolerance: none. The pair runs the same operations on the same values as the two separate
 runs (only the first step's loss and gradient at θ0 are computed once), so every perturbed
@@ -16,8 +17,18 @@ import torch
 import bgotrace
 from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
+from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.params import select_parameters
-from bgotrace.perturb.steps import ASCENT, DESCENT, perturb, perturb_pair
+from bgotrace.perturb.steps import (
+    ASCENT,
+    DESCENT,
+    _make_optimizer,
+    _query_loss,
+    _set_grads,
+    perturb,
+    perturb_pair,
+    query_trunk,
+)
 from bgotrace.query import Query, encode_query
 from bgotrace.score import perturbation
 from tests.conftest import make_tiny_tokenizer
@@ -51,10 +62,50 @@ def _assert_same(pair_state, single_state, names):
         assert torch.equal(pair_state.params[n], single_state.params[n]), n
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "fisher"])
-@pytest.mark.parametrize("params", ["all", "last:1"])  # full forward; shared trunk
-@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def _functional_loop(model, q, names, cfg, direction, fisher):
+    """K steps written out: loss, gradient, transform, optimizer step; then the final loss."""
+    shared = query_trunk(model, names, q)
+    base = dict(model.named_parameters())
+    work = [base[n].detach().clone().requires_grad_(True) for n in names]
+    optimizer = _make_optimizer(work, cfg, direction == ASCENT, N_UNITS)
+    trajectory = []
+    with grads_only_for(model, []):
+        for _ in range(cfg.steps):
+            loss = _query_loss(model, names, work, q, shared)
+            trajectory.append(float(loss.detach()))
+            _set_grads(work, torch.autograd.grad(loss, work), names, cfg, fisher)
+            optimizer.step()
+        with torch.no_grad():
+            trajectory.append(float(_query_loss(model, names, work, q, shared)))
+    return trajectory, {n: w.detach() for n, w in zip(names, work, strict=True)}
+
+
+CASES = [
+    pytest.param(arch, opt, params, clip, id=f"{arch}-{opt}-{params}-clip{clip}")
+    for arch in ("gpt2", "llama")
+    for opt in ("sgd", "adam", "fisher")
+    for params in ("all", "last:1")  # full forward; shared trunk
+    for clip in (None, 0.05)
+]
+
+
+@pytest.mark.parametrize("arch,optimizer,params,max_grad_norm", CASES)
+def test_perturb_equals_a_plain_loop(models, tokenizer, arch, optimizer, params, max_grad_norm):
+    model = models[arch]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, params)
+    cfg = PerturbConfig(optimizer=optimizer, lr=LR[optimizer], steps=3, max_grad_norm=max_grad_norm)
+    fisher = _fisher(model) if optimizer == "fisher" else None
+    for direction in (DESCENT, ASCENT):
+        state = perturb(model, q, names, cfg, direction, n_units=N_UNITS, fisher=fisher)
+        trajectory, params_ref = _functional_loop(model, q, names, cfg, direction, fisher)
+        assert state.loss_trajectory == trajectory
+        for n in names:
+            assert torch.equal(state.params[n], params_ref[n]), n
+            assert type(state.params[n]) is torch.Tensor  # a plain tensor, not a Parameter
+
+
+@pytest.mark.parametrize("arch,optimizer,params,max_grad_norm", CASES)
 def test_pair_equals_two_perturb_calls(models, tokenizer, arch, optimizer, params, max_grad_norm):
     model = models[arch]
     q = encode_query(QUERY, tokenizer, None)
