@@ -69,6 +69,7 @@ def test_search_reaches_the_target(request, tokenizer, which, criterion, target)
     cal = calibrate_lr(model, q, _names(model), cfg, n_units=10)
     assert cal.reached, cal.to_dict()
     assert abs(cal.achieved / target - 1) <= 0.25
+    assert cal.chosen().effect == cal.achieved and cal.chosen().overshot_at is None
     if criterion == "loss":  # the recorded effect is what the perturbation reproduces
         rise, _ = _ascent_rise(model, q, cfg, cal.lr)
         assert rise == pytest.approx(cal.achieved, rel=1e-5)

@@ -117,7 +117,7 @@ class Calibration:
     reuses it instead of running the K ascent steps again."""
 
     def chosen(self) -> Trial:
-        return next(t for t in self.trials if t.lr == self.lr and t.state is not None)
+        return next(t for t in self.trials if t.lr == self.lr and t.finished)
 
     def to_dict(self) -> dict[str, Any]:
         return {
