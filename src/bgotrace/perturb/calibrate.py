@@ -169,8 +169,8 @@ def _next_lr(
     Inside a bracket: bisect it (log) after two trials in a row on the same side; else the
     log-log secant between its ends when both have a K-step effect, else the trajectory's
     prediction; always within ``_SHRINK`` of its log width. Before a bracket: the
-    trajectory's prediction, the jump doubled for each trial on the same side after the
-    second. Of a trial that overshot early it uses only where it crossed the target, so a
+    trajectory's prediction, the jump doubled for each trial on the same side beyond
+    ``_PUSH_AFTER``. Of a trial that overshot early it uses only where it crossed the target, so a
     trial stopped there leads to the same next η as the full one.
     """
     under = [t for t in trials if _below(t, target)]
@@ -225,9 +225,10 @@ def calibrate_lr(
 ) -> Calibration:
     """Search η for one query so K ascent steps reach ``cfg.lr_target``.
 
-    ``early_abort``: stop a trial once it has passed the tolerance window above the target
-    (the chosen η is the same unless the effect falls back into the window by step K: see
-    the module doc); False runs every trial to K steps (a reference for tests/benchmarks).
+    ``early_abort``: stop a trial once its effect has passed the top of the tolerance window
+    before step K (it is an overshoot whatever follows: see the module doc). The trials and
+    the chosen η are the same, bit for bit, as with False, which runs every trial to K steps
+    (the reference for tests and benchmarks); only the cost differs.
     """
     started = time.perf_counter()
     target, start_lr = cfg.lr_target, START_LR[cfg.optimizer]

@@ -1,16 +1,19 @@
 """The pieces of ``--lr auto``'s search: one trial of K ascent steps, and what it predicts.
 
-A trial runs the same K ascent steps as :func:`bgotrace.perturb.steps.perturb` (the same
-optimizer, gradient transform and loss, so a finished trial's parameters are bit-identical
-to ``perturb`` at that η), with three savings that leave its outcome unchanged:
+A trial runs the same K ascent steps as :func:`bgotrace.perturb.steps.perturb`, built from
+that module's own optimizer, gradient transform and loss, so a finished trial's parameters
+are bit-identical to ``perturb`` at that η (tests pin it). It has its own loop, not a call
+of ``perturb``, for two savings that ``perturb`` has no hook for and that leave a trial's
+outcome unchanged:
 
 - the query's gradient at θ0 is the same for every η, so it is computed once per search
   (:func:`start_point`) and every trial's first step reuses it;
 - a trial stops as soon as its effect has passed the top of the target's tolerance window
   before step K (``stop_early``): such a trial is an overshoot whatever its effect at K, and
   all the search needs from it is where it crossed the target, so stopping it changes
-  nothing but the cost;
-- the first trial's η is a first-order guess from that gradient (:func:`first_order_lr`).
+  nothing but the cost.
+
+The same gradient gives the search's first η, a first-order guess (:func:`first_order_lr`).
 
 :func:`predict_lr` reads a trial's trajectory as a curve of η: the first k of K steps at η
 move the parameters about as far as K steps at η·k/K would (exact for the first step of Adam,
