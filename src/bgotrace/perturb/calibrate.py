@@ -23,7 +23,8 @@ the target is bracketed, the trajectory of the nearest trial read as a curve of 
 (:func:`~bgotrace.perturb.lr_trials.predict_lr`), at most ``_MAX_JUMP`` away; inside a
 bracket, a log-log secant or that prediction, kept strictly inside it and bisecting it when
 two trials in a row fall on the same side. The search stops once an *eligible* trial is
-within ``TOLERANCE`` of the target, or after ``MAX_TRIALS`` trials.
+within ``TOLERANCE`` of the target, or when its budget (the query passes of ``MAX_TRIALS``
+full trials) cannot fit another full trial.
 
 A trial is eligible when its K steps kept the loss finite and its effect never passed the
 top of the tolerance window, target × (1 + ``TOLERANCE``), before step K; otherwise it is an
@@ -75,7 +76,8 @@ SPAN = (1e-6, 1e4)
 TOLERANCE = 0.1
 """A trial within ±10% of the target ends the search."""
 MAX_TRIALS = 10
-"""At most this many trials of K ascent steps each."""
+"""The search's budget: the query forward passes of this many full trials of K steps (the
+previous search's worst case). Trials stopped early cost less, so more of them can fit."""
 _MAX_JUMP = 100.0
 """Largest factor between consecutive trials before the target is bracketed."""
 _AIM = (1 + TOLERANCE) ** -0.75
@@ -84,8 +86,11 @@ because the prediction errs high (k steps at η·K/k fall short of K steps at η
 grows along an ascent, and K smaller steps follow it). Chosen on the cpu benchmark's
 validation queries (Fisher: 2.8 → 2.5 trials per query against aiming at the target; Adam
 unchanged); it moves only the cost, never what a trial must reach to be accepted."""
-_PUSH_AFTER = 3
-"""Before a bracket, trials on one side beyond this many double the jump (no creeping)."""
+_FAR = math.log(2.0)
+"""Before a bracket, a step from the last trial larger than this factor (log) after a
+prediction that did not cross the target is squared: the predictions are far off there
+(the ascent's effect explodes within its K steps, as on a memorised query), and squaring
+gets across in a few trials instead of creeping."""
 _SHRINK = (0.1, 0.9)
 """Inside a bracket, the next η stays within this fraction of its log width (progress)."""
 
@@ -169,9 +174,10 @@ def _next_lr(
     Inside a bracket: bisect it (log) after two trials in a row on the same side; else the
     log-log secant between its ends when both have a K-step effect, else the trajectory's
     prediction; always within ``_SHRINK`` of its log width. Before a bracket: the
-    trajectory's prediction, the jump doubled for each trial on the same side beyond
-    ``_PUSH_AFTER``. Of a trial that overshot early it uses only where it crossed the target, so a
-    trial stopped there leads to the same next η as the full one.
+    trajectory's prediction, its step from the last trial squared when that trial was
+    itself a prediction that fell short of crossing and the step is beyond ``_FAR``. Of a
+    trial that overshot early it uses only where it crossed the target, so a trial stopped
+    there leads to the same next η as the full one.
     """
     under = [t for t in trials if _below(t, target)]
     over = [t for t in trials if not _below(t, target)]
@@ -187,8 +193,8 @@ def _next_lr(
     guess = predict_lr(ref, target * _AIM, k_steps)
     if guess is None:  # no usable trajectory: the largest jump towards the target
         guess = ref.lr * (_MAX_JUMP if up else 1 / _MAX_JUMP)
-    push = 2.0 ** max(0, len(under if up else over) - _PUSH_AFTER)
-    guess = guess * push if up else guess / push
+    elif len(under if up else over) >= 2 and abs(math.log(guess / ref.lr)) > _FAR:
+        guess *= guess / ref.lr  # the last prediction fell far short: so will this one
     guess = min(max(guess, ref.lr / _MAX_JUMP), ref.lr * _MAX_JUMP)
     return min(max(guess, lo_lr), hi_lr)
 
@@ -241,7 +247,7 @@ def calibrate_lr(
         window_top=target * (1 + TOLERANCE),
     )  # fmt: skip
     trials: list[Trial] = []
-    for _ in range(MAX_TRIALS):
+    while _passes(trials) + cfg.steps <= MAX_TRIALS * cfg.steps:  # a full trial still fits
         trial = trial_at(lr, stop_early=early_abort)
         trials.append(trial)
         _keep_best_state(trials, target)
@@ -265,7 +271,7 @@ def calibrate_lr(
         reached=_within(best.effect, target),
         trials=trials,
         seconds=time.perf_counter() - started,
-        query_steps=1 + sum(len(t.trajectory) - 1 for t in trials),
+        query_steps=1 + _passes(trials),
         first_guess=guess,
         ascent=best.state,
     )
@@ -273,6 +279,11 @@ def calibrate_lr(
         t.state = None
     _log_result(query, result)
     return result
+
+
+def _passes(trials: Sequence[Trial]) -> int:
+    """Query forward passes the trials ran beyond θ0's (one per step reached)."""
+    return sum(len(t.trajectory) - 1 for t in trials)
 
 
 def _choose(trials: list[Trial], target: float, trial_at: Callable[[float], Trial]) -> Trial | None:
