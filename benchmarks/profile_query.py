@@ -6,7 +6,9 @@
 The 12x128 model and corpus of ``bench_amortized.py`` (the same ``--unit-length``, default 128);
 one warm-up run builds the caches, then one query is profiled and the two plain inference
 passes are timed. Prints the ratio and the cumulative times of the stages (sweep,
-perturbation, the rest); records nothing.
+perturbation, the rest), and the query's perturbation alone side by side: two ``perturb``
+calls (descent, ascent) vs one ``perturb_pair`` (their shared first step once, as the sweep
+runs it; best of 5, taken in turn); records nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import torch
 
 import bgotrace
 from bgotrace.cache import TokenCache
+from bgotrace.config import PerturbConfig
+from bgotrace.perturb.params import select_parameters
+from bgotrace.perturb.steps import ASCENT, DESCENT, perturb, perturb_pair
+from bgotrace.query import encode_query
 from bgotrace.report.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
@@ -55,6 +61,23 @@ def main() -> None:
     print(f"{n_units} units of <= {args.unit_length} tokens: query {query:.2f} s, "
           f"2 plain passes {limit:.2f} s, ratio {limit / query:.2f}")  # fmt: skip
     pstats.Stats(profile).sort_stats("cumulative").print_stats(STAGES)
+    perturbation_side_by_side(model, tok, args.unit_length, len(TokenCache(cache)))
+
+
+def perturbation_side_by_side(model, tok, unit_length: int, n_units: int) -> None:
+    """One query's perturbation (K = 10 Adam steps each way, every parameter)."""
+    q = encode_query(ba.queries(1)[0], tok, unit_length)
+    names, cfg = select_parameters(model, "all"), PerturbConfig()
+    runs = {
+        "2 x perturb": lambda: [
+            perturb(model, q, names, cfg, d, n_units=n_units) for d in (DESCENT, ASCENT)
+        ],
+        "perturb_pair": lambda: perturb_pair(model, q, names, cfg, n_units=n_units),
+    }
+    best = ba.interleaved(runs, rounds=5)
+    two, pair = best["2 x perturb"], best["perturb_pair"]
+    print(f"perturbation of one query: 2 x perturb {two:.3f} s, perturb_pair {pair:.3f} s, "
+          f"ratio {pair / two:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -188,15 +188,19 @@ def perturb_pair(
     """
     shared = shared if shared is not None else query_trunk(model, names, query)
     steps = _Steps(model, query, names, cfg, fisher, shared)
-    descent = _start(model, names, cfg, DESCENT, n_units)
-    ascent = _start(model, names, cfg, ASCENT, n_units)
     with grads_only_for(model, []):
+        descent = _start(model, names, cfg, DESCENT, n_units)
         grads = steps.grads(descent, step=0)
-        ascent.trajectory.append(descent.trajectory[0])
-        # Each optimizer gets its own gradient tensors: an update may work in place on them.
-        steps.update(ascent, [g.clone() for g in grads])
+        # The ascent's own copy (an update may work in place on its gradients). The ascent
+        # starts once the descent is done: one optimizer state alive at a time, so the peak
+        # memory is two perturb calls' plus this one gradient copy.
+        first = [g.clone() for g in grads]
         steps.update(descent, grads)
-        return steps.finish(descent, first_step=1), steps.finish(ascent, first_step=1)
+        descended = steps.finish(descent, first_step=1)
+        ascent = _start(model, names, cfg, ASCENT, n_units)
+        ascent.trajectory.append(descended.loss_trajectory[0])
+        steps.update(ascent, first)
+        return descended, steps.finish(ascent, first_step=1)
 
 
 def _set_grads(
