@@ -18,7 +18,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.errors import ConfigError
 from bgotrace.perturb.calibrate import MAX_TRIALS, calibrate_lr
 from bgotrace.perturb.fisher import fisher_denominators
-from bgotrace.perturb.lr_trials import first_order_lr, start_point
+from bgotrace.perturb.lr_trials import Trial, first_order_lr, predict_lr, start_point
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
 from bgotrace.query import Query, encode_query
 from tests.conftest import make_tiny_tokenizer
@@ -251,6 +251,28 @@ def test_lr_depends_on_the_query_alone(tokenizer, fresh):
     assert a == b
     for n, v in first.ascent.params.items():
         torch.testing.assert_close(again.ascent.params[n], v, rtol=0, atol=0)
+
+
+def _synthetic(effects: list[float], lr: float = 1.0) -> Trial:
+    return Trial(lr, effects[-1], effects=effects, steps=len(effects) - 1, finished=True)
+
+
+@pytest.mark.parametrize(
+    "effects,target,expected",
+    [
+        ([0, 0.25, 0.5, 0.75, 1.0], 0.5, 0.5),  # linear in k, crossing at step 2 of 4
+        ([0, 0.25, 0.5, 0.75, 1.0], 0.375, 0.375),  # between steps 1 and 2: interpolated
+        ([0, 1 / 16, 1 / 4, 9 / 16, 1.0], 0.25, 0.5),  # quadratic: crossing exactly at step 2
+        ([0, 1 / 16, 1 / 4, 9 / 16, 1.0], 1 / 64, 1 / 16),  # below step 1: linear (truth 1/8)
+        ([0, 0.1, 0.2, 0.3, 0.4], 0.8, 2.0),  # undershoot, slope 1 from steps 2 to 4
+        ([0, 1 / 16, 1 / 4, 9 / 16, 1.0], 4.0, 2.0),  # undershoot, slope 2 extrapolated
+        ([0, 0.5**5, 1.0], 8.0, 2.0),  # slope 5 bounded to 3 when extrapolating
+    ],
+)
+def test_trajectory_prediction_on_hand_computed_trials(effects, target, expected):
+    """k of K steps at η read as K steps at η·k/K, power law between neighbouring steps."""
+    trial = _synthetic(effects)
+    assert predict_lr(trial, target, k_steps=len(effects) - 1) == pytest.approx(expected)
 
 
 def test_damped_fisher_tends_to_the_eps_form():
