@@ -191,15 +191,16 @@ def perturb_pair(
     with grads_only_for(model, []):
         descent = _start(model, names, cfg, DESCENT, n_units)
         grads = steps.grads(descent, step=0)
-        # The ascent's own copy (an update may work in place on its gradients). The ascent
-        # starts once the descent is done: one optimizer state alive at a time, so the peak
-        # memory is two perturb calls' plus this one gradient copy.
-        first = [g.clone() for g in grads]
         steps.update(descent, grads)
         descended = steps.finish(descent, first_step=1)
+        # The ascent starts once the descent is done (one optimizer state alive at a time),
+        # from the same gradient tensors, not a copy: torch's optimizers only read them (the
+        # pair test would catch one that wrote them). Peak memory: two perturb calls' plus
+        # this one gradient.
         ascent = _start(model, names, cfg, ASCENT, n_units)
         ascent.trajectory.append(descended.loss_trajectory[0])
-        steps.update(ascent, first)
+        steps.update(ascent, grads)
+        del grads
         return descended, steps.finish(ascent, first_step=1)
 
 
