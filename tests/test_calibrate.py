@@ -331,3 +331,23 @@ def test_chosen_ascent_is_what_perturb_gives(tokenizer, fresh):
     assert cal.ascent.loss_trajectory == again.loss_trajectory
     for n, v in again.params.items():
         torch.testing.assert_close(cal.ascent.params[n], v, rtol=0, atol=0)  # bit-identical
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_descent_from_the_search_start_is_the_plain_descent(tokenizer, fresh, optimizer):
+    """The search hands θ0's loss and gradient on too: the descent at its η starts there,
+    bit-identical to a descent that computes them again."""
+    q = encode_query(QUERY, tokenizer, None)
+    fisher = _fisher_for("fresh", fresh)
+    cfg = PerturbConfig(optimizer=optimizer, lr="auto", lr_target=1.0, steps=4)
+    cal = calibrate_lr(fresh, q, _names(fresh), cfg, n_units=10, fisher=fisher)
+    assert cal.start is not None and cal.start.loss == cal.ascent.loss_trajectory[0]
+    fixed = dataclasses.replace(cfg, lr=cal.lr)
+    run = [
+        perturb(fresh, q, _names(fresh), fixed, DESCENT, n_units=10, fisher=fisher, start=s)
+        for s in (cal.start, None)
+    ]
+    assert run[0].loss_trajectory == run[1].loss_trajectory
+    assert run[0].final_loss < run[0].loss_trajectory[0]
+    for n, v in run[1].params.items():
+        torch.testing.assert_close(run[0].params[n], v, rtol=0, atol=0)  # bit-identical

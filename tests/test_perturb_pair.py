@@ -9,6 +9,7 @@ parameter and every loss of the trajectories must be equal to the last bit.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -17,16 +18,19 @@ import torch
 import bgotrace
 from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
+from bgotrace.errors import NonFiniteLossError
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.steps import (
     ASCENT,
     DESCENT,
+    Start,
     _make_optimizer,
     _query_loss,
     _set_grads,
     perturb,
     perturb_pair,
+    query_start,
     query_trunk,
 )
 from bgotrace.query import Query, encode_query
@@ -192,3 +196,82 @@ def test_different_configs_are_not_paired():
     assert perturbation._is_pair((q, cfg, DESCENT), (q, cfg, ASCENT))
     assert not perturbation._is_pair((q, cfg, DESCENT), (q, other, ASCENT))
     assert not perturbation._is_pair((q, cfg, ASCENT), (q, cfg, DESCENT))
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])  # None: the start's tensors are .grad
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "fisher"])
+def test_perturb_from_a_precomputed_start(models, tokenizer, optimizer, max_grad_norm):
+    """``start``: the same runs, bit for bit, and the shared gradient is never written."""
+    model = models["llama"]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, "last:1")
+    cfg = PerturbConfig(optimizer=optimizer, lr=LR[optimizer], steps=3, max_grad_norm=max_grad_norm)
+    fisher = _fisher(model) if optimizer == "fisher" else None
+    start = query_start(model, q, names)
+    grads_before = [g.clone() for g in start.grads]
+    for direction in (DESCENT, ASCENT):
+        kw = {"n_units": N_UNITS, "fisher": fisher}
+        _assert_same(
+            perturb(model, q, names, cfg, direction, start=start, **kw),
+            perturb(model, q, names, cfg, direction, **kw),
+            names,
+        )
+    assert all(torch.equal(g, b) for g, b in zip(start.grads, grads_before, strict=True))
+
+
+def test_stop_ends_the_run_where_it_says(models, tokenizer):
+    """Stopped after step 2 of 4: the first 2 steps of the full run (= a 2-step run), and
+    the predicate saw steps 1 and 2 with the trajectory so far and the current values."""
+    model = models["gpt2"]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, "last:1")
+    cfg = PerturbConfig(optimizer="adam", lr=1e-2, steps=4)
+    seen = []
+
+    def stop(step, trajectory, work):
+        seen.append((step, list(trajectory), [w.detach().clone() for w in work]))
+        return step == 2
+
+    stopped = perturb(model, q, names, cfg, ASCENT, n_units=N_UNITS, stop=stop)
+    full = perturb(model, q, names, cfg, ASCENT, n_units=N_UNITS)
+    short = perturb(model, q, names, dataclasses.replace(cfg, steps=2), ASCENT, n_units=N_UNITS)
+    assert [s[0] for s in seen] == [1, 2]
+    assert stopped.loss_trajectory == full.loss_trajectory[:3] == seen[-1][1]
+    assert stopped.loss_trajectory == short.loss_trajectory
+    for i, n in enumerate(names):
+        assert torch.equal(stopped.params[n], short.params[n]), n
+        assert torch.equal(seen[-1][2][i], stopped.params[n]), n
+    assert any(not torch.equal(stopped.params[n], full.params[n]) for n in names)
+
+
+def test_a_non_finite_loss_raises_unless_stop_takes_it(models, tokenizer):
+    model = models["gpt2"]
+    q = encode_query(QUERY, tokenizer, None)
+    names = select_parameters(model, "last:1")
+    cfg = PerturbConfig(optimizer="sgd", lr=1e30, steps=3)  # the first step overflows
+    with pytest.raises(NonFiniteLossError, match="ascent step 1"):
+        perturb(model, q, names, cfg, ASCENT, n_units=N_UNITS)
+    state = perturb(
+        model, q, names, cfg, ASCENT, n_units=N_UNITS, stop=lambda k, t, w: not math.isfinite(t[-1])
+    )
+    assert len(state.loss_trajectory) == 2 and not math.isfinite(state.final_loss)
+
+
+def test_lr_auto_descent_starts_from_the_search(models, tokenizer, tmp_path, monkeypatch):
+    """The engine's descent starts from the lr search's θ0 loss and gradient: the scores are
+    the same, bit for bit, as with a descent that computes them again."""
+    real = perturbation.perturb
+    starts = []
+
+    def single(*args, start=None, **kw):
+        starts.append(start)
+        return real(*args, start=start if keep else None, **kw)
+
+    monkeypatch.setattr(perturbation, "perturb", single)
+    results = {}
+    for keep in (True, False):
+        results[keep] = _attribute(models["gpt2"], tokenizer, tmp_path / str(keep), "auto")
+    assert len(starts) == 2 and all(isinstance(s, Start) for s in starts)
+    got, want = (r.scores.sort_values("unit_index")["score"].to_numpy() for r in results.values())
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got).max() > 0

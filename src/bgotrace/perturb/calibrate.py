@@ -63,7 +63,7 @@ from bgotrace.perturb.lr_trials import (
     run_trial,
     start_point,
 )
-from bgotrace.perturb.steps import PerturbedState
+from bgotrace.perturb.steps import PerturbedState, Start
 from bgotrace.query import EncodedQuery
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,10 @@ class Calibration:
     ascent: PerturbedState | None = field(default=None, repr=False)
     """The chosen trial's ascent: exactly what ``perturb`` gives at ``lr``, so the caller
     reuses it instead of running the K ascent steps again."""
+    start: Start | None = field(default=None, repr=False)
+    """The query's loss and gradient at θ0 that every trial started from: the descent at
+    ``lr`` starts from it too (``perturb(..., start=...)``, bit-identical to computing it
+    again), then the caller drops it (one gradient of the perturbed parameters)."""
 
     def chosen(self) -> Trial:
         return next(t for t in self.trials if t.lr == self.lr and t.finished)
@@ -274,6 +278,7 @@ def calibrate_lr(
         query_steps=1 + _passes(trials),
         first_guess=guess,
         ascent=best.state,
+        start=start,
     )
     for t in trials:
         t.state = None

@@ -1,16 +1,14 @@
 """The pieces of ``--lr auto``'s search: one trial of K ascent steps, and what it predicts.
 
-A trial runs the same K ascent steps as :func:`bgotrace.perturb.steps.perturb`, built from
-that module's own optimizer, gradient transform and loss, so a finished trial's parameters
-are bit-identical to ``perturb`` at that η (tests pin it). It has its own loop, not a call
-of ``perturb``, for two savings that ``perturb`` has no hook for and that leave a trial's
-outcome unchanged:
+A trial is :func:`bgotrace.perturb.steps.perturb`'s K ascent steps at its η, so a finished
+trial's parameters are what ``perturb`` gives at that η, bit for bit (tests pin it). It uses
+two of ``perturb``'s hooks, which leave a trial's outcome unchanged:
 
-- the query's gradient at θ0 is the same for every η, so it is computed once per search
-  (:func:`start_point`) and every trial's first step reuses it;
-- a trial stops as soon as its effect has passed the top of the target's tolerance window
-  before step K (``stop_early``): such a trial is an overshoot whatever its effect at K, and
-  all the search needs from it is where it crossed the target, so stopping it changes
+- ``start``: the query's gradient at θ0 is the same for every η, so it is computed once per
+  search (:func:`start_point`) and every trial's first step reuses it;
+- ``stop``: a trial stops as soon as its effect has passed the top of the target's tolerance
+  window before step K (``stop_early``): such a trial is an overshoot whatever its effect at
+  K, and all the search needs from it is where it crossed the target, so stopping it changes
   nothing but the cost.
 
 The same gradient gives the search's first η, a first-order guess (:func:`first_order_lr`).
@@ -31,17 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bgotrace.config import PerturbConfig
-from bgotrace.modeling.split import TrunkState
 from bgotrace.perturb.fisher import fisher_denominators
-from bgotrace.perturb.grad_scope import grads_only_for
-from bgotrace.perturb.steps import (
-    ASCENT,
-    PerturbedState,
-    _make_optimizer,
-    _query_loss,
-    _set_grads,
-    query_trunk,
-)
+from bgotrace.perturb.steps import ASCENT, PerturbedState, Start, perturb, query_start
 from bgotrace.query import EncodedQuery
 
 _SLOPE_RANGE = (0.5, 3.0)
@@ -73,32 +62,22 @@ class Trial:
 
 
 @dataclass
-class StartPoint:
+class StartPoint(Start):
     """What every trial of one query's search shares: θ0, its loss and its gradient."""
 
     base: list[torch.Tensor]
     """θ0 of the perturbed parameters (the model's own tensors, detached)."""
-    loss: float
-    """The query's loss at θ0 (nats)."""
-    grads: list[torch.Tensor]
-    """The query loss's gradient at θ0, one tensor per perturbed parameter."""
-    shared: TrunkState
-    """The query through the blocks no step moves (:func:`query_trunk`)."""
     base_norm: float
     """‖θ0‖ over the perturbed parameters (the radius criterion's unit)."""
 
 
 def start_point(model: torch.nn.Module, query: EncodedQuery, names: Sequence[str]) -> StartPoint:
     """θ0's loss and gradient: ``perturb``'s first step, computed once for every trial."""
-    shared = query_trunk(model, names, query)
+    start = query_start(model, query, names)
     params = dict(model.named_parameters())
     base = [params[n].detach() for n in names]
-    work = [b.clone().requires_grad_(True) for b in base]
-    with grads_only_for(model, []):
-        loss = _query_loss(model, names, work, query, shared)
-        grads = list(torch.autograd.grad(loss, work))
     norm = math.sqrt(sum(float(b.float().pow(2).sum()) for b in base))
-    return StartPoint(base, float(loss.detach()), grads, shared, norm)
+    return StartPoint(start.loss, start.grads, start.shared, base, norm)
 
 
 def _first_move(
@@ -180,37 +159,29 @@ def run_trial(
 
     A diverging trial (non-finite loss) is an overshoot with effect +inf, not an error.
     """
+    trial = Trial(lr, 0.0, effects=[0.0])
+
+    def observe(step: int, trajectory: Sequence[float], work: Sequence[torch.Tensor]) -> bool:
+        trial.steps = step
+        if not math.isfinite(trajectory[-1]):
+            trial.effect = math.inf
+            return True  # diverged: stop here rather than raise
+        trial.effect = _effect(cfg, start, trajectory[-1], work)
+        trial.effects.append(trial.effect)
+        if step < cfg.steps and trial.overshot_at is None and trial.effect > window_top:
+            trial.overshot_at = step
+        return stop_early and trial.overshot_at is not None
+
     trial_cfg = dataclasses.replace(cfg, lr=lr)
-    work = [b.clone().requires_grad_(True) for b in start.base]
-    optimizer = _make_optimizer(work, trial_cfg, ascent=True, n_units=n_units)
-    trial = Trial(lr, 0.0, trajectory=[start.loss], effects=[0.0])
-    grads = [g.clone() for g in start.grads]  # the optimizer must not share the start's
-    with grads_only_for(model, []):  # gradients flow to `work` only, never to the model
-        for step in range(cfg.steps + 1):
-            if step > 0:
-                with torch.set_grad_enabled(step < cfg.steps):
-                    loss = _query_loss(model, names, work, query, start.shared)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    trial.effect = math.inf
-                    return trial
-                trial.trajectory.append(value)
-                trial.effects.append(_effect(cfg, start, value, work))
-                trial.effect = trial.effects[-1]
-                if step < cfg.steps and trial.overshot_at is None and trial.effect > window_top:
-                    trial.overshot_at = step
-                if step == cfg.steps or (stop_early and trial.overshot_at is not None):
-                    break
-                grads = list(torch.autograd.grad(loss, work))
-            _set_grads(work, grads, names, trial_cfg, fisher)
-            optimizer.step()
-            trial.steps = step + 1
+    state = perturb(
+        model, query, names, trial_cfg, ASCENT, n_units=n_units, fisher=fisher, start=start,
+        stop=observe,
+    )  # fmt: skip
+    trial.trajectory = state.loss_trajectory[: len(trial.effects)]  # the finite losses
     if not math.isfinite(trial.effect):
         trial.effect = math.inf
     trial.finished = trial.steps == cfg.steps and math.isfinite(trial.effect)
-    if trial.finished:
-        params = {n: w.detach() for n, w in zip(names, work, strict=True)}
-        trial.state = PerturbedState(ASCENT, params, list(trial.trajectory))
+    trial.state = state if trial.finished else None
     return trial
 
 

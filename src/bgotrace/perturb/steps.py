@@ -13,8 +13,9 @@ model copy), and the base model is read through ``functional_call``, never writt
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,17 +64,6 @@ def _make_optimizer(
     return torch.optim.SGD(work, lr=lr, maximize=ascent)
 
 
-def query_trunk(model: torch.nn.Module, names: Sequence[str], q: EncodedQuery) -> TrunkState:
-    """The query through the blocks no step moves, once (base weights, no gradients).
-
-    Every step then runs only the blocks that hold perturbed parameters (+ final norm and
-    head); with a perturbation outside the blocks this is the full forward each step.
-    """
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return trunk(model, q.input_ids.to(device), None, split_block(model, names))
-
-
 def _query_loss(
     model: torch.nn.Module,
     names: Sequence[str],
@@ -86,65 +76,60 @@ def _query_loss(
     return mean_token_loss(losses, labels)
 
 
-def _check_finite(loss: torch.Tensor, direction: str, step: int, cfg: PerturbConfig) -> float:
-    value = float(loss.detach())
+def _check_finite(value: float, direction: str, step: int, cfg: PerturbConfig) -> None:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"The query loss became {value} at {direction} step {step} "
             f"(optimizer {cfg.optimizer}, lr {cfg.lr}): lower --lr or --steps, "
             "or set --max-grad-norm."
         )
-    return value
+
+
+def query_trunk(model: torch.nn.Module, names: Sequence[str], q: EncodedQuery) -> TrunkState:
+    """The query through the blocks no step moves, once (base weights, no gradients).
+
+    Every step then runs only the blocks that hold perturbed parameters (+ final norm and
+    head); with a perturbation outside the blocks this is the full forward each step.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return trunk(model, q.input_ids.to(device), None, split_block(model, names))
 
 
 @dataclass
-class _Run:
-    """One direction in progress: its work tensors, optimizer and loss trajectory."""
+class Start:
+    """The query at θ0: what every perturbation of it starts with, whatever its direction,
+    optimizer or step size (so computed once when one query is perturbed several times)."""
 
-    direction: str
-    work: list[torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    trajectory: list[float] = field(default_factory=list)
+    loss: float
+    """The query's loss at θ0 (nats): the first value of every trajectory."""
+    grads: list[torch.Tensor]
+    """The query loss's gradient at θ0, one tensor per perturbed parameter: the first step's.
+    Read, never written (torch's optimizers only read ``.grad``), so runs share it."""
+    shared: TrunkState
+    """The query through the blocks no step moves (:func:`query_trunk`)."""
 
 
-def _start(
-    model: torch.nn.Module, names: Sequence[str], cfg: PerturbConfig, direction: str, n_units: int
-) -> _Run:
+def query_start(model: torch.nn.Module, query: EncodedQuery, names: Sequence[str]) -> Start:
+    """The query's trunk, loss and gradient at θ0: the first step of :func:`perturb`."""
+    shared = query_trunk(model, names, query)
     base = dict(model.named_parameters())
     work = [base[n].detach().clone().requires_grad_(True) for n in names]
-    return _Run(direction, work, _make_optimizer(work, cfg, direction == ASCENT, n_units))
+    with grads_only_for(model, []):  # gradients flow to `work` only, never to the model
+        loss = _query_loss(model, names, work, query, shared)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"The query loss is {value} at the base parameters, before any step: "
+                "check the model's weights (and dtype) and the query's tokens."
+            )
+        return Start(value, list(torch.autograd.grad(loss, work)), shared)
 
 
-@dataclass
-class _Steps:
-    """The K steps on one query: its loss, gradient and update, for either direction."""
-
-    model: torch.nn.Module
-    query: EncodedQuery
-    names: Sequence[str]
-    cfg: PerturbConfig
-    fisher: Mapping[str, torch.Tensor] | None
-    shared: TrunkState
-
-    def grads(self, run: _Run, step: int) -> list[torch.Tensor]:
-        """The query loss at ``run``'s current values (recorded) and its gradient."""
-        loss = _query_loss(self.model, self.names, run.work, self.query, self.shared)
-        run.trajectory.append(_check_finite(loss, run.direction, step, self.cfg))
-        return list(torch.autograd.grad(loss, run.work))
-
-    def update(self, run: _Run, grads: Sequence[torch.Tensor]) -> None:
-        _set_grads(run.work, grads, self.names, self.cfg, self.fisher)
-        run.optimizer.step()
-
-    def finish(self, run: _Run, first_step: int) -> PerturbedState:
-        """Steps ``first_step..K-1`` of ``run``, then the final loss."""
-        for step in range(first_step, self.cfg.steps):
-            self.update(run, self.grads(run, step))
-        with torch.no_grad():
-            final = _query_loss(self.model, self.names, run.work, self.query, self.shared)
-        run.trajectory.append(_check_finite(final, run.direction, self.cfg.steps, self.cfg))
-        params = {n: w.detach() for n, w in zip(self.names, run.work, strict=True)}
-        return PerturbedState(run.direction, params, run.trajectory)
+Stop = Callable[[int, Sequence[float], Sequence[torch.Tensor]], bool]
+"""Called by :func:`perturb` after each step k = 1..K with k, the trajectory so far (k+1
+values, the loss after step k last, finite or not) and the current parameter values;
+True ends the run there."""
 
 
 def perturb(
@@ -156,18 +141,38 @@ def perturb(
     *,
     n_units: int,
     fisher: Mapping[str, torch.Tensor] | None = None,
-    shared: TrunkState | None = None,
+    start: Start | None = None,
+    stop: Stop | None = None,
 ) -> PerturbedState:
     """Run K steps of ``direction`` on the query loss from the base parameters.
 
-    ``shared``: the query's :func:`query_trunk`, when the caller perturbs the same query
-    several times (computed here otherwise).
+    The one K-step loop: every perturbation (:func:`perturb_pair`, the ``--lr auto``
+    trials, the Ray workers) runs it. ``start``: the query's :func:`query_start`, when the
+    caller perturbs the same query several times (computed here otherwise); the result is
+    bit-identical either way. ``stop`` (see :data:`Stop`) may end the run before step K,
+    and sees a non-finite loss before it raises :class:`NonFiniteLossError`: a caller that
+    stops there gets the partial run back instead (its last loss non-finite).
     """
-    shared = shared if shared is not None else query_trunk(model, names, query)
-    steps = _Steps(model, query, names, cfg, fisher, shared)
-    run = _start(model, names, cfg, direction, n_units)
+    start = start if start is not None else query_start(model, query, names)
+    base = dict(model.named_parameters())
+    work = [base[n].detach().clone().requires_grad_(True) for n in names]
+    optimizer = _make_optimizer(work, cfg, direction == ASCENT, n_units)
+    trajectory, grads = [start.loss], start.grads
     with grads_only_for(model, []):  # gradients flow to `work` only, never to the model
-        return steps.finish(run, first_step=0)
+        for step in range(1, cfg.steps + 1):
+            _set_grads(work, grads, names, cfg, fisher)
+            grads = []  # the raw gradient is dead once set (transformed or not) on `work`
+            optimizer.step()
+            with torch.set_grad_enabled(step < cfg.steps):  # the final loss needs no graph
+                loss = _query_loss(model, names, work, query, start.shared)
+            trajectory.append(float(loss.detach()))
+            if stop is not None and stop(step, trajectory, work):
+                break
+            _check_finite(trajectory[-1], direction, step, cfg)
+            if step < cfg.steps:
+                grads = list(torch.autograd.grad(loss, work))
+    params = {n: w.detach() for n, w in zip(names, work, strict=True)}
+    return PerturbedState(direction, params, trajectory)
 
 
 def perturb_pair(
@@ -178,30 +183,22 @@ def perturb_pair(
     *,
     n_units: int,
     fisher: Mapping[str, torch.Tensor] | None = None,
-    shared: TrunkState | None = None,
+    start: Start | None = None,
 ) -> tuple[PerturbedState, PerturbedState]:
     """(descent, ascent) of the query: bit-identical to two :func:`perturb` calls, cheaper.
 
     Both directions start at θ0, so the first step's query loss and gradient are the same:
-    computed once (and the query's trunk once), they feed both optimizers; each direction
-    then takes its own K-1 steps. Saves one forward + backward of the 2K per query.
+    computed once (:func:`query_start`, with the query's trunk), they feed both runs. Saves
+    one forward + backward of the 2K per query. The ascent starts once the descent is done
+    (one optimizer state alive at a time): peak memory is two perturb calls' plus the one
+    gradient at θ0.
     """
-    shared = shared if shared is not None else query_trunk(model, names, query)
-    steps = _Steps(model, query, names, cfg, fisher, shared)
-    with grads_only_for(model, []):
-        descent = _start(model, names, cfg, DESCENT, n_units)
-        grads = steps.grads(descent, step=0)
-        steps.update(descent, grads)
-        descended = steps.finish(descent, first_step=1)
-        # The ascent starts once the descent is done (one optimizer state alive at a time),
-        # from the same gradient tensors, not a copy: torch's optimizers only read them (the
-        # pair test would catch one that wrote them). Peak memory: two perturb calls' plus
-        # this one gradient.
-        ascent = _start(model, names, cfg, ASCENT, n_units)
-        ascent.trajectory.append(descended.loss_trajectory[0])
-        steps.update(ascent, grads)
-        del grads
-        return descended, steps.finish(ascent, first_step=1)
+    start = start if start is not None else query_start(model, query, names)
+    run = functools.partial(
+        perturb, model, query, names, cfg, n_units=n_units, fisher=fisher, start=start
+    )
+    descended = run(direction=DESCENT)
+    return descended, run(direction=ASCENT)
 
 
 def _set_grads(

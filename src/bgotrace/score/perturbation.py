@@ -5,7 +5,8 @@ The states come back in the sweep dtype, in a fixed order (query, direction), wi
 a ``perturb_many`` method (Ray workers) runs the perturbations in parallel instead of this
 process one after another; it runs the same :func:`perturb`. In this process a query's
 descent and ascent run as one :func:`perturb_pair` (bit-identical; their shared first step
-is taken once).
+is taken once), and with ``--lr auto`` the descent starts from the search's loss and
+gradient at θ0 (bit-identical too; the ascent is the search's own).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.perturb.calibrate import Calibration, resolve_query_config
-from bgotrace.perturb.steps import ASCENT, DESCENT, PerturbedState, perturb, perturb_pair
+from bgotrace.perturb.steps import (
+    ASCENT,
+    DESCENT,
+    PerturbedState,
+    Start,
+    perturb,
+    perturb_pair,
+)
 from bgotrace.query import EncodedQuery
 from bgotrace.report.progress import progress_task
 from bgotrace.score.context import SweepContext
@@ -63,29 +71,39 @@ class ParallelPerturber(Protocol):
 
 
 def _perturb_jobs(
-    ctx: SweepContext, jobs: Sequence[PerturbJob], advance: Callable[[int], None]
+    ctx: SweepContext,
+    jobs: Sequence[PerturbJob],
+    starts: list[Start | None],
+    advance: Callable[[int], None],
 ) -> list[PerturbedState]:
+    """``starts``: per job, the query's θ0 loss and gradient when the lr search has it."""
     executor = ctx.block_executor
-    if jobs and hasattr(executor, "perturb_many"):
+    if jobs and hasattr(executor, "perturb_many"):  # the workers take their own first step
         return cast(ParallelPerturber, executor).perturb_many(
             jobs, ctx.names, n_units=ctx.n_units, fisher=ctx.fisher, advance=advance
         )
-    return _perturb_locally(ctx, jobs, advance)
+    return _perturb_locally(ctx, jobs, starts, advance)
 
 
 def _perturb_locally(
-    ctx: SweepContext, jobs: Sequence[PerturbJob], advance: Callable[[int], None]
+    ctx: SweepContext,
+    jobs: Sequence[PerturbJob],
+    starts: list[Start | None],
+    advance: Callable[[int], None],
 ) -> list[PerturbedState]:
-    """The jobs in this process; a query's descent + ascent share their first step."""
+    """The jobs in this process; a query's descent + ascent share their first step, and a
+    job with a start begins there (each start is dropped from ``starts`` once used)."""
     model, names, n_units, fisher = ctx.model, ctx.names, ctx.n_units, ctx.fisher
     out: list[PerturbedState] = []
     while len(out) < len(jobs):
         k = len(out)
         q, cfg, direction = jobs[k]
+        kw: dict[str, Any] = {"n_units": n_units, "fisher": fisher, "start": starts[k]}
         if k + 1 < len(jobs) and _is_pair(jobs[k], jobs[k + 1]):
-            out.extend(perturb_pair(model, q, names, cfg, n_units=n_units, fisher=fisher))
+            out.extend(perturb_pair(model, q, names, cfg, **kw))
         else:
-            out.append(perturb(model, q, names, cfg, direction, n_units=n_units, fisher=fisher))
+            out.append(perturb(model, q, names, cfg, direction, **kw))
+        starts[k : len(out)] = [None] * (len(out) - k)  # one gradient less alive
         advance(len(out) - k)
     return out
 
@@ -135,7 +153,12 @@ def perturb_group(ctx: SweepContext, group: Sequence[EncodedQuery]) -> Perturbed
     with progress_task("Perturbing", total=len(pairs)) as advance:
         advance(len(reused))
         jobs = [(group[pairs[k][0]], configs[pairs[k][0]][0], pairs[k][1]) for k in todo]
-        computed = dict(zip(todo, _perturb_jobs(ctx, jobs, advance), strict=True))
+        # The lr search's θ0 loss and gradient is the descent's first step too (whatever η)
+        starts = [None if (c := configs[pairs[k][0]][1]) is None else c.start for k in todo]
+        for _, cal in configs:  # `starts` holds them now, and drops each once used
+            if cal is not None:
+                cal.start = None
+        computed = dict(zip(todo, _perturb_jobs(ctx, jobs, starts, advance), strict=True))
     for k, (qi, direction) in enumerate(pairs):
         state = reused[k] if k in reused else computed[k]
         out.keys.append((qi, direction))
