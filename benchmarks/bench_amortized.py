@@ -181,6 +181,11 @@ def main() -> None:
     parser.add_argument(
         "--baselines", default="", help="also time these methods, e.g. trackstar,ekfac (slow)"
     )
+    parser.add_argument(
+        "--single-only",
+        action="store_true",
+        help="only row 1 (one full-model query vs its limit): minutes instead of ~20",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -198,6 +203,8 @@ def main() -> None:
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     baselines = [b for b in args.baselines.split(",") if b]
+    if args.single_only:
+        return report_single(args, *single_query(model, tok, docs, work, args.unit_length))
     rows, notes = measure(model, tok, docs, n_q, work, baselines, args.unit_length)
     report(args, rows, notes)
 
@@ -247,6 +254,33 @@ def measure(
             name, model, tok, cache, unit_length
         )
     return rows, notes
+
+
+def single_query(model, tok, docs, work: Path, unit_length: int) -> tuple[float, float, int]:
+    """Row 1 alone: one full-model query end to end vs two plain passes (best of two rounds)."""
+    cache_dir = work / "cache"
+    cfg = config(cache_dir, "all", unit_length)
+
+    def run() -> None:
+        bgotrace.attribute(model, tok, docs, queries=queries(1), config=cfg, out=work / "run",
+                           overwrite=True)  # fmt: skip
+
+    run()  # warm-up: token cache and the normaliser's gradient norms
+    cache = TokenCache(cache_dir)
+    t = interleaved({"limit": lambda: (plain_pass(model, cache), plain_pass(model, cache)),
+                     "full": run})  # fmt: skip
+    return t["full"], t["limit"], len(cache)
+
+
+def report_single(args: argparse.Namespace, full: float, limit: float, n_units: int) -> None:
+    lines = [
+        f"\n#### One full-model query, GPT-2 {args.model}, {args.unit_length}-token units "
+        f"({date.today()}, {torch.get_num_threads()} thread(s), shared machine)\n",
+        f"`python benchmarks/bench_amortized.py --model {args.model} --unit-length "
+        f"{args.unit_length} --single-only` — {n_units} units: query {full:.2f} s, two plain "
+        f"passes {limit:.2f} s, **{limit / full:.2f}** of the physical limit.",
+    ]
+    publish(lines, record=not args.quick)
 
 
 def corpus_scaling(work: Path, cache_dir: Path, n_docs: int, unit_length: int) -> list:
