@@ -619,12 +619,12 @@ WRONG_VALUES = {
 
 
 def _config_fields() -> list[tuple[str, str, tuple[type, ...]]]:
-    from bgotrace.config import _SECTIONS
+    from bgotrace.config import SECTIONS
     from bgotrace.config_values import field_types
 
     return [
         (section, name, kinds)
-        for section, cls in _SECTIONS.items()
+        for section, cls in SECTIONS.items()
         for name, kinds in field_types(cls).items()
     ]
 

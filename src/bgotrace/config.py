@@ -449,7 +449,7 @@ class AttributeConfig:
                 f"Unknown config section(s) {sorted(unknown)}: use {', '.join(sections)}."
             )
         kwargs: dict[str, Any] = {}
-        for name, section_cls in _SECTIONS.items():
+        for name, section_cls in SECTIONS.items():
             if name in data:
                 kwargs[name] = build_section(section_cls, data[name] or {}, name)
         if "seed" in data:
@@ -487,7 +487,7 @@ class AttributeConfig:
         return cls.from_dict(data)
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "corpus": CorpusSpec,
     "query": QuerySpec,
@@ -495,6 +495,7 @@ _SECTIONS: dict[str, type] = {
     "scoring": ScoreConfig,
     "output": OutputSpec,
 }
+"""config.yaml section name → its dataclass (the CLI derives its flag table from it)."""
 
 
 def build_section(section_cls: type[T], values: dict[str, Any], name: str) -> T:

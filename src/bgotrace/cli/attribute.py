@@ -17,6 +17,7 @@ import typer
 
 from bgotrace.config import (
     METHODS,
+    SECTIONS,
     AttributeConfig,
     CorpusSpec,
     ModelSpec,
@@ -112,14 +113,6 @@ def attribute(
     print_result(result, granularity=cfg.output.granularity, k=cfg.output.top_k, out=cfg.output.out)
 
 
-_SECTIONS = {
-    "model": ModelSpec,
-    "corpus": CorpusSpec,
-    "query": QuerySpec,
-    "perturb": PerturbConfig,
-    "scoring": ScoreConfig,
-    "output": OutputSpec,
-}
 _YAML_ONLY = {"adam_beta1", "adam_beta2", "adam_eps", "fisher_eps"}
 """Fields set in config.yaml only (no flag): optimizer internals few users change."""
 
@@ -130,7 +123,7 @@ SECTION_OF: dict[str, tuple[str | None, str]] = {
     "method": (None, "method"),
     **{
         f.name: (section, f.name)
-        for section, cls in _SECTIONS.items()
+        for section, cls in SECTIONS.items()
         for f in dataclasses.fields(cls)
         if f.name != "path" and f.name not in _YAML_ONLY
     },
