@@ -255,3 +255,17 @@ def test_config_round_trips_through_json(sources: dict[str, str]) -> None:
     assert BenchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ConfigError, match="preset"):
         BenchConfig.preset("huge")
+
+
+def test_presets_validate_and_grow_in_order() -> None:
+    """Each preset is a valid config, and mid sits between cpu and default (more texts and
+    facts than cpu, fewer than default) so its retrains cost between theirs."""
+    sizes = {
+        name: (c.max_documents_per_source * c.max_chars_per_document, c.n_facts)
+        for name in ("tiny", "cpu", "mid", "default")
+        for c in [BenchConfig.preset(name)]
+    }
+    order = ["tiny", "cpu", "mid", "default"]
+    for smaller, larger in zip(order, order[1:], strict=False):
+        assert sizes[smaller][0] < sizes[larger][0], (smaller, larger, sizes)
+        assert sizes[smaller][1] <= sizes[larger][1], (smaller, larger, sizes)

@@ -128,7 +128,7 @@ class BenchConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> BenchConfig:
-        """A named preset ("default" or "tiny", the latter for tests) with overrides."""
+        """A named preset (default, mid, cpu, or tiny for tests) with overrides."""
         if name not in PRESETS:
             raise ConfigError(f"Unknown benchmark preset {name!r}: use one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -144,6 +144,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_entities": 16,
         "n_facts": 24,
         "held_out_fraction": 0.06,
+        "style_prompt_words": 6,
+        "style_completion_words": 18,  # prompt + completion stay within a 128-token context
+    },
+    # Between the two: 3x the cpu preset's texts, for a model whose retrain takes ~2
+    # CPU-minutes (preset "tiny", 2 layers, width 64), so leave-k-out fits a session.
+    "mid": {
+        "max_documents_per_source": 450,
+        "max_chars_per_document": 800,
+        "n_entities": 24,
+        "n_facts": 36,
+        "held_out_fraction": 0.03,
         "style_prompt_words": 6,
         "style_completion_words": 18,  # prompt + completion stay within a 128-token context
     },
