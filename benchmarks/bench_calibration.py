@@ -29,7 +29,7 @@ from results_log import publish
 from bgotrace.cache import get_token_cache
 from bgotrace.config import PerturbConfig
 from bgotrace.corpus import ChunkingConfig, CorpusFields, load_documents
-from bgotrace.modeling.loading import load_model_and_tokenizer
+from bgotrace.modeling.loading import context_length, load_model_and_tokenizer
 from bgotrace.perturb.calibrate import calibrate_lr
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb
@@ -79,8 +79,9 @@ def main() -> None:
     names = [n for n, _ in model.named_parameters()]
     records = [json.loads(line) for line in open(Path(args.bench) / "queries.jsonl")]
     records = [r for r in records if r["split"] == args.split][: args.limit]
+    max_length = context_length(model) or args.unit_length  # queries may be longer than units
     queries = [
-        encode_query(Query(r["id"], r["prompt"], r["completion"], r["loss_on"]), tok, 128)
+        encode_query(Query(r["id"], r["prompt"], r["completion"], r["loss_on"]), tok, max_length)
         for r in records
     ]
     one_pass = corpus_pass_seconds(model, cache)
