@@ -53,11 +53,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 import bgotrace
 from bgotrace.baselines import MethodContext, get_attributor
 from bgotrace.cache import TokenCache
+from bgotrace.cache.batching import collate, length_buckets
 from bgotrace.corpus import Document
 from bgotrace.modeling.losses import forward_logits, token_losses
 from bgotrace.query import Query, encode_query
-from bgotrace.report.progress import set_progress
-from bgotrace.score.batching import collate, length_buckets
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
 WORDS = (

@@ -24,7 +24,7 @@ from bgotrace.config import AttributeConfig
 from bgotrace.demo import DEMO_MAX_LENGTH, demo_corpus_path, demo_model_path
 from bgotrace.dist.ray_executor import RayExecutor, RayOptions
 from bgotrace.pipeline import load_inputs
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.score.executor import Block, LocalExecutor
 
 BLOCK_UNITS = 64

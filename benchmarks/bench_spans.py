@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bgotrace.config import AttributeConfig
 from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.query import Query
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
 SENTENCES = 4

@@ -28,7 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import bgotrace
 from bgotrace.corpus import Document
 from bgotrace.query import Query
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
 WORDS = (

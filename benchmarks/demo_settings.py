@@ -26,7 +26,7 @@ from bgotrace.generate import generate_completion
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.query import Query
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import bgotrace
 from bgotrace.cache import TokenCache
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
 BATCH = 64

@@ -29,7 +29,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb, perturb_pair
 from bgotrace.query import encode_query
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train.tokenizer import train_tokenizer
 
 STAGES = "sweep_blocks|perturb_group|top_token_changes|_assemble|_summary"

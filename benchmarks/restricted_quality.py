@@ -44,10 +44,10 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import bgotrace
 from bgotrace.eval.metrics import spearman
-from bgotrace.eval.ranking_metrics import rank_order
 from bgotrace.eval.runner import EvalOptions, EvalResult, run_eval
 from bgotrace.prefilter.candidates import candidate_count, top_m
 from bgotrace.query import Query
+from bgotrace.ranking.order import rank_order
 
 FAMILIES = ["fact", "source", "tail-patch"]
 METRICS = ("mrr", "recall@10", "precision@10", "tail_patch_vs_random@10")

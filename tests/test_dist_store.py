@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import bgotrace
+from bgotrace.cache.batching import length_buckets
 from bgotrace.config import ScoreConfig
 from bgotrace.corpus import Document
 from bgotrace.dist.units import UnitSlice, open_cache_at
 from bgotrace.errors import ConfigError
 from bgotrace.query import Query
-from bgotrace.score.batching import length_buckets
 from bgotrace.score.executor import Block
 from bgotrace.score.store import RunStore
 from tests.conftest import make_tiny_tokenizer

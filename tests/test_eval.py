@@ -30,11 +30,12 @@ from bgotrace.cli.eval import eval_command, parse_options
 from bgotrace.corpus import ChunkingConfig
 from bgotrace.errors import ConfigError, InputError, RunDirectoryError
 from bgotrace.eval import influence as inf
-from bgotrace.eval.ranking_metrics import fact_tracing, rank_order, source_attribution
+from bgotrace.eval.ranking_metrics import fact_tracing, source_attribution
 from bgotrace.eval.retrain import RetrainCache, read_training_setup
 from bgotrace.eval.runner import eligible_queries, run_eval
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.query import Query, encode_query
+from bgotrace.ranking.order import rank_order
 from bgotrace.train import TrainConfig
 from tests.models import tiny_gpt2
 

@@ -43,7 +43,7 @@ from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.params import select_parameters
 from bgotrace.query import EncodedQuery
-from bgotrace.report.progress import progress_task
+from bgotrace.runtime.progress import progress_task
 
 log = logging.getLogger(__name__)
 

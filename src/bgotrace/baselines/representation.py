@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from bgotrace.baselines.base import Attributor, MethodContext, register
+from bgotrace.cache.batching import collate, length_buckets
 from bgotrace.errors import ConfigError
 from bgotrace.query import EncodedQuery
-from bgotrace.score.batching import collate, length_buckets
 
 POOLS = ("all", "completion")
 

@@ -42,7 +42,7 @@ from bgotrace.cache.locking import exclusive
 from bgotrace.corpus.chunking import ChunkingConfig, Unit, iter_unit_batches
 from bgotrace.corpus.documents import Document, corpus_fingerprint
 from bgotrace.errors import CacheMismatchError, InputError
-from bgotrace.report.progress import progress_task
+from bgotrace.runtime.progress import progress_task
 
 log = logging.getLogger(__name__)
 

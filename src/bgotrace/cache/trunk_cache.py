@@ -30,14 +30,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from bgotrace.cache.batching import TokenSource, collate, length_buckets
 from bgotrace.cache.locking import exclusive
 from bgotrace.cache.token_cache import TokenCache
 from bgotrace.devices import resolve_dtype
 from bgotrace.errors import CacheMismatchError, ConfigError
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.split import trunk
-from bgotrace.report.progress import progress_task
-from bgotrace.score.batching import TokenSource, collate, length_buckets
+from bgotrace.runtime.progress import progress_task
 
 log = logging.getLogger(__name__)
 

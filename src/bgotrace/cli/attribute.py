@@ -30,7 +30,7 @@ from bgotrace.config import (
 from bgotrace.errors import ConfigError
 from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.report.console import print_result
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 
 
 def _opt(section: type, name: str, flag: str | None = None) -> Any:

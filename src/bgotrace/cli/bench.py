@@ -40,7 +40,7 @@ from bgotrace.cli.eval import (
     split_list,
 )
 from bgotrace.errors import ConfigError
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 from bgotrace.train import PRESETS as MODEL_PRESETS
 from bgotrace.train import TrainConfig
 

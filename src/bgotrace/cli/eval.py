@@ -26,7 +26,7 @@ from rich.console import Console
 from bgotrace.errors import ConfigError
 from bgotrace.eval.report import family_table
 from bgotrace.eval.runner import METRICS, EvalResult, run_eval
-from bgotrace.report.progress import set_progress
+from bgotrace.runtime.progress import set_progress
 
 OptionPairs = Annotated[
     list[str] | None,

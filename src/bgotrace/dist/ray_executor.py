@@ -37,7 +37,7 @@ from bgotrace.dist.units import UnitSlice
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
 from bgotrace.perturb.steps import PerturbedState
-from bgotrace.score.batching import TokenSource
+from bgotrace.cache.batching import TokenSource
 from bgotrace.score.executor import Block, BlockResult
 from bgotrace.score.sweep import Overrides
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgotrace.score.batching import TokenSource
+from bgotrace.cache.batching import TokenSource
 from bgotrace.score.executor import Block
 
 SHIP_MODES = ("auto", "always", "never")

@@ -37,12 +37,12 @@ from safetensors import safe_open
 from bgotrace.cache import TokenCache
 from bgotrace.errors import ConfigError
 from bgotrace.eval.metrics import TailPatchSummary, lds_over_queries, tail_patch_summary
-from bgotrace.eval.ranking_metrics import rank_order
 from bgotrace.eval.reference_form import REFERENCE_LR, fresh_adamw_step
 from bgotrace.eval.retrain import RetrainCache
 from bgotrace.modeling.losses import forward_logits, mean_loss, token_losses
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.query import EncodedQuery
+from bgotrace.ranking.order import rank_order
 
 TAIL_PATCH_LR = {"sgd": 1e-2, "adam": 1e-4, "adamw-fresh": REFERENCE_LR}
 """Default step size of each tail-patch optimiser."""

@@ -22,7 +22,6 @@ them instead of an order that happens to favour the corpus's first documents.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -31,22 +30,11 @@ import pandas as pd
 
 from bgotrace.errors import ConfigError
 from bgotrace.eval.metrics import precision_at_k, rank_of, recall_at_k, reciprocal_rank
+from bgotrace.ranking.order import rank_order
 
 DOC_REDUCTIONS = ("max", "sum")
 FACT_METRICS = ("recall@1", "recall@10", "mrr")
 SOURCE_METRICS = ("precision@10", "source_rank")
-
-
-def tie_seed(query_id: str, seed: int = 0) -> list[int]:
-    """Seed of the tie-breaking permutation: stable across runs and query batching."""
-    return [seed, zlib.crc32(query_id.encode("utf-8"))]
-
-
-def rank_order(scores: np.ndarray, query_id: str, seed: int = 0) -> np.ndarray:
-    """Indices of ``scores`` (n,) best first; ties in random (seeded) order, NaN last."""
-    perm = np.random.default_rng(tie_seed(query_id, seed)).permutation(scores.shape[0])
-    keyed = np.where(np.isnan(scores[perm]), -np.inf, scores[perm])
-    return perm[np.argsort(-keyed, kind="stable")]
 
 
 def group_scores(

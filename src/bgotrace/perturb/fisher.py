@@ -23,7 +23,7 @@ from bgotrace.cache.locking import exclusive
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, mean_loss
 from bgotrace.perturb.grad_scope import grads_only_for
-from bgotrace.report.progress import progress_bar
+from bgotrace.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

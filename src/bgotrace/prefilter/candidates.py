@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from bgotrace.errors import ConfigError
-from bgotrace.eval.ranking_metrics import rank_order
 from bgotrace.query import EncodedQuery
+from bgotrace.ranking.order import rank_order
 
 NOT_PREFILTERS = ("bgo", "untrac-inv")
 """Methods that cannot propose candidates: they are the full sweep that rerank avoids."""

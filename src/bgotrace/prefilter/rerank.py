@@ -1,7 +1,7 @@
 """Rerank: BGO sweeps only each query group's candidate units, then scores are scattered back.
 
 The engine is unchanged: it sweeps a :class:`SubsetUnits` view (the same
-:class:`~bgotrace.score.batching.TokenSource` protocol as the token cache) while the sweep
+:class:`~bgotrace.cache.batching.TokenSource` protocol as the token cache) while the sweep
 context keeps ``n_units`` = the corpus size, so the Fisher step's N, the Fisher sample and
 the perturbed states are exactly those of the full sweep. A candidate's loss is therefore
 the full sweep's loss of that unit (batching leaves every unit's loss unchanged).
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bgotrace.cache.batching import TokenSource
 from bgotrace.prefilter.candidates import CandidatePlan
 from bgotrace.query import EncodedQuery
-from bgotrace.score.batching import TokenSource
 from bgotrace.score.context import SweepContext
 from bgotrace.score.engine import QueryLosses, score_queries
 from bgotrace.score.store import RunStore

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from bgotrace.score.batching import TokenSource
+from bgotrace.cache.batching import TokenSource
 from bgotrace.score.engine import QueryLosses
 from bgotrace.score.sweep import unit_token_losses
 from bgotrace.score.variants import score_losses

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgotrace.report.progress import progress_task
+from bgotrace.runtime.progress import progress_task
 from bgotrace.score.context import SweepContext
 from bgotrace.score.executor import Block
 from bgotrace.score.sweep import Overrides

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bgotrace.cache import TokenCache
+from bgotrace.cache.batching import TokenSource
 from bgotrace.cache.trunk_cache import TrunkCache, get_trunk_cache
 from bgotrace.config import PerturbConfig, ScoreConfig
 from bgotrace.devices import resolve_dtype
@@ -23,7 +24,6 @@ from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.sensitivity import cached_sensitivity
-from bgotrace.score.batching import TokenSource
 from bgotrace.score.executor import BlockExecutor, LocalExecutor
 from bgotrace.score.store import RunStore
 

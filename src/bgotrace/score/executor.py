@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from bgotrace.score.batching import TokenSource
+from bgotrace.cache.batching import TokenSource
 from bgotrace.score.sweep import Overrides, unit_loss_sums
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from bgotrace.perturb.steps import (
     perturb_pair,
 )
 from bgotrace.query import EncodedQuery
-from bgotrace.report.progress import progress_task
+from bgotrace.runtime.progress import progress_task
 from bgotrace.score.context import SweepContext
 from bgotrace.score.sweep import Overrides
 from bgotrace.score.variants import BASE, STATES_NEEDED

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from bgotrace.cache.batching import TokenSource, collate, length_buckets
 from bgotrace.modeling.split import (
     Overrides,
     bind_state,
@@ -26,7 +27,6 @@ from bgotrace.modeling.split import (
     state_token_losses,
     trunk,
 )
-from bgotrace.score.batching import TokenSource, collate, length_buckets
 
 if TYPE_CHECKING:
     from bgotrace.cache.trunk_cache import TrunkRows

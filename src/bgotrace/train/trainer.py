@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from bgotrace.corpus import ChunkingConfig, Document, Unit, corpus_fingerprint, tokenize_and_chunk
 from bgotrace.devices import resolve_device
 from bgotrace.errors import ConfigError, InputError, NonFiniteLossError, RunDirectoryError
-from bgotrace.report.progress import progress_task
+from bgotrace.runtime.progress import progress_task
 from bgotrace.train.presets import ARCHS, PRESETS, ModelPreset, build_model, get_preset
 from bgotrace.train.tokenizer import save_tokenizer, train_tokenizer
 

@@ -1,0 +1,1 @@
+"""Ground floor: utilities every stage uses (progress bars, logging set-up)."""
