@@ -35,11 +35,12 @@ import numpy as np
 from bgotrace.bench import textsources
 from bgotrace.bench.facts import fact_capacity, generate_facts
 from bgotrace.errors import ConfigError, InputError
-
-FORMAT_VERSION = 1
-"""Bumped whenever the files or their fields change meaning; old directories are refused."""
-
-_FILES = ("corpus.jsonl", "queries.jsonl")
+from bgotrace.eval.benchmark import (  # noqa: F401  (Benchmark, load_benchmark: re-exported)
+    FORMAT_VERSION,
+    Benchmark,
+    content_hash,
+    load_benchmark,
+)
 
 SOURCE_READERS: dict[str, Callable[..., list[dict]]] = {
     "fortunes": textsources.read_fortunes,
@@ -173,18 +174,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _require(ok: bool, rule: str) -> None:
     if not ok:
         raise ConfigError(f"Invalid benchmark config: {rule}.")
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A loaded benchmark directory."""
-
-    root: Path
-    documents: list[dict]
-    """corpus.jsonl records: id, text, source."""
-    queries: list[dict]
-    """queries.jsonl records; see :func:`build_benchmark` for their fields."""
-    manifest: dict
 
 
 # --------------------------------------------------------------------------- building
@@ -323,14 +312,6 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(f"{line}\n" for line in lines).encode("utf-8")
 
 
-def _content_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for name in _FILES:
-        digest.update(name.encode())
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
-
-
 def build_benchmark(
     config: BenchConfig, out_dir: str | Path, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -354,7 +335,7 @@ def build_benchmark(
     manifest = {
         "format": "bgotrace-benchmark", "format_version": FORMAT_VERSION,
         "config": config.to_dict(), "seed": config.seed,
-        "counts": _counts(documents, queries), "content_sha256": _content_hash(tmp),
+        "counts": _counts(documents, queries), "content_sha256": content_hash(tmp),
     }  # fmt: skip
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     _replace_dir(tmp, out)
@@ -368,34 +349,3 @@ def _replace_dir(new: Path, out: Path) -> None:
         out.rename(old)
     new.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_benchmark(root: str | Path) -> Benchmark:
-    """Load a benchmark directory, refusing other format versions and altered files."""
-    root = Path(root)
-    rebuild = "rebuild it with `bgotrace bench build`"
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{root} is not a benchmark directory (no manifest.json): {rebuild}.")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    version = manifest.get("format_version")
-    if manifest.get("format") != "bgotrace-benchmark" or version != FORMAT_VERSION:
-        raise InputError(
-            f"Benchmark {root} has format version {version!r} but this bgotrace reads version "
-            f"{FORMAT_VERSION}: {rebuild}."
-        )
-    missing = [name for name in _FILES if not (root / name).is_file()]
-    if missing or _content_hash(root) != manifest.get("content_sha256"):
-        problem = f"lacks {missing}" if missing else "files do not match its manifest hash"
-        raise InputError(f"Benchmark {root} {problem}: {rebuild}.")
-    return Benchmark(
-        root, _read_jsonl(root / "corpus.jsonl"), _read_jsonl(root / "queries.jsonl"), manifest
-    )

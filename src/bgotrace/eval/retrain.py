@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from bgotrace.bench.build import Benchmark
 from bgotrace.cache.fingerprint import canonical_json, sha256_text, tokenizer_fingerprint
 from bgotrace.corpus import ChunkingConfig, Document, corpus_fingerprint, documents_from_records
 from bgotrace.errors import InputError
+from bgotrace.eval.benchmark import Benchmark
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.modeling.losses import forward_logits, mean_loss
 from bgotrace.query import EncodedQuery

@@ -33,12 +33,12 @@ import pandas as pd
 
 from bgotrace import __version__
 from bgotrace.baselines import Attributor, MethodContext, available_methods, get_attributor
-from bgotrace.bench.build import Benchmark, load_benchmark
 from bgotrace.cache import get_token_cache, tokenizer_fingerprint
 from bgotrace.cache.fingerprint import canonical_json, sha256_text
 from bgotrace.config import build_section
 from bgotrace.errors import ConfigError, InputError
 from bgotrace.eval import influence as inf
+from bgotrace.eval.benchmark import Benchmark, load_benchmark
 from bgotrace.eval.collect import Collector
 from bgotrace.eval.families import EvalInputs, FamilySettings, round_robin, run_families
 from bgotrace.eval.ranking_metrics import DOC_REDUCTIONS
