@@ -41,7 +41,15 @@ def collate(
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
-    input_ids = torch.from_numpy(ids).to(device)
-    attention_mask = torch.from_numpy(mask).to(device)
+    input_ids = _to_device(torch.from_numpy(ids), device)
+    attention_mask = _to_device(torch.from_numpy(mask), device)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
     return input_ids, attention_mask, labels
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host batch to ``device``; to a GPU from pinned memory, without blocking the host
+    (the copy overlaps the previous batch's kernels)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -70,12 +70,14 @@ def unit_loss_sums(
         trunk_rows = None
     bound = [bind_state(model, start, s) for s in states]  # once per block of units
     position = {int(u): k for k, u in enumerate(indices)}
-    sums = np.zeros((len(states), len(indices)), dtype=np.float64)
-    counts = np.zeros(len(indices), dtype=np.int64)
+    # Sums and counts stay on the device until the block is done: one host copy per block
+    # instead of one per state and batch (each copy would stall a GPU's queue).
+    sums = torch.zeros((len(states), len(indices)), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(indices), dtype=torch.int64, device=device)
     for batch in length_buckets(indices, units.lengths, batch_size):
         input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
-        cols = [position[int(u)] for u in batch]
-        counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
+        cols = torch.tensor([position[int(u)] for u in batch], device=device)
+        counts[cols] = (labels[:, 1:] != -100).sum(dim=1)
         if trunk_rows is not None and start is not None:
             hidden = trunk_rows.batch(batch, input_ids.shape[1], device).to(_dtype(model))
             shared = resume_trunk(model, input_ids, attention_mask, start, hidden)
@@ -83,9 +85,9 @@ def unit_loss_sums(
             shared = trunk(model, input_ids, attention_mask, start)
         for s, state in enumerate(bound):
             losses = bound_token_losses(model, shared, state, labels)  # (B, T-1)
-            sums[s, cols] = losses.sum(dim=1).double().cpu().numpy()
+            sums[s, cols] = losses.sum(dim=1).double()  # float32 sum per unit, as before
         advance(len(batch))
-    return sums, counts
+    return sums.cpu().numpy(), counts.cpu().numpy()
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
