@@ -21,7 +21,7 @@ from bgotrace.corpus import (
     load_documents,
     tokenize_and_chunk,
 )
-from bgotrace.corpus.chunking import iter_unit_batches, window_bounds
+from bgotrace.corpus.chunking import Unit, iter_unit_batches, window_bounds
 from bgotrace.errors import ConfigError, InputError
 
 
@@ -326,6 +326,7 @@ class NoEosTokenizer:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.backend_tokenizer = inner.backend_tokenizer
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*args, **kwargs)
@@ -355,17 +356,83 @@ def test_batching_does_not_change_units(
     tiny_tokenizer: Any, tiny_documents: list[Document]
 ) -> None:
     chunking = ChunkingConfig(max_length=9, stride=2)
-    calls: list[int] = []
-
-    def spy(texts: list[str], **kwargs: Any) -> Any:
-        calls.append(len(texts))
-        return tiny_tokenizer(texts, **kwargs)
-
-    spy.is_fast = True  # type: ignore[attr-defined]
-    spy.eos_token_id = tiny_tokenizer.eos_token_id  # type: ignore[attr-defined]
-    batched = [u for _, us in iter_unit_batches(tiny_documents, spy, chunking, 4) for u in us]
-    assert calls == [4, 2]
+    batches = list(iter_unit_batches(iter(tiny_documents), tiny_tokenizer, chunking, 4))
+    assert [n for n, _ in batches] == [4, 2]
+    batched = [u for _, us in batches for u in us]
     assert batched == tokenize_and_chunk(tiny_documents, tiny_tokenizer, chunking)
+
+
+def reference_units(docs: list[Document], tokenizer: Any, chunking: ChunkingConfig) -> list[Unit]:
+    """The slow, obvious path (bgotrace before 2026-12): ``tokenizer(texts)`` and a Python loop
+    over each document's windows."""
+    encoded = tokenizer(
+        [d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True
+    )
+    eos = tokenizer.eos_token_id if chunking.append_eos else None
+    bos = [] if chunking.bos_id is None else [chunking.bos_id]
+    units = []
+    for doc, ids, offsets in zip(
+        docs, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        all_ids = [*ids, eos] if eos is not None else list(ids)
+        bounds = window_bounds(len(all_ids), chunking.text_length, chunking.stride)
+        for k, (start, end) in enumerate(bounds):
+            if len(bos) + end - start < 2:
+                continue
+            window = offsets[start : min(end, len(ids))]
+            span = (
+                (min(a for a, _ in window), max(b for _, b in window))
+                if window
+                else (len(doc.text), len(doc.text))
+            )
+            tokens = bos + all_ids[start:end]
+            units.append(Unit(f"{doc.doc_id}#{k}", doc.doc_id, doc.source, tokens, *span))
+    return units
+
+
+MIXED_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 7,
+    "a",
+    "  leading and trailing spaces  ",
+    "naïve café – “quotes” and emoji 🦊🦊 and CJK 日本語の文章",
+    "def add(a, b): return a + b\n\n\tindented",
+    "x" * 300,
+    "<|endoftext|> inside a text",
+]
+
+
+@pytest.mark.parametrize(
+    "chunking",
+    [
+        ChunkingConfig(max_length=8),
+        ChunkingConfig(max_length=9, stride=3),
+        ChunkingConfig(max_length=2, stride=1),
+        ChunkingConfig(max_length=16, append_eos=False),
+        ChunkingConfig(max_length=8, stride=2, bos_id=7),
+        ChunkingConfig(max_length=3, bos_id=7, append_eos=False),
+    ],
+    ids=lambda c: str(c.to_dict()),
+)
+def test_array_chunking_equals_the_per_document_reference(
+    tiny_tokenizer: Any, tiny_documents: list[Document], chunking: ChunkingConfig
+) -> None:
+    docs = [*tiny_documents, *(Document(f"m{i}", t, "m") for i, t in enumerate(MIXED_TEXTS))]
+    expected = reference_units(docs, tiny_tokenizer, chunking)
+    for batch_docs in (1, 3, 256):
+        got = [
+            u for _, us in iter_unit_batches(docs, tiny_tokenizer, chunking, batch_docs) for u in us
+        ]
+        assert got == expected
+
+
+def test_caller_tokenizer_state_is_left_alone(
+    tiny_tokenizer: Any, tiny_documents: list[Document]
+) -> None:
+    tiny_tokenizer(["a b c d"], truncation=True, max_length=2)  # leaves truncation on the backend
+    before = tiny_tokenizer.backend_tokenizer.truncation
+    units = tokenize_and_chunk(tiny_documents, tiny_tokenizer, ChunkingConfig(max_length=64))
+    assert tiny_tokenizer.backend_tokenizer.truncation == before  # (the reference resets it)
+    assert units == reference_units(tiny_documents, tiny_tokenizer, ChunkingConfig(max_length=64))
 
 
 def test_slow_tokenizer_is_refused(tiny_documents: list[Document]) -> None:

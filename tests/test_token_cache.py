@@ -74,7 +74,12 @@ def test_manifest_records_what_the_cache_was_made_from(
         manifest.keys()
     )
     assert sorted(p.name for p in cache_dir.iterdir()) == [
-        "documents.parquet", "manifest.json", "tokens.bin", "units.parquet"
+        "manifest.json",
+        "shards",
+        "units.parquet",
+    ]
+    assert sorted(p.name for p in (cache_dir / "shards").iterdir()) == [
+        "documents-00000.parquet", "tokens-00000.bin"
     ]  # fmt: skip
 
 
@@ -104,7 +109,7 @@ def test_second_call_reuses_without_tokenizing(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(token_cache, "iter_unit_batches", fail)
+    monkeypatch.setattr(token_cache, "iter_chunked_batches", fail)
     second = build(tiny_documents, tiny_tokenizer, cache_dir)
     assert (cache_dir / "manifest.json").stat().st_mtime_ns == mtime
     assert second.manifest == first.manifest
@@ -195,7 +200,7 @@ def test_damaged_cache_is_detected(
     tiny_tokenizer: Any, tiny_documents: list[Document], cache_dir: Path
 ) -> None:
     build(tiny_documents, tiny_tokenizer, cache_dir)
-    tokens = cache_dir / "tokens.bin"
+    tokens = cache_dir / "shards" / "tokens-00000.bin"
     tokens.write_bytes(tokens.read_bytes()[:-8])
     with pytest.raises(CacheMismatchError, match="is damaged"):
         build(tiny_documents, tiny_tokenizer, cache_dir)
@@ -206,14 +211,14 @@ def test_damaged_cache_is_detected(
 
 def crash_after_first_batch(monkeypatch: Any, error: BaseException) -> None:
     """Make the build die after some tokens were written, as a killed job would."""
-    real = token_cache.iter_unit_batches
+    real = token_cache.iter_chunked_batches
 
     def dying(*args: Any, **kwargs: Any) -> Any:
         batches = real(*args, **kwargs)
         yield next(batches)
         raise error
 
-    monkeypatch.setattr(token_cache, "iter_unit_batches", dying)
+    monkeypatch.setattr(token_cache, "iter_chunked_batches", dying)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])

@@ -1,22 +1,31 @@
 """Token cache: the corpus tokenized and chunked once, memory-mapped by every later stage.
 
-Layout of a cache directory::
+Layout of a cache directory (format 2; :mod:`bgotrace.cache.shards`)::
 
-    tokens.bin         flat uint32 token ids of all units, back to back      (n_tokens,)
     units.parquet      unit_id, doc_id, source, start, length, char_start, char_end
-    documents.parquet  doc_id, source, text (for snippets in reports)
-    manifest.json      format version, fingerprints, chunking, counts, created_at
+    shards/            tokens-NNNNN.bin (flat uint32) and documents-NNNNN.parquet (texts for
+                       snippets), each shard at most ``shard_tokens`` tokens
+    manifest.json      format version, fingerprints, chunking, counts, shards, created_at
+
+The corpus is read as a stream (:class:`~bgotrace.corpus.sources.CorpusFiles`) or given as a
+list of documents, tokenized in batches and appended shard by shard, so building holds one
+batch in memory whatever the corpus size. ``start`` is a unit's offset as if the shards were
+one file, which is how readers find its shard.
 
 A cache is reused only if its manifest matches the request (same tokenizer, chunking and
 corpus); otherwise the user is told what differs, since silently mixing tokens from two
-tokenizers would corrupt every score. The manifest is written last and the directory is
-renamed into place, so a directory with a manifest is always complete. Checking and building
-happen under an inter-process lock (``bgotrace.cache.locking``), so two runs that start on
-the same directory at once build it once and both use that build.
+tokenizers would corrupt every score. A corpus on disk is fingerprinted once, at build (full
+sha256 of its files, sizes, mtimes, sampled bytes); later runs compare sizes and samples and
+re-hash only files whose mtime moved (``verify="full"`` re-hashes all). The manifest is
+written last and the directory is renamed into place, so a directory with a manifest is
+always complete. Checking and building happen under an inter-process lock
+(``bgotrace.cache.locking``), so two runs that start on the same directory at once build it
+once and both use that build.
 
 Without an explicit directory a cache goes to a location keyed by its content (corpus,
 tokenizer, chunking: :func:`default_cache_dir`), so two corpora of the same file name never
 meet in one directory; an explicit directory made with other settings is refused instead.
+Caches of format 1 (one ``tokens.bin``) are refused with the same advice: rebuild them.
 """
 
 from __future__ import annotations
@@ -27,40 +36,58 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bgotrace.cache.fingerprint import canonical_json, sha256_text, short, tokenizer_fingerprint
+from bgotrace.cache.fingerprint import (
+    canonical_json,
+    file_differences,
+    file_records,
+    file_signature,
+    sha256_text,
+    short,
+    tokenizer_fingerprint,
+)
 from bgotrace.cache.locking import exclusive
-from bgotrace.corpus.chunking import ChunkingConfig, Unit, iter_unit_batches
-from bgotrace.corpus.documents import Document, corpus_fingerprint
-from bgotrace.errors import CacheMismatchError, InputError
+from bgotrace.cache.shards import (
+    DEFAULT_SHARD_TOKENS,
+    SHARD_DIR,
+    UNITS_FILE,
+    ShardTexts,
+    ShardWriter,
+    open_tokens,
+)
+from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkingConfig, iter_chunked_batches
+from bgotrace.corpus.documents import CorpusHasher, Document, corpus_fingerprint
+from bgotrace.corpus.sources import CorpusFiles
+from bgotrace.errors import CacheMismatchError, ConfigError, InputError
 from bgotrace.runtime.progress import progress_task
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when the layout changes; old caches are then refused instead of misread."""
 
-TOKEN_DTYPE = np.uint32
-TOKENS_FILE = "tokens.bin"
-UNITS_FILE = "units.parquet"
-DOCUMENTS_FILE = "documents.parquet"
 MANIFEST_FILE = "manifest.json"
-CACHE_FILES = (TOKENS_FILE, UNITS_FILE, DOCUMENTS_FILE, MANIFEST_FILE)
+LEGACY_FILES = ("tokens.bin", "documents.parquet")
+"""Files of a format-1 cache, replaced by a rebuild like the rest of it."""
+CACHE_FILES = (UNITS_FILE, MANIFEST_FILE, SHARD_DIR, *LEGACY_FILES)
 DERIVED_DIRS = ("fisher", "kronfluence", "sensitivity")
 """Artefacts computed from a cache's units and kept beside it (keyed by its manifest);
 a rebuild replaces them together with the cache."""
 
-COMPARED_KEYS = ("format_version", "tokenizer_fingerprint", "corpus_fingerprint", "n_documents")
+COMPARED_KEYS = ("format_version", "tokenizer_fingerprint")
 """Manifest keys (besides each ``chunking.*`` setting) that must match for reuse."""
+CORPUS_KEYS = ("corpus_fingerprint", "n_documents")
+"""What a corpus given as documents is compared by (a corpus on disk: by its files)."""
+VERIFY_MODES = ("quick", "full")
+"""How a corpus on disk is checked against its cache: sizes, samples and a re-hash of files
+whose mtime moved (quick), or a re-hash of every file (full)."""
 
 FIX = "use --rebuild-cache to rebuild it, or choose another --cache-dir"
 
@@ -69,25 +96,50 @@ DEFAULT_PARENT = Path(".bgotrace-cache")
 KEY_CHARS = 20
 """Hex characters of the content key in a default cache directory's name."""
 
+Corpus = Sequence[Document] | CorpusFiles
+"""Documents in memory, or a corpus on disk that is streamed."""
+
 
 class TokenCache:
-    """Read-only view of a complete cache directory."""
+    """Read-only view of a complete cache directory; its shards are memory-mapped."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest: dict[str, Any] = read_manifest(self.root)
+        _require_format(self.root, self.manifest)
         self.units: pd.DataFrame = pd.read_parquet(self.root / UNITS_FILE)
-        self.tokens: np.ndarray = _open_tokens(self.root / TOKENS_FILE)  # (n_tokens,) uint32
-        self._starts = self.units["start"].to_numpy(np.int64)  # (n_units,)
+        self.shards: list[dict[str, Any]] = list(self.manifest.get("shards", []))
+        self.shard_tokens = [open_tokens(self.root / s["tokens"]) for s in self.shards]
+        self._starts = self.units["start"].to_numpy(np.int64)  # (n_units,) as if one file
         self._lengths = self.units["length"].to_numpy(np.int64)  # (n_units,)
-        self._texts: dict[str, str] | None = None
         self._check_consistent()
+        first = np.cumsum([0] + [len(t) for t in self.shard_tokens])  # (n_shards + 1,)
+        self._shard = (np.searchsorted(first, self._starts, side="right") - 1).astype(np.int32)
+        self._local = self._starts - first[self._shard] if len(self.shards) else self._starts
+        self._texts: ShardTexts | None = None
 
     def __len__(self) -> int:
         return len(self.units)
 
     def __repr__(self) -> str:
-        return f"TokenCache({str(self.root)!r}, units={len(self)}, tokens={len(self.tokens)})"
+        return (
+            f"TokenCache({str(self.root)!r}, units={len(self)}, tokens={self.n_tokens}, "
+            f"shards={len(self.shards)})"
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.shard_tokens)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens as one array: the memory map itself for a one-shard cache, else a copy
+        (``(n_tokens,)`` uint32 in memory, so prefer :meth:`unit_tokens` on large caches)."""
+        if len(self.shard_tokens) == 1:
+            return self.shard_tokens[0]
+        if not self.shard_tokens:
+            return np.zeros(0, dtype=TOKEN_DTYPE)
+        return np.concatenate(self.shard_tokens)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -96,39 +148,57 @@ class TokenCache:
 
     @property
     def max_token_id(self) -> int:
-        """Largest token id in the cache (from the manifest; scanned for older caches)."""
-        stored = self.manifest.get("max_token_id")
-        if isinstance(stored, int):
-            return stored
-        return int(self.tokens.max()) if len(self.tokens) else -1
+        """Largest token id in the cache (recorded in the manifest at build)."""
+        return int(self.manifest["max_token_id"])
 
     def unit_tokens(self, i: int) -> np.ndarray:
-        """Token ids of unit ``i``: a read-only view into the memory map, ``(length,)``."""
-        start = self._starts[i]
-        return self.tokens[start : start + self._lengths[i]]
+        """Token ids of unit ``i``: a read-only view into its shard's memory map, ``(length,)``."""
+        start = self._local[i]
+        return self.shard_tokens[self._shard[i]][start : start + self._lengths[i]]
 
     def unit_text(self, i: int) -> str:
         """The document text that unit ``i`` covers (its EOS, if any, covers none)."""
         row = self.units.iloc[i]
-        return self.document_text(row["doc_id"])[row["char_start"] : row["char_end"]]
+        return self._documents().unit_document(i)[row["char_start"] : row["char_end"]]
 
     def document_text(self, doc_id: str) -> str:
-        """Full text of a document; the texts are read on first use, not at open."""
+        """Full text of a document that has units; texts are read when first needed."""
+        (units,) = np.nonzero(self.units["doc_id"].to_numpy() == doc_id)
+        if not len(units):
+            raise KeyError(doc_id)
+        return self._documents().unit_document(int(units[0]))
+
+    def _documents(self) -> ShardTexts:
         if self._texts is None:
-            table = pd.read_parquet(self.root / DOCUMENTS_FILE, columns=["doc_id", "text"])
-            self._texts = dict(zip(table["doc_id"], table["text"], strict=True))
-        return self._texts[doc_id]
+            self._texts = ShardTexts(self.root, self.shards, self.units["doc_id"])
+        return self._texts
 
     def _check_consistent(self) -> None:
         """Catch a cache edited or truncated after it was written, before it is misread."""
         n_units, n_tokens = self.manifest.get("n_units"), self.manifest.get("n_tokens")
-        covered = int(self._starts[-1] + self._lengths[-1]) if n_units else 0
-        if len(self.units) != n_units or len(self.tokens) != n_tokens or covered != n_tokens:
+        covered = int(self._starts[-1] + self._lengths[-1]) if len(self._starts) else 0
+        shard_sizes = [len(t) for t in self.shard_tokens]
+        if (
+            len(self.units) != n_units
+            or sum(shard_sizes) != n_tokens
+            or covered != n_tokens
+            or shard_sizes != [s["n_tokens"] for s in self.shards]
+        ):
             raise CacheMismatchError(
                 f"Token cache {self.root} is damaged (manifest says {n_units} units and "
                 f"{n_tokens} tokens, files hold {len(self.units)} units and "
-                f"{len(self.tokens)} tokens): {FIX}."
+                f"{sum(shard_sizes)} tokens): {FIX}."
             )
+
+
+def _require_format(root: Path, manifest: dict[str, Any]) -> None:
+    """A cache of another layout (format 1: one tokens.bin) would be misread: refuse it."""
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"Token cache {root} has format {version}, this bgotrace reads format "
+            f"{FORMAT_VERSION} (sharded): {FIX}."
+        )
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -142,15 +212,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _open_tokens(path: Path) -> np.ndarray:
-    """Memory-map the token file read-only; numpy cannot map an empty file."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-
-
 def get_token_cache(
-    documents: Sequence[Document],
+    documents: Corpus,
     tokenizer: Any,
     chunking: ChunkingConfig,
     cache_dir: str | Path | None,
@@ -158,39 +221,72 @@ def get_token_cache(
     label: str | None = None,
     rebuild: bool = False,
     progress: bool = True,
+    verify: str = "quick",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> TokenCache:
     """Open the cache in ``cache_dir`` if it matches the request, else build it.
 
     An existing cache made with another tokenizer, chunking or corpus is refused with a
     :class:`CacheMismatchError` listing each difference, unless ``rebuild`` is set.
     ``cache_dir=None`` uses :func:`default_cache_dir` (with ``label``, the corpus file's name).
+    ``verify`` says how a corpus on disk is checked (:data:`VERIFY_MODES`).
     """
+    if verify not in VERIFY_MODES:
+        raise ConfigError(f"--verify-cache={verify!r} is unknown: use quick or full.")
     requested = requested_manifest(documents, tokenizer, chunking)
+    if label is None and isinstance(documents, CorpusFiles):
+        label = documents.label
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir(requested, label)
+    build = _Build(documents, tokenizer, chunking, requested, progress, shard_tokens)
     with exclusive(root, what="token cache"):
-        return _open_or_build(root, documents, tokenizer, chunking, requested, rebuild, progress)
+        return _open_or_build(root, build, rebuild, verify, own_dir=cache_dir is None)
+
+
+class _Build:
+    """What to build a cache from, as one value (the request and how to fulfil it)."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        tokenizer: Any,
+        chunking: ChunkingConfig,
+        requested: dict[str, Any],
+        progress: bool,
+        shard_tokens: int,
+    ) -> None:
+        self.corpus, self.tokenizer, self.chunking = corpus, tokenizer, chunking
+        self.requested, self.progress, self.shard_tokens = requested, progress, shard_tokens
+
+    def into(self, root: Path) -> None:
+        build_token_cache(
+            root, self.corpus, self.tokenizer, self.chunking, self.requested,
+            progress=self.progress, shard_tokens=self.shard_tokens,
+        )  # fmt: skip
 
 
 def _open_or_build(
-    root: Path,
-    documents: Sequence[Document],
-    tokenizer: Any,
-    chunking: ChunkingConfig,
-    requested: dict[str, Any],
-    rebuild: bool,
-    progress: bool,
+    root: Path, build: _Build, rebuild: bool, verify: str, own_dir: bool
 ) -> TokenCache:
-    """The check-and-build of :func:`get_token_cache`; the caller holds the lock."""
+    """The check-and-build of :func:`get_token_cache`; the caller holds the lock.
+
+    A default directory (``own_dir``) whose corpus changed in place is simply rebuilt: it
+    belongs to bgotrace and only ever held this corpus. An explicit one is refused.
+    """
     if root.exists() and not root.is_dir():
         raise CacheMismatchError(
             f"Cache path {root} is a file, not a directory: choose another --cache-dir."
         )
     if rebuild or _is_absent_or_empty(root):
         _refuse_foreign_files(root)
-        build_token_cache(root, documents, tokenizer, chunking, requested, progress=progress)
+        build.into(root)
         return TokenCache(root)
     stored = read_manifest(root)
-    differences = manifest_differences(stored, requested)
+    differences = cache_differences(stored, build.requested, build.corpus, full=verify == "full")
+    if differences and own_dir:
+        log.warning("Rebuilding token cache %s: %s.", root, "; ".join(differences))
+        _refuse_foreign_files(root)
+        build.into(root)
+        return TokenCache(root)
     if differences:
         raise CacheMismatchError(
             f"Token cache {root} was built with other settings ({'; '.join(differences)}): {FIX}."
@@ -202,38 +298,96 @@ def _open_or_build(
 def default_cache_dir(requested: dict[str, Any], label: str | None = None) -> Path:
     """Where a cache lives when no directory is given: named by its content, not its name.
 
-    The key hashes every setting that :func:`manifest_differences` compares, so two requests
-    that may not share a cache never share a default directory. ``label`` (the corpus file's
-    name) prefixes the key under ``.bgotrace-cache/`` so the directories can be told apart;
-    without a label (an in-memory corpus) the cache goes to the system's temporary folder.
+    The key hashes every setting that :func:`manifest_differences` compares and the corpus
+    (its fingerprint, or for a corpus on disk its files' names, sizes and sampled bytes), so
+    two requests that may not share a cache never share a default directory. ``label`` (the
+    corpus file's name) prefixes the key under ``.bgotrace-cache/`` so the directories can be
+    told apart; without a label (an in-memory corpus) the cache goes to the system's
+    temporary folder.
     """
-    key = sha256_text(canonical_json(_comparable(requested)))[:KEY_CHARS]
+    corpus = {key: requested[key] for key in (*CORPUS_KEYS, "corpus_source") if key in requested}
+    key = sha256_text(canonical_json({**_comparable(requested), **corpus}))[:KEY_CHARS]
     if label is None:
         return Path(tempfile.gettempdir()) / "bgotrace-cache" / key
     return DEFAULT_PARENT / f"{label}-{key}"
 
 
 def requested_manifest(
-    documents: Sequence[Document], tokenizer: Any, chunking: ChunkingConfig
+    documents: Corpus, tokenizer: Any, chunking: ChunkingConfig
 ) -> dict[str, Any]:
-    """The manifest keys a cache for this request must have (counts are added at build)."""
-    return {
+    """The manifest keys a cache for this request must have (counts are added at build).
+
+    Documents in memory are fingerprinted here; a corpus on disk only by its files' names,
+    sizes and samples (``corpus_source``), its full fingerprint being taken while it is read.
+    """
+    request = {
         "format_version": FORMAT_VERSION,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenizer_name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
         "chunking": chunking.to_dict(),
+    }
+    if isinstance(documents, CorpusFiles):
+        root, files = documents.files()
+        source = {**documents.identity(), "files": file_signature(root, files)}
+        return {**request, "corpus_source": source}
+    return {
+        **request,
         "corpus_fingerprint": corpus_fingerprint(documents),
         "n_documents": len(documents),
     }
 
 
+def cache_differences(
+    stored: dict[str, Any], requested: dict[str, Any], corpus: Corpus, *, full: bool
+) -> list[str]:
+    """Every reason the stored cache does not fit the request (empty: reuse it)."""
+    differences = manifest_differences(stored, requested)
+    if not isinstance(corpus, CorpusFiles):
+        return differences + _differ(stored, requested, CORPUS_KEYS)
+    return differences or corpus_file_differences(stored, corpus, full=full)
+
+
+def corpus_file_differences(
+    stored: dict[str, Any], corpus: CorpusFiles, *, full: bool
+) -> list[str]:
+    """How a corpus on disk differs from the one a cache was built from.
+
+    Files recorded at build are compared by :func:`file_differences`. A cache built from
+    documents in memory, or with other fields, has no such record: the corpus is then read
+    once (as a stream) and compared by its fingerprint.
+    """
+    recorded = stored.get("corpus_files")
+    if recorded is not None and _identity(recorded) == corpus.identity():
+        root, files = corpus.files()
+        return file_differences(recorded["files"], root, files, full=full)
+    hasher = CorpusHasher()
+    for doc in corpus.documents():
+        hasher.add(doc)
+    now = {"corpus_fingerprint": hasher.hexdigest(), "n_documents": hasher.n_documents}
+    return _differ(stored, now, CORPUS_KEYS)
+
+
+def _identity(recorded: dict[str, Any]) -> dict[str, Any]:
+    return {"fields": recorded.get("fields"), "split": recorded.get("split")}
+
+
 def manifest_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """``"key: stored X, requested Y"`` for each compared key whose values differ."""
+    """``"key: stored X, requested Y"`` for each compared setting whose values differ."""
     old, new = _comparable(stored), _comparable(requested)
+    return _differ(old, new, sorted(old.keys() | new.keys()), stored, requested)
+
+
+def _differ(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    keys: Sequence[str],
+    old_manifest: dict[str, Any] | None = None,
+    new_manifest: dict[str, Any] | None = None,
+) -> list[str]:
     return [
-        f"{key}: stored {_show(key, old.get(key), stored)}, "
-        f"requested {_show(key, new.get(key), requested)}"
-        for key in sorted(old.keys() | new.keys())
+        f"{key}: stored {_show(key, old.get(key), old_manifest or old)}, "
+        f"requested {_show(key, new.get(key), new_manifest or new)}"
+        for key in keys
         if old.get(key) != new.get(key)
     ]
 
@@ -278,110 +432,96 @@ def _refuse_foreign_files(root: Path) -> None:
 
 def build_token_cache(
     root: Path,
-    documents: Sequence[Document],
+    documents: Corpus,
     tokenizer: Any,
     chunking: ChunkingConfig,
     manifest: dict[str, Any],
     *,
     progress: bool = True,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> None:
     """Build into a temporary sibling directory and rename it over ``root`` when complete."""
+    if shard_tokens < 1:
+        raise ConfigError(f"shard_tokens must be >= 1, got {shard_tokens}: pass a larger value.")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
-        counts = _write_contents(tmp, documents, tokenizer, chunking, progress)
+        source = _corpus_record(documents)  # hashed before reading: an edit during it shows
+        counts = _write_contents(tmp, documents, tokenizer, chunking, progress, shard_tokens)
         created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_json(tmp / MANIFEST_FILE, {**manifest, **counts, "created_at": created_at})
+        request = {k: v for k, v in manifest.items() if k != "corpus_source"}
+        _write_json(tmp / MANIFEST_FILE, {**request, **source, **counts, "created_at": created_at})
         _replace_dir(tmp, root)
     except BaseException:  # also Ctrl-C: leave neither a half cache nor the temporary dir
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(
-        "Built token cache %s: %d units, %d tokens.", root, counts["n_units"], counts["n_tokens"]
-    )
+        "Built token cache %s: %d units, %d tokens in %d shard(s).",
+        root, counts["n_units"], counts["n_tokens"], len(counts["shards"]),
+    )  # fmt: skip
+
+
+def _corpus_record(documents: Corpus) -> dict[str, Any]:
+    """For a corpus on disk: its fields, split and files (sizes, mtimes, samples, sha256)."""
+    if not isinstance(documents, CorpusFiles):
+        return {}
+    root, files = documents.files()
+    return {"corpus_files": {**documents.identity(), "files": file_records(root, files)}}
 
 
 def _write_contents(
     tmp: Path,
-    documents: Sequence[Document],
+    documents: Corpus,
     tokenizer: Any,
     chunking: ChunkingConfig,
     progress: bool,
-) -> dict[str, int]:
-    """Stream tokens to ``tokens.bin`` batch by batch; write both tables at the end."""
-    rows = _UnitRows()
-    with (
-        (tmp / TOKENS_FILE).open("wb") as out,
-        progress_task("Tokenizing", len(documents), enabled=progress) as advance,
-    ):
-        for n_done, units in iter_unit_batches(documents, tokenizer, chunking):
-            for unit in units:
-                out.write(np.asarray(unit.token_ids, dtype=TOKEN_DTYPE).tobytes())
-                rows.add(unit)
-            advance(n_done)
-    if not rows.n_units:
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+) -> dict[str, Any]:
+    """Stream batches of units into shards; the corpus is fingerprinted as it passes."""
+    hasher = CorpusHasher()
+    writer = ShardWriter(tmp, shard_tokens)
+    total, measure = _progress_total(documents)
+    try:
+        with progress_task("Tokenizing", total, enabled=progress) as advance:
+            stream = _hashed(_stream(documents), hasher)
+            for batch in iter_chunked_batches(stream, tokenizer, chunking):
+                writer.append(batch)
+                advance(measure(batch.documents))
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if not writer.n_units:
         raise InputError(
-            f"No unit of at least 2 tokens could be made from {len(documents)} document(s): "
+            f"No unit of at least 2 tokens could be made from {hasher.n_documents} document(s): "
             "check the corpus texts (a document needs 2 tokens or more, EOS included)."
         )
-    pq.write_table(rows.table(), tmp / UNITS_FILE)
-    pq.write_table(_documents_table(documents), tmp / DOCUMENTS_FILE)
-    return {"n_units": rows.n_units, "n_tokens": rows.n_tokens, "max_token_id": rows.max_token_id}
+    return {
+        "corpus_fingerprint": hasher.hexdigest(),
+        "n_documents": hasher.n_documents,
+        "n_units": writer.n_units,
+        "n_tokens": writer.n_tokens,
+        "max_token_id": writer.max_token_id,
+        "shards": shards,
+    }
 
 
-class _UnitRows:
-    """Columns of ``units.parquet``, gathered while the token file is written."""
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {
-            name: []
-            for name in ("unit_id", "doc_id", "source", "start", "length", "char_start", "char_end")
-        }
-        self.n_tokens = 0
-        self.max_token_id = -1
-
-    @property
-    def n_units(self) -> int:
-        return len(self.columns["unit_id"])
-
-    def add(self, unit: Unit) -> None:
-        values = (
-            unit.unit_id,
-            unit.doc_id,
-            unit.source,
-            self.n_tokens,
-            len(unit.token_ids),
-            unit.char_start,
-            unit.char_end,
-        )
-        for column, value in zip(self.columns.values(), values, strict=True):
-            column.append(value)
-        self.n_tokens += len(unit.token_ids)
-        self.max_token_id = max(self.max_token_id, max(unit.token_ids))
-
-    def table(self) -> pa.Table:
-        types = {
-            "start": pa.int64(),
-            "length": pa.int32(),
-            "char_start": pa.int64(),
-            "char_end": pa.int64(),
-        }
-        return pa.table(
-            {
-                name: pa.array(values, type=types.get(name, pa.string()))
-                for name, values in self.columns.items()
-            }
-        )
+def _stream(documents: Corpus) -> Iterator[Document]:
+    return documents.documents() if isinstance(documents, CorpusFiles) else iter(documents)
 
 
-def _documents_table(documents: Sequence[Document]) -> pa.Table:
-    return pa.table(
-        {
-            "doc_id": pa.array([d.doc_id for d in documents], type=pa.string()),
-            "source": pa.array([d.source for d in documents], type=pa.string()),
-            "text": pa.array([d.text for d in documents], type=pa.large_string()),
-        }
-    )
+def _hashed(documents: Iterator[Document], hasher: CorpusHasher) -> Iterator[Document]:
+    for doc in documents:
+        hasher.add(doc)
+        yield doc
+
+
+def _progress_total(documents: Corpus) -> tuple[int, Any]:
+    """Progress in documents, or for a corpus on disk in characters of its file size."""
+    if not isinstance(documents, CorpusFiles):
+        return len(documents), len
+    root, files = documents.files()
+    return sum(p.stat().st_size for p in files), lambda docs: sum(len(d.text) for d in docs)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

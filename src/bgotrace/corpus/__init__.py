@@ -1,6 +1,7 @@
 """Corpus stage: sources on disk -> documents with stable ids -> token units.
 
-``load_documents`` reads a corpus, ``tokenize_and_chunk`` cuts it into the units that the
+``load_documents`` reads a corpus (``iter_documents`` and ``CorpusFiles`` stream it),
+``tokenize_and_chunk`` cuts it into the units that the
 trainer trains on and the scorer ranks.
 """
 
@@ -13,15 +14,17 @@ from bgotrace.corpus.documents import (
     corpus_fingerprint,
     documents_from_records,
 )
-from bgotrace.corpus.sources import load_documents
+from bgotrace.corpus.sources import CorpusFiles, iter_documents, load_documents
 
 __all__ = [
     "ChunkingConfig",
     "CorpusFields",
+    "CorpusFiles",
     "Document",
     "Unit",
     "corpus_fingerprint",
     "documents_from_records",
+    "iter_documents",
     "load_documents",
     "tokenize_and_chunk",
 ]

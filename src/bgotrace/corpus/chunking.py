@@ -8,9 +8,12 @@ inside the one before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from bgotrace.corpus.documents import Document
 from bgotrace.errors import ConfigError, InputError
@@ -20,6 +23,9 @@ MIN_UNIT_TOKENS = 2
 
 TOKENIZE_BATCH_DOCS = 256
 """Documents per tokenizer call: fast tokenizers parallelise within a batch."""
+
+TOKEN_DTYPE = np.uint32
+"""Token ids as cached: vocabularies stay below 2**32."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ def window_bounds(n_tokens: int, max_length: int, stride: int) -> list[tuple[int
 
 
 def tokenize_and_chunk(
-    documents: Sequence[Document], tokenizer: Any, chunking: ChunkingConfig
+    documents: Iterable[Document], tokenizer: Any, chunking: ChunkingConfig
 ) -> list[Unit]:
     """All units of ``documents`` in document order; units with < 2 tokens are dropped."""
     return [
@@ -112,29 +118,100 @@ def tokenize_and_chunk(
 
 
 def iter_unit_batches(
-    documents: Sequence[Document],
+    documents: Iterable[Document],
     tokenizer: Any,
     chunking: ChunkingConfig,
     batch_docs: int = TOKENIZE_BATCH_DOCS,
 ) -> Iterator[tuple[int, list[Unit]]]:
     """Yield ``(documents done in this batch, their units)``; lets callers show progress."""
-    _require_fast(tokenizer)
+    for batch in iter_chunked_batches(documents, tokenizer, chunking, batch_docs):
+        yield len(batch.documents), batch.units()
+
+
+@dataclass
+class ChunkedBatch:
+    """The units of a batch of documents as flat arrays: what the token cache appends."""
+
+    documents: list[Document]
+    """The batch's documents, in order (including those too short to give a unit)."""
+    tokens: np.ndarray
+    """``(n_tokens,)`` uint32: the tokens of every unit, back to back."""
+    lengths: np.ndarray
+    """``(n_units,)`` int64: tokens per unit."""
+    doc_index: np.ndarray
+    """``(n_units,)`` int64: each unit's document, an index into ``documents``."""
+    window: np.ndarray
+    """``(n_units,)`` int64: k of the unit id ``f"{doc_id}#{k}"``."""
+    char_start: np.ndarray
+    """``(n_units,)`` int64: start of the document text the unit covers."""
+    char_end: np.ndarray
+    """``(n_units,)`` int64: end (exclusive) of that text; an EOS covers none."""
+
+    def unit_ids(self) -> list[str]:
+        ids = [self.documents[d].doc_id for d in self.doc_index.tolist()]
+        return [f"{doc_id}#{k}" for doc_id, k in zip(ids, self.window.tolist(), strict=True)]
+
+    def units(self) -> list[Unit]:
+        """The same units as :class:`Unit` objects (lists, for callers that want them)."""
+        ends = np.cumsum(self.lengths)
+        return [
+            Unit(unit_id, doc.doc_id, doc.source, self.tokens[end - n : end].tolist(), s, e)
+            for unit_id, doc, n, end, s, e in zip(
+                self.unit_ids(),
+                (self.documents[d] for d in self.doc_index.tolist()),
+                self.lengths.tolist(),
+                ends.tolist(),
+                self.char_start.tolist(),
+                self.char_end.tolist(),
+                strict=True,
+            )
+        ]
+
+
+def iter_chunked_batches(
+    documents: Iterable[Document],
+    tokenizer: Any,
+    chunking: ChunkingConfig,
+    batch_docs: int = TOKENIZE_BATCH_DOCS,
+) -> Iterator[ChunkedBatch]:
+    """Tokenize ``batch_docs`` documents per call (in the tokenizers library's threads) and
+    cut them into windows with array operations; documents are read as they are needed."""
+    encode = batch_encoder(tokenizer)
     eos_id = tokenizer.eos_token_id if chunking.append_eos else None
-    for first in range(0, len(documents), batch_docs):
-        batch = documents[first : first + batch_docs]
-        encoded = tokenizer(
-            [doc.text for doc in batch],
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            verbose=False,  # long documents are expected; windows handle the length
-        )
-        units: list[Unit] = []
-        for doc, ids, offsets in zip(
-            batch, encoded["input_ids"], encoded["offset_mapping"], strict=True
-        ):
-            units.extend(_chunk_document(doc, ids, offsets, eos_id, chunking))
-        yield len(batch), units
+    iterator = iter(documents)
+    while batch := list(itertools.islice(iterator, batch_docs)):
+        ids, offsets, n_text = encode([doc.text for doc in batch])
+        yield _chunk_batch(batch, ids, offsets, n_text, eos_id, chunking)
+
+
+Encoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""texts -> (ids (T,) int64, character offsets (T, 2) int64, tokens per text (n,) int64)."""
+
+
+def batch_encoder(tokenizer: Any) -> Encoder:
+    """Encode like ``tokenizer(texts, add_special_tokens=False)``, straight to flat arrays.
+
+    Calls the Rust backend's ``encode_batch`` on a copy of it (transformers leaves call-time
+    truncation and padding on the backend; the copy drops them and leaves the caller's alone).
+    """
+    _require_fast(tokenizer)
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        n_text = np.fromiter((len(e) for e in encodings), np.int64, len(encodings))
+        total = int(n_text.sum())
+        chain = itertools.chain.from_iterable
+        ids = np.fromiter(chain(e.ids for e in encodings), np.int64, total)
+        flat = np.fromiter(chain(chain(e.offsets for e in encodings)), np.int64, 2 * total)
+        return ids, flat.reshape(total, 2), n_text
+
+    return encode
 
 
 def _require_fast(tokenizer: Any) -> None:
@@ -147,46 +224,77 @@ def _require_fast(tokenizer: Any) -> None:
         )
 
 
-def _chunk_document(
-    doc: Document,
-    ids: list[int],
-    offsets: list[tuple[int, int]],
+def _chunk_batch(
+    docs: list[Document],
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    n_text: np.ndarray,
     eos_id: int | None,
     chunking: ChunkingConfig,
-) -> list[Unit]:
-    """Windows of one document; ``offsets[j]`` is the character span of text token ``j``."""
-    n_text = len(ids)
-    all_ids = [*ids, eos_id] if eos_id is not None else list(ids)
-    units = []
-    bos = [] if chunking.bos_id is None else [chunking.bos_id]
-    for k, (start, end) in enumerate(
-        window_bounds(len(all_ids), chunking.text_length, chunking.stride)
-    ):
-        if len(bos) + end - start < MIN_UNIT_TOKENS:
-            continue
-        char_start, char_end = _char_span(offsets, start, min(end, n_text), len(doc.text))
-        units.append(
-            Unit(
-                unit_id=f"{doc.doc_id}#{k}",
-                doc_id=doc.doc_id,
-                source=doc.source,
-                token_ids=bos + all_ids[start:end],
-                char_start=char_start,
-                char_end=char_end,
-            )
-        )
-    return units
+) -> ChunkedBatch:
+    """Windows of every document of a batch at once (:func:`window_bounds` per document)."""
+    text_first = np.cumsum(n_text) - n_text  # (n_docs,) first token of each doc in ``ids``
+    if eos_id is not None:  # EOS after each document: (T + n_docs,)
+        ids = np.insert(ids, text_first + n_text, eos_id)
+    n_all = n_text + (eos_id is not None)  # (n_docs,) tokens per doc, EOS included
+    doc, k, start, end = _windows(n_all, chunking)
+    n_bos = int(chunking.bos_id is not None)
+    keep = n_bos + end - start >= MIN_UNIT_TOKENS
+    doc, k, start, end = doc[keep], k[keep], start[keep], end[keep]
+    tokens = _gather(ids, (np.cumsum(n_all) - n_all)[doc] + start, end - start, chunking.bos_id)
+    text_end = np.minimum(end, n_text[doc])
+    char_start, char_end = _char_spans(offsets, text_first[doc], start, text_end)
+    text_len = np.fromiter((len(d.text) for d in docs), np.int64, len(docs))[doc]
+    empty = start >= text_end  # a window holding only EOS maps to the end of the text
+    char_start = np.where(empty, text_len, char_start)
+    char_end = np.where(empty, text_len, char_end)
+    lengths = end - start + n_bos
+    return ChunkedBatch(docs, tokens, lengths, doc, k, char_start, char_end)
 
 
-def _char_span(
-    offsets: list[tuple[int, int]], start: int, text_end: int, text_len: int
-) -> tuple[int, int]:
-    """Span of text tokens ``[start, text_end)``; a window holding only EOS maps to the end.
+def _windows(
+    n_all: np.ndarray, chunking: ChunkingConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(doc, k, start, end) of every window, as :func:`window_bounds` gives them per doc."""
+    size, step = chunking.text_length, chunking.text_length - chunking.stride
+    count = np.where(n_all <= size, 1, 1 - (-(n_all - size) // step))  # ceil division
+    doc = np.repeat(np.arange(len(n_all)), count)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(count) - count, count)
+    start = k * step
+    return doc, k, start, np.minimum(start + size, n_all[doc])
 
-    Byte-level tokenizers give the pieces of one character overlapping, and trimmed
-    offsets of space tokens can be empty, so take the min start and max end.
+
+def _gather(
+    ids: np.ndarray, first: np.ndarray, length: np.ndarray, bos_id: int | None
+) -> np.ndarray:
+    """``[bos] + ids[first:first + length]`` of every window, back to back, as uint32."""
+    width = length + (bos_id is not None)
+    out_first = np.cumsum(width) - width
+    source = np.arange(int(width.sum())) - np.repeat(out_first - first, width)
+    if bos_id is not None:
+        source -= 1  # every position after a window's BOS reads one token earlier
+    if not len(ids):  # only BOS positions to fill (they are overwritten below)
+        ids = np.zeros(1, np.int64)
+    tokens = ids[np.clip(source, 0, None)].astype(TOKEN_DTYPE)
+    if bos_id is not None:
+        tokens[out_first] = bos_id
+    return tokens
+
+
+def _char_spans(
+    offsets: np.ndarray, text_first: np.ndarray, start: np.ndarray, text_end: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Min start and max end of the offsets of text tokens ``[start, text_end)`` per window.
+
+    Byte-level tokenizers give the pieces of one character overlapping offsets, and trimmed
+    offsets of space tokens can be empty, so take the min start and max end. Windows that
+    hold no text token get 0 here (the caller maps them to the end of the text).
     """
-    if start >= text_end:
-        return text_len, text_len
-    window = offsets[start:text_end]
-    return min(s for s, _ in window), max(e for _, e in window)
+    lo, hi = text_first + start, text_first + np.maximum(text_end, start)
+    padded = np.concatenate([offsets, np.zeros((1, 2), np.int64)])  # reduceat may index len
+    bounds = np.stack([lo, hi], axis=1).ravel()  # (2W,) [lo0, hi0, lo1, hi1, ...]
+    if not len(bounds):
+        return lo, hi
+    first = np.minimum.reduceat(padded[:, 0], bounds)[::2]
+    last = np.maximum.reduceat(padded[:, 1], bounds)[::2]
+    return first, last

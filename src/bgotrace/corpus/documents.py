@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,24 +70,34 @@ def build_documents(
     ``origin`` names the whole input ("file data.jsonl") and each location names one record
     in it ("line 7"), so an error message points at the exact record to fix.
     """
+    return list(iter_documents_of(located, fields, origin))
+
+
+def iter_documents_of(
+    located: Iterable[tuple[str, Mapping[str, Any] | str]], fields: CorpusFields, origin: str
+) -> Iterator[Document]:
+    """:func:`build_documents` as a stream: one document at a time, in record order.
+
+    Only the ids seen so far are held (to refuse duplicates and number repeated texts), not
+    the texts. A corpus without any document raises when the stream ends.
+    """
     ids = _IdAllocator(origin)
-    documents: list[Document] = []
-    n_empty = 0
+    n_documents = n_empty = 0
     for where, record in located:
         text, given_id, source = _read_record(record, fields, origin, where)
         if not text.strip():
             n_empty += 1
             continue
         doc_id = ids.given(given_id, where) if given_id is not None else ids.hashed(text, where)
-        documents.append(Document(doc_id=doc_id, text=text, source=source))
+        n_documents += 1
+        yield Document(doc_id=doc_id, text=text, source=source)
     if n_empty:
         log.warning("Skipped %d empty or whitespace-only document(s) in %s.", n_empty, origin)
-    if not documents:
+    if not n_documents:
         raise InputError(
             f"Corpus {origin} has no documents with non-empty text: "
             f"check the path and the text field ({fields.text_field!r})."
         )
-    return documents
 
 
 def _read_record(
@@ -182,16 +192,31 @@ class _IdAllocator:
         return doc_id
 
 
-def corpus_fingerprint(documents: Sequence[Document]) -> str:
+def corpus_fingerprint(documents: Iterable[Document]) -> str:
     """sha256 over ids, sources and texts, in order.
 
     Order matters because unit indices in the token cache follow document order. Each field is
     length-prefixed so that no two different corpora serialise to the same bytes.
     """
-    digest = hashlib.sha256()
+    hasher = CorpusHasher()
     for doc in documents:
+        hasher.add(doc)
+    return hasher.hexdigest()
+
+
+class CorpusHasher:
+    """:func:`corpus_fingerprint` fed one document at a time (a corpus read as a stream)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self.n_documents = 0
+
+    def add(self, doc: Document) -> None:
         for part in (doc.doc_id, doc.source, doc.text):
             data = part.encode("utf-8")
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-    return digest.hexdigest()
+            self._digest.update(len(data).to_bytes(8, "little"))
+            self._digest.update(data)
+        self.n_documents += 1
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()

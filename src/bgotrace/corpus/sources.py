@@ -15,8 +15,10 @@ Every error names the file and the record (line or row) and says how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from bgotrace.corpus.documents import (
     DEFAULT_SOURCE,
     CorpusFields,
     Document,
-    build_documents,
+    iter_documents_of,
 )
 from bgotrace.errors import InputError, first_line
 
@@ -42,8 +44,66 @@ Located = Iterator[tuple[str, Mapping[str, Any]]]  # (location like "line 7", re
 
 
 def load_documents(path: str | Path, fields: CorpusFields = DEFAULT_FIELDS) -> list[Document]:
-    """Load the corpus at ``path`` (optionally ``path::split``) as documents with stable ids."""
+    """Load the corpus at ``path`` (optionally ``path::split``) as documents with stable ids.
+
+    The whole corpus is held in memory; :func:`iter_documents` reads it one document at a time.
+    """
+    return list(iter_documents(path, fields))
+
+
+def iter_documents(path: str | Path, fields: CorpusFields = DEFAULT_FIELDS) -> Iterator[Document]:
+    """The documents of :func:`load_documents`, in the same order, read as a stream.
+
+    The path and its format are checked at once; record errors surface as they are reached.
+    """
+    located, origin, record_fields = _open_corpus(path, fields)
+    return iter_documents_of(located, record_fields, origin)
+
+
+@dataclass(frozen=True)
+class CorpusFiles:
+    """A corpus on disk, not yet read: the token cache streams its documents and hashes its
+    files instead of holding a list of documents."""
+
+    path: str
+    """Corpus path as the user gave it, optionally with a ``::split`` suffix."""
+    fields: CorpusFields = DEFAULT_FIELDS
+    """Record fields holding the text, id and source."""
+
+    def __post_init__(self) -> None:
+        self.files()  # a missing or unknown corpus is reported before anything else
+
+    def documents(self) -> Iterator[Document]:
+        return iter_documents(self.path, self.fields)
+
+    def files(self) -> tuple[Path, list[Path]]:
+        return corpus_files(self.path)
+
+    @property
+    def label(self) -> str:
+        """The corpus file or folder name (prefix of its default cache directory)."""
+        return _split_suffix(self.path)[0].name
+
+    def identity(self) -> dict[str, Any]:
+        """What besides the file bytes decides the documents: the fields and the split."""
+        return {"fields": dataclasses.asdict(self.fields), "split": _split_suffix(self.path)[1]}
+
+
+def corpus_files(path: str | Path) -> tuple[Path, list[Path]]:
+    """``(root, files)``: the files whose bytes make up the corpus, under ``root``, sorted."""
     root, split = _split_suffix(str(path))
+    _check_path(root, split)
+    if _is_hf_dataset(root):
+        return root, _files_with_suffix(root, "")
+    if root.is_file() and root.suffix.lower() in (*JSON_SUFFIXES, ".parquet"):
+        return root.parent, [root]
+    for suffix in (".parquet", ".txt"):
+        if root.is_dir() and (files := _files_with_suffix(root, suffix)):
+            return root, files
+    raise InputError(f"Corpus path {root} has an unknown format: use {SUPPORTED}.")
+
+
+def _check_path(root: Path, split: str | None) -> None:
     if not root.exists():
         raise InputError(f"Corpus path {root} does not exist: check the path.")
     if split is not None and not _is_hf_dataset(root):
@@ -51,16 +111,22 @@ def load_documents(path: str | Path, fields: CorpusFields = DEFAULT_FIELDS) -> l
             f"Corpus path {root} is not a saved datasets folder, so it has no split "
             f"{split!r}: drop the '{SPLIT_SEPARATOR}{split}' suffix."
         )
+
+
+def _open_corpus(path: str | Path, fields: CorpusFields) -> tuple[Located, str, CorpusFields]:
+    """``(records with their locations, origin for messages, fields to read them with)``."""
+    root, split = _split_suffix(str(path))
+    _check_path(root, split)
     if _is_hf_dataset(root):
-        return _load_hf_dataset(root, split, fields)
+        return _hf_rows(root, split, fields), f"dataset {root}", fields
     if root.is_file() and root.suffix.lower() in JSON_SUFFIXES:
-        return build_documents(_json_records(root), fields, origin=f"file {root}")
+        return _json_records(root), f"file {root}", fields
     if root.is_file() and root.suffix.lower() == ".parquet":
-        return _load_parquet([root], root.parent, fields, origin=f"file {root}")
+        return _parquet_records([root], root.parent, fields), f"file {root}", fields
     if root.is_dir() and (parquet_files := _files_with_suffix(root, ".parquet")):
-        return _load_parquet(parquet_files, root, fields, origin=f"folder {root}")
+        return _parquet_records(parquet_files, root, fields), f"folder {root}", fields
     if root.is_dir() and (txt_files := _files_with_suffix(root, ".txt")):
-        return build_documents(_txt_records(root, txt_files), DEFAULT_FIELDS, f"folder {root}")
+        return _txt_records(root, txt_files), f"folder {root}", DEFAULT_FIELDS
     raise InputError(f"Corpus path {root} has an unknown format: use {SUPPORTED}.")
 
 
@@ -130,17 +196,13 @@ def _json_array_records(path: Path, content: str) -> Located:
         yield f"record {i}", record
 
 
-def _load_parquet(
-    files: list[Path], root: Path, fields: CorpusFields, origin: str
-) -> list[Document]:
+def _parquet_records(files: list[Path], root: Path, fields: CorpusFields) -> Located:
     """Rows are located as "row 7", or "part-1.parquet row 7" when a folder has several files."""
     several = len(files) > 1
-    located = (
-        (f"{path.relative_to(root).as_posix() + ' ' if several else ''}row {i}", record)
-        for path in files
-        for i, record in enumerate(_parquet_rows(path, fields), start=1)
-    )
-    return build_documents(located, fields, origin)
+    for path in files:
+        prefix = path.relative_to(root).as_posix() + " " if several else ""
+        for i, record in enumerate(_parquet_rows(path, fields), start=1):
+            yield f"{prefix}row {i}", record
 
 
 def _parquet_rows(path: Path, fields: CorpusFields) -> Iterator[dict[str, Any]]:
@@ -194,7 +256,16 @@ def _is_hf_dataset(root: Path) -> bool:
     return root.is_dir() and any((root / marker).is_file() for marker in HF_MARKERS)
 
 
-def _load_hf_dataset(root: Path, split: str | None, fields: CorpusFields) -> list[Document]:
+def _hf_rows(root: Path, split: str | None, fields: CorpusFields) -> Located:
+    """Rows of a saved dataset (memory-mapped Arrow, so iterating holds one batch at a time)."""
+    dataset = _open_hf_dataset(root, split)
+    _require_text_column(root, list(dataset.column_names), fields)
+    columns = [c for c in _field_names(fields) if c in dataset.column_names]
+    rows = dataset.select_columns(columns)
+    return ((f"row {i}", row) for i, row in enumerate(rows, start=1))
+
+
+def _open_hf_dataset(root: Path, split: str | None) -> Any:
     import datasets  # imported here: it takes a second and most corpora do not need it
 
     try:
@@ -205,19 +276,13 @@ def _load_hf_dataset(root: Path, split: str | None, fields: CorpusFields) -> lis
             f"({first_line(err)}): re-save it with save_to_disk."
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
-        dataset = _pick_split(root, loaded, split)
-    elif split is not None:
+        return _pick_split(root, loaded, split)
+    if split is not None:
         raise InputError(
             f"Corpus {root} is a single dataset without splits: drop the "
             f"'{SPLIT_SEPARATOR}{split}' suffix."
         )
-    else:
-        dataset = loaded
-    _require_text_column(root, list(dataset.column_names), fields)
-    columns = [c for c in _field_names(fields) if c in dataset.column_names]
-    rows = dataset.select_columns(columns)
-    located = ((f"row {i}", row) for i, row in enumerate(rows, start=1))
-    return build_documents(located, fields, origin=f"dataset {root}")
+    return loaded
 
 
 def _pick_split(root: Path, splits: Mapping[str, Any], split: str | None) -> Any:

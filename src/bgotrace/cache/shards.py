@@ -1,0 +1,215 @@
+"""Token shards: a cache's tokens and texts in files of bounded size, written as batches arrive.
+
+Layout inside a cache directory::
+
+    units.parquet                   one row per unit (see token_cache); a row group per batch
+    shards/tokens-00000.bin         uint32 tokens of the shard's units, back to back
+    shards/documents-00000.parquet  doc_id, source, text of the documents with units in it
+
+A shard ends at a document boundary, so each document's units and text sit in one shard and
+a shard exceeds its bound only by its last document. Documents that gave no unit are not
+stored: no snippet ever needs their text. Nothing here holds more than one batch in memory,
+so building a cache costs the same memory for 1e6 tokens as for 1e9.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkedBatch
+
+SHARD_DIR = "shards"
+DEFAULT_SHARD_TOKENS = 64 * 2**20
+"""Tokens per shard before the next one starts: 64 Mi tokens = 256 MiB of uint32."""
+UNITS_FILE = "units.parquet"
+UNIT_SCHEMA = pa.schema(
+    [
+        ("unit_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("start", pa.int64()),
+        ("length", pa.int32()),
+        ("char_start", pa.int64()),
+        ("char_end", pa.int64()),
+    ]
+)
+DOCUMENT_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("source", pa.string()), ("text", pa.large_string())]
+)
+
+
+def shard_names(index: int) -> tuple[str, str]:
+    """Paths (relative to the cache root) of shard ``index``'s tokens and documents."""
+    return f"{SHARD_DIR}/tokens-{index:05d}.bin", f"{SHARD_DIR}/documents-{index:05d}.parquet"
+
+
+class ShardWriter:
+    """Appends chunked batches to ``units.parquet`` and to shards of ≤ ``max_tokens`` tokens."""
+
+    def __init__(self, root: Path, max_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
+        self.root, self.max_tokens = root, max_tokens
+        (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.units = pq.ParquetWriter(root / UNITS_FILE, UNIT_SCHEMA)
+        self.shards: list[dict[str, Any]] = []
+        self.n_units = self.n_tokens = 0
+        self.max_token_id = -1
+        self._tokens: Any = None  # binary file of the open shard
+        self._documents: pq.ParquetWriter | None = None
+
+    def append(self, batch: ChunkedBatch) -> None:
+        """Write a batch's units, starting a new shard before a document that would overflow."""
+        if not len(batch.lengths):
+            return
+        per_doc = np.bincount(batch.doc_index, weights=batch.lengths).astype(np.int64)
+        docs = np.flatnonzero(per_doc)  # documents that gave units, in order
+        for first, stop, new_shard in self._runs(per_doc[docs]):
+            if new_shard:
+                self._open_shard()
+            self._write_run(batch, docs[first:stop])
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the files; the shard entries for the manifest."""
+        self._close_shard()
+        self.units.close()
+        return self.shards
+
+    def abort(self) -> None:
+        """Close open files after an error (the caller deletes the directory)."""
+        for handle in (self._tokens, self._documents, self.units):
+            if handle is not None:
+                handle.close()
+
+    def _runs(self, doc_tokens: np.ndarray) -> list[tuple[int, int, bool]]:
+        """``(first, stop, starts a new shard)``: runs of documents that go to one shard."""
+        is_open = self._tokens is not None
+        fill = self.shards[-1]["n_tokens"] if is_open else 0
+        runs, first, new = [], 0, not is_open
+        for i, n in enumerate(doc_tokens.tolist()):
+            if fill and fill + n > self.max_tokens:
+                if i > first:
+                    runs.append((first, i, new))
+                first, fill, new = i, 0, True
+            fill += n
+        runs.append((first, len(doc_tokens), new))
+        return runs
+
+    def _write_run(self, batch: ChunkedBatch, docs: np.ndarray) -> None:
+        """Append the units of documents ``docs`` (indices into the batch) to the open shard."""
+        lo, hi = (int(i) for i in np.searchsorted(batch.doc_index, [docs[0], docs[-1] + 1]))
+        unit_ends = np.cumsum(batch.lengths)
+        tokens = batch.tokens[(int(unit_ends[lo - 1]) if lo else 0) : int(unit_ends[hi - 1])]
+        self._tokens.write(tokens.tobytes())
+        self.units.write_table(self._unit_rows(batch, lo, hi))
+        assert self._documents is not None
+        self._documents.write_table(_document_rows(batch, docs))
+        entry = self.shards[-1]
+        entry["n_tokens"] += len(tokens)
+        entry["n_units"] += hi - lo
+        entry["n_documents"] += len(docs)
+        self.n_tokens += len(tokens)
+        self.n_units += hi - lo
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
+
+    def _unit_rows(self, batch: ChunkedBatch, lo: int, hi: int) -> pa.Table:
+        lengths = batch.lengths[lo:hi]
+        starts = self.n_tokens + np.cumsum(lengths) - lengths  # global: as if one flat file
+        docs = [batch.documents[d] for d in batch.doc_index[lo:hi].tolist()]
+        windows = batch.window[lo:hi].tolist()
+        columns = [
+            [f"{d.doc_id}#{k}" for d, k in zip(docs, windows, strict=True)],
+            [d.doc_id for d in docs],
+            [d.source for d in docs],
+            starts,
+            lengths.astype(np.int32),
+            batch.char_start[lo:hi],
+            batch.char_end[lo:hi],
+        ]
+        return pa.Table.from_arrays(
+            [pa.array(c, type=f.type) for c, f in zip(columns, UNIT_SCHEMA, strict=True)],
+            schema=UNIT_SCHEMA,
+        )
+
+    def _open_shard(self) -> None:
+        self._close_shard()
+        tokens, documents = shard_names(len(self.shards))
+        self._tokens = (self.root / tokens).open("wb")
+        self._documents = pq.ParquetWriter(self.root / documents, DOCUMENT_SCHEMA)
+        self.shards.append(
+            {"tokens": tokens, "documents": documents, "n_tokens": 0, "n_units": 0,
+             "n_documents": 0}
+        )  # fmt: skip
+
+    def _close_shard(self) -> None:
+        if self._tokens is not None:
+            self._tokens.close()
+        if self._documents is not None:
+            self._documents.close()
+        self._tokens = self._documents = None
+
+
+def _document_rows(batch: ChunkedBatch, docs: np.ndarray) -> pa.Table:
+    chosen = [batch.documents[d] for d in docs.tolist()]
+    return pa.table(
+        {
+            "doc_id": pa.array([d.doc_id for d in chosen], pa.string()),
+            "source": pa.array([d.source for d in chosen], pa.string()),
+            "text": pa.array([d.text for d in chosen], pa.large_string()),
+        },
+        schema=DOCUMENT_SCHEMA,
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def open_tokens(path: Path) -> np.ndarray:
+    """Memory-map a token file read-only; numpy cannot map an empty file."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+class ShardTexts:
+    """Document texts of a sharded cache, read one row group at a time when first needed.
+
+    A unit's document is found without an index of all documents: units are stored in
+    document order, so its row in the shard's table is the number of document changes
+    between the shard's first unit and it.
+    """
+
+    def __init__(self, root: Path, shards: list[dict[str, Any]], doc_ids: pd.Series) -> None:
+        self.root, self.shards = root, shards
+        first_units = np.cumsum([0] + [s["n_units"] for s in shards])  # (n_shards + 1,)
+        self._first_units = first_units
+        ids = doc_ids.to_numpy()
+        change = np.ones(len(ids), dtype=np.int64)
+        change[1:] = ids[1:] != ids[:-1]
+        ordinal = np.cumsum(change) - 1  # (n_units,) document ordinal over the whole cache
+        shard = np.searchsorted(first_units, np.arange(len(ids)), side="right") - 1
+        self.shard_of = shard.astype(np.int32)  # (n_units,)
+        self.row_of = ordinal - ordinal[first_units[shard]]  # (n_units,) row in its shard
+
+    def unit_document(self, unit: int) -> str:
+        """Full text of unit ``unit``'s document."""
+        shard, row = int(self.shard_of[unit]), int(self.row_of[unit])
+        bounds = self._group_bounds(shard)
+        group = int(np.searchsorted(bounds, row, side="right") - 1)
+        return self._group_texts(shard, group)[row - int(bounds[group])]
+
+    @functools.cache  # noqa: B019 - one small array per shard, for the cache's lifetime
+    def _group_bounds(self, shard: int) -> np.ndarray:
+        meta = pq.ParquetFile(self.root / self.shards[shard]["documents"]).metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return np.cumsum([0, *sizes])
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - reports read units in order: a group at a time
+    def _group_texts(self, shard: int, group: int) -> list[str]:
+        table = pq.ParquetFile(self.root / self.shards[shard]["documents"])
+        return table.read_row_group(group, columns=["text"]).column("text").to_pylist()
