@@ -164,8 +164,26 @@ class QuerySpec:
 
     prompt: str | None = _help("Prompt the model saw.", None)
     completion: str | None = _help("Completion the model produced (the text to attribute).", None)
-    queries: str | None = _help("JSONL file of queries with fields id, prompt, completion.", None)
-    loss_on: str = _help("completion (prompt masked) | all (whole text, for style).", "completion")
+    queries: str | None = _help(
+        "JSONL file of queries with fields id, prompt, completion (or messages: a conversation "
+        "ending in the assistant answer).",
+        None,
+    )
+    chat: str | None = _help(
+        "User message of a one-turn conversation whose assistant answer is --completion "
+        "(rendered with the tokenizer's chat template).",
+        None,
+    )
+    messages: str | None = _help(
+        "JSON/JSONL file of one conversation ({role, content} messages) ending in the "
+        "assistant answer to attribute.",
+        None,
+    )
+    loss_on: str = _help(
+        "completion (prompt masked) | all (whole text, for style) | assistant (every "
+        "assistant turn of a conversation).",
+        "completion",
+    )
     spans: str = _help(
         "Also attribute parts of the completion, each in the same sweep: none | sentence | "
         "tokens:N | auto (sentences, or about 4 token spans for one sentence).",
@@ -173,7 +191,7 @@ class QuerySpec:
     )
 
     def __post_init__(self) -> None:
-        _one_of(self.loss_on, ("completion", "all"), "--loss-on")
+        _one_of(self.loss_on, ("completion", "all", "assistant"), "--loss-on")
         if not _SPANS_RE.match(self.spans):
             raise ConfigError(
                 f"--spans={self.spans!r} is unknown: use none, sentence, auto or tokens:N (N >= 1)."
@@ -183,10 +201,24 @@ class QuerySpec:
             raise ConfigError(
                 "Both --prompt/--completion and --queries were given: use one or the other."
             )
-        if not single and self.queries is None:
+        self._check_chat(single)
+        if not single and self.queries is None and self.messages is None:
             raise ConfigError("No query: pass --prompt and --completion, or --queries Q.jsonl.")
         if single and self.completion is None:
             raise ConfigError("--completion is missing: give the text the model produced.")
+
+    def _check_chat(self, single: bool) -> None:
+        """--chat pairs with --completion; --messages holds its answer and stands alone."""
+        if self.chat is not None and (self.prompt is not None or self.completion is None):
+            raise ConfigError(
+                "--chat takes the user message and --completion the answer (no --prompt): "
+                "pass --chat TEXT --completion ANSWER."
+            )
+        if self.messages is not None and (single or self.queries is not None):
+            raise ConfigError(
+                "--messages holds the whole conversation with its answer: drop "
+                "--prompt/--completion/--queries, or drop --messages."
+            )
 
 
 @dataclass

@@ -38,7 +38,7 @@ from bgotrace.modeling.loading import context_length, embedding_rows, load_model
 from bgotrace.perturb.sensitivity import normalized, score_divisors
 from bgotrace.plausibility import check_query
 from bgotrace.prefilter import plan_candidates, rerank_queries
-from bgotrace.query import EncodedQuery, Query, encode_query, load_queries
+from bgotrace.query import EncodedQuery, Query, encode_query, load_queries, single_query
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
 from bgotrace.ranking.tokens import top_token_changes
@@ -71,7 +71,8 @@ def queries_from_spec(config: AttributeConfig) -> list[Query]:
     spec = config.query
     if spec.queries is not None:
         return load_queries(spec.queries, loss_on=spec.loss_on)
-    return [Query("query", spec.prompt or "", spec.completion or "", loss_on=spec.loss_on)]
+    chat = {"chat": spec.chat, "messages_file": spec.messages}
+    return [single_query(spec.prompt, spec.completion, spec.loss_on, **chat)]
 
 
 def load_inputs(
@@ -288,6 +289,7 @@ def _summary(
                     "prompt": q.query.prompt,
                     "completion": q.query.completion,
                     "loss_on": q.query.loss_on,
+                    **q.query.messages_record(),
                     "n_loss_tokens": q.n_loss_tokens,
                     "loss_trajectories": traj,
                     "calibration": cal,

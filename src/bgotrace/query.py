@@ -5,10 +5,15 @@ covers the completion tokens only (factual attribution: "why did it say this?");
 ``loss_on="all"`` covers every predicted token (stylistic attribution of a whole text).
 Prompt and completion are tokenized separately and concatenated, which is how
 ``generate`` produced the completion: the model saw the prompt's tokens, then its own.
+
+A chat query holds ``messages`` instead (``bgotrace.chat``): rendered with the tokenizer's
+chat template, its last assistant turn is the completion, and ``loss_on="assistant"``
+covers every assistant turn. Once encoded, its prompt and completion are the rendered text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +22,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from bgotrace.chat import (
+    Message,
+    check_answer_last,
+    load_messages_file,
+    parse_messages,
+    render_chat,
+)
 from bgotrace.corpus.documents import unpaired_surrogate
 from bgotrace.errors import InputError
 
-LOSS_ON = ("completion", "all")
+LOSS_ON = ("completion", "all", "assistant")
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,21 @@ class Query:
     completion: str
     """Text the model produced; the default loss covers these tokens only."""
     loss_on: str = "completion"
-    """``completion`` (prompt tokens masked) or ``all`` (every predicted token)."""
+    """``completion`` (prompt tokens masked), ``all`` (every predicted token) or
+    ``assistant`` (every assistant turn of ``messages``)."""
+    messages: tuple[Message, ...] | None = None
+    """The conversation of a chat query (last turn: the assistant's answer); None for text."""
+
+    @classmethod
+    def chat(cls, query_id: str, messages: Sequence[Message], loss_on: str = "completion") -> Query:
+        """A chat query; prompt and completion are plain stand-ins until it is encoded."""
+        check_answer_last(messages, f"Query {query_id!r}")
+        prompt = "\n".join(f"{m.role}: {m.content}" for m in messages[:-1])
+        return cls(query_id, prompt, messages[-1].content, loss_on, tuple(messages))
+
+    def messages_record(self) -> dict[str, list[dict[str, str]]]:
+        """``{"messages": [...]}`` for a chat query's summary entry; empty for text."""
+        return {} if self.messages is None else {"messages": [m.to_dict() for m in self.messages]}
 
     def __post_init__(self) -> None:
         for name in ("query_id", "prompt", "completion"):
@@ -47,6 +73,11 @@ class Query:
             raise InputError(
                 f"Query {self.query_id!r}: loss_on={self.loss_on!r} is unknown; "
                 f"use one of {', '.join(LOSS_ON)}."
+            )
+        if self.loss_on == "assistant" and self.messages is None:
+            raise InputError(
+                f"Query {self.query_id!r}: loss_on=assistant needs a conversation (messages); "
+                "use completion for a prompt/completion query."
             )
         if not self.completion.strip():
             raise InputError(
@@ -102,22 +133,52 @@ def encode_query(
     """Tokenize a query; refuse queries the model cannot read in one window.
 
     ``bos_id`` (``--bos``, :mod:`bgotrace.corpus.bos`) goes in front of the prompt, as the
-    model saw a text start in training; it is never a loss token.
+    model saw a text start in training; it is never a loss token. A chat query takes its
+    special tokens from the chat template instead, ``bos_id`` aside.
     """
+    if query.messages is not None:
+        return _encode_chat(query, tokenizer, max_context)
     bos = [] if bos_id is None else [bos_id]
     prompt_ids = bos + tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(completion_ids)
-    if max_context is not None and len(ids) > max_context:
-        raise InputError(
-            f"Query {query.query_id!r} has {len(ids)} tokens but the model reads at most "
-            f"{max_context}: shorten the prompt or completion."
-        )
+    _check_context(query, len(ids), max_context)
     input_ids = torch.tensor([ids], dtype=torch.long)
     labels = input_ids.clone()
     if query.loss_on == "completion":
         labels[0, : len(prompt_ids)] = -100
-    encoded = EncodedQuery(query=query, input_ids=input_ids, labels=labels)
+    return _checked(EncodedQuery(query=query, input_ids=input_ids, labels=labels))
+
+
+def _encode_chat(
+    query: Query, tokenizer: PreTrainedTokenizerBase, max_context: int | None
+) -> EncodedQuery:
+    """Tokens of the rendered conversation; prompt and completion become its text."""
+    assert query.messages is not None  # dispatched on by encode_query
+    chat = render_chat(tokenizer, query.messages, query.loss_on, f"Query {query.query_id!r}")
+    _check_context(query, len(chat.input_ids), max_context)
+    input_ids = torch.tensor([chat.input_ids], dtype=torch.long)  # (1, T)
+    labels = input_ids.clone()
+    labels[0, ~torch.tensor(chat.loss_mask)] = -100
+    completion = (
+        chat.text[len(chat.prompt_text) :] if chat.text.startswith(chat.prompt_text) else ""
+    )
+    if not completion.strip():  # a template whose text and tokens disagree
+        completion = str(tokenizer.decode(chat.input_ids[chat.prompt_length :]))
+    rendered = dataclasses.replace(query, prompt=chat.prompt_text, completion=completion)
+    return _checked(EncodedQuery(query=rendered, input_ids=input_ids, labels=labels))
+
+
+def _check_context(query: Query, n_tokens: int, max_context: int | None) -> None:
+    if max_context is not None and n_tokens > max_context:
+        raise InputError(
+            f"Query {query.query_id!r} has {n_tokens} tokens but the model reads at most "
+            f"{max_context}: shorten the prompt or completion."
+        )
+
+
+def _checked(encoded: EncodedQuery) -> EncodedQuery:
+    query = encoded.query
     if encoded.n_loss_tokens == 0:
         raise InputError(
             f"Query {query.query_id!r} has no token to take the loss on: "
@@ -127,7 +188,8 @@ def encode_query(
 
 
 def load_queries(path: str | Path, loss_on: str = "completion") -> list[Query]:
-    """Read queries from JSONL: fields ``id``, ``prompt``, ``completion``, optional ``loss_on``."""
+    """Read queries from JSONL: fields ``id``, ``prompt`` and ``completion`` (or ``messages``,
+    a conversation ending in the assistant turn to attribute), optional ``loss_on``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Query file {path} does not exist: pass a JSONL file of queries.")
@@ -156,18 +218,45 @@ def _query_from_line(path: Path, line_no: int, line: str, loss_on: str) -> Query
         ) from err
     if not isinstance(record, dict):
         raise InputError(f"Query file {path} line {line_no} is not a JSON object: fix that line.")
+    query_id = str(record["id"]) if record.get("id") is not None else f"q{line_no}"
+    loss_on = record.get("loss_on", loss_on)
+    if "messages" in record:
+        return _chat_from_line(path, line_no, record, query_id, loss_on)
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str):
             raise InputError(
                 f"Query file {path} line {line_no} has no string field {key!r}: "
                 "give each line an id, a prompt and a completion, as strings."
             )
-    return Query(
-        query_id=str(record["id"]) if record.get("id") is not None else f"q{line_no}",
-        prompt=record["prompt"],
-        completion=record["completion"],
-        loss_on=record.get("loss_on", loss_on),
-    )
+    return Query(query_id, record["prompt"], record["completion"], loss_on)
+
+
+def _chat_from_line(path: Path, line_no: int, record: dict, query_id: str, loss_on: str) -> Query:
+    where = f"Query file {path} line {line_no}"
+    if "prompt" in record or "completion" in record:
+        raise InputError(f"{where} has both messages and prompt/completion: give one or the other.")
+    messages = parse_messages(record["messages"], where)
+    check_answer_last(messages, where)
+    return Query.chat(query_id, messages, loss_on)
+
+
+def single_query(
+    prompt: str | None,
+    completion: str | None,
+    loss_on: str,
+    *,
+    chat: str | None = None,
+    messages_file: str | None = None,
+) -> Query:
+    """The one query of ``--prompt/--completion``, ``--chat/--completion`` or ``--messages``."""
+    if messages_file is not None:
+        return Query.chat("query", load_messages_file(messages_file), loss_on)
+    if chat is not None:
+        turns = (Message("user", chat), Message("assistant", completion or ""))
+        if not chat.strip() or not (completion or "").strip():
+            raise InputError("--chat and --completion must both be non-empty text.")
+        return Query.chat("query", turns, loss_on)
+    return Query("query", prompt or "", completion or "", loss_on=loss_on)
 
 
 def _check_unique_ids(path: Path, queries: Sequence[Query]) -> None:

@@ -204,7 +204,7 @@ def span_columns(frame: pd.DataFrame, query: EncodedQuery) -> pd.DataFrame:
     return frame
 
 
-_PARENT_ONLY = ("prompt", "completion", "loss_on")
+_PARENT_ONLY = ("prompt", "completion", "loss_on", "messages")
 
 
 def nest_spans(

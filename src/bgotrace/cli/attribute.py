@@ -44,6 +44,8 @@ def attribute(
     prompt: Annotated[str | None, _opt(QuerySpec, "prompt")] = None,
     completion: Annotated[str | None, _opt(QuerySpec, "completion")] = None,
     queries: Annotated[str | None, _opt(QuerySpec, "queries")] = None,
+    chat: Annotated[str | None, _opt(QuerySpec, "chat")] = None,
+    messages: Annotated[str | None, _opt(QuerySpec, "messages")] = None,
     out: Annotated[str | None, _opt(OutputSpec, "out")] = None,
     config: Annotated[
         Path | None, typer.Option(help="Replay a run's config.yaml; other flags override it.")
@@ -131,6 +133,17 @@ SECTION_OF: dict[str, tuple[str | None, str]] = {
 """Flag name → (config section or None for top level, field): every option is a config field."""
 
 
+def _replace_chat_query(query: dict[str, Any], given: dict[str, Any]) -> None:
+    """A query given on the command line replaces the config file's other kinds of query."""
+    kinds = {"prompt": ("chat", "messages"), "chat": ("prompt", "messages", "queries")}
+    kinds |= {"messages": ("prompt", "completion", "chat", "queries")}
+    kinds |= {"queries": ("chat", "messages")}
+    for flag, replaced in kinds.items():
+        if given.get(flag) is not None:
+            for key in replaced:
+                query.pop(key, None)
+
+
 def build_config(values: dict[str, Any]) -> AttributeConfig:
     """Config file (if any) overridden by every flag given on the command line."""
     data: dict[str, Any] = (
@@ -142,6 +155,7 @@ def build_config(values: dict[str, Any]) -> AttributeConfig:
     if given.get("queries") is not None:
         for key in ("prompt", "completion"):
             data.get("query", {}).pop(key, None)
+    _replace_chat_query(data.get("query", {}), given)
     for key, value in given.items():
         section, name = SECTION_OF[key]
         if section is None:

@@ -15,6 +15,10 @@ hand, or a Llama model sees every text out of distribution and every loss is dis
 
 The BOS sits at position 0, which is never a prediction target, so it changes the context of
 every scored token and no loss is taken on it.
+
+Chat queries (``bgotrace.chat``) are the exception: their chat template decides the special
+tokens, as ``apply_chat_template`` encodes them; :func:`would_double_bos` flags a template
+that writes the BOS itself for a tokenizer that adds one too.
 """
 
 from __future__ import annotations
@@ -53,3 +57,15 @@ def resolve_bos(tokenizer: Any, mode: str) -> int | None:
     if bos is None or not tokenizer_adds_bos(tokenizer):
         return None
     return int(bos)
+
+
+def would_double_bos(tokenizer: Any, rendered: str) -> bool:
+    """Whether a chat-rendered text already starts with the BOS string and the tokenizer
+    would add another in front when asked for special tokens.
+
+    Chat queries take their special tokens from the template (no ``--bos`` on top), as
+    ``apply_chat_template`` encodes them; a trainer that tokenized the rendered text with
+    special tokens fed the model two BOS, which is worth a warning.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return isinstance(bos, str) and rendered.startswith(bos) and tokenizer_adds_bos(tokenizer)
