@@ -23,10 +23,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 import bgotrace
@@ -91,7 +97,35 @@ def _qwen2(attn: str, vocab: int) -> torch.nn.Module:  # layer 0 full attention,
     return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn)
 
 
-ARCHS = {"gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama, "mistral": _mistral, "qwen2": _qwen2}
+def _mixtral(attn: str, vocab: int) -> torch.nn.Module:  # 4 experts, 2 per token, windowed
+    cfg = MixtralConfig(
+        vocab_size=vocab, **_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=4,
+    )  # fmt: skip
+    return MixtralForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def _qwen2_moe(attn: str, vocab: int) -> torch.nn.Module:  # routed + shared expert
+    cfg = Qwen2MoeConfig(
+        vocab_size=vocab, **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=32, decoder_sparse_step=1,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def _olmoe(attn: str, vocab: int) -> torch.nn.Module:  # q/k norms, 4 experts
+    cfg = OlmoeConfig(
+        vocab_size=vocab, **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return OlmoeForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+ARCHS = {
+    "gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama, "mistral": _mistral, "qwen2": _qwen2,
+    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe,
+}  # fmt: skip
+"""Tiny models of every architecture with a split adapter (MoE families included)."""
 
 
 def build(arch: str, attn: str = "sdpa", vocab: int = V) -> torch.nn.Module:

@@ -7,8 +7,10 @@ its ``modeling_*.py``): the embedding, the causal/padding mask (through
 format), rotary position embeddings, and the per-block keyword arguments. With that,
 :mod:`bgotrace.modeling.split` can run any contiguous range of blocks by itself.
 
-Covered: GPT-2, GPT-NeoX (Pythia), Llama, Mistral and Qwen2. Anything else has no
-adapter and is run through its full ``forward``.
+Covered: GPT-2, GPT-NeoX (Pythia), Llama, Mistral and Qwen2, and the mixture-of-experts
+families built like Llama (Mixtral, Qwen2-MoE, OLMoE: their blocks route tokens to experts
+inside, with the same block inputs). Anything else has no adapter and is run through its
+full ``forward``.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def _llama_embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _llama_kwargs(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
-    """Llama, Mistral and Qwen2: one rotary table, a full or sliding-window mask per layer."""
+    """Llama, Mistral, Qwen2 and their MoE kin: one rotary table, a full or sliding-window
+    mask per layer."""
     config, positions = model.config, _positions(hidden)
     args = {
         "config": config,
@@ -119,9 +122,9 @@ def _llama_kwargs(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -
 
 def _layer_kinds(config: Any) -> list[str]:
     n = config.num_hidden_layers
-    if config.model_type == "qwen2":  # per-layer types (sliding layers optional)
+    if config.model_type in ("qwen2", "qwen2_moe"):  # per-layer types (sliding layers optional)
         return list(config.layer_types[:n])
-    if config.model_type == "mistral" and config.sliding_window is not None:
+    if config.model_type in ("mistral", "mixtral") and config.sliding_window is not None:
         return ["sliding_attention"] * n
     return ["full_attention"] * n
 
@@ -139,6 +142,9 @@ ADAPTERS: dict[str, Adapter] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "mixtral": _LLAMA,
+    "qwen2_moe": _LLAMA,
+    "olmoe": _LLAMA,
 }
 """``config.model_type`` → adapter."""
 
