@@ -23,6 +23,7 @@ app.command("attribute")(user_errors(attribute))
 def _register_optional() -> None:
     """Sub-commands whose modules may import heavier stacks."""
     from bgotrace.cli.bench import bench_app
+    from bgotrace.cli.cache import cache_app
     from bgotrace.cli.compare import compare
     from bgotrace.cli.demo import demo
     from bgotrace.cli.eval import eval_command
@@ -37,6 +38,7 @@ def _register_optional() -> None:
     app.command("report")(user_errors(report))
     app.command("compare")(user_errors(compare))
     app.add_typer(bench_app, name="bench")
+    app.add_typer(cache_app, name="cache")
 
 
 _register_optional()

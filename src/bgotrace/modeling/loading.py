@@ -50,6 +50,12 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer as :func:`load_model_and_tokenizer` loads it (same fingerprint), without
+    the weights: for stages that only tokenize (``bgotrace cache build``)."""
+    return _load_tokenizer(Path(path), trust_remote_code)
+
+
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
