@@ -70,6 +70,7 @@ def attribute(
             adapter=cfg.model.adapter,
             device=cfg.model.device,
             trust_remote_code=cfg.model.trust_remote_code,
+            merge_adapter=cfg.perturb.params != "adapter",  # --params adapter: kept unmerged
         )
     if tokenizer is None:
         raise InputError("A loaded model needs its tokenizer: pass tokenizer=... as well.")

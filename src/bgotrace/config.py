@@ -46,7 +46,7 @@ METHODS = (
 DEFAULT_MAX_LENGTH = 256
 """Unit length when none is given and the model reads at least this many positions."""
 _SPANS_RE = re.compile(r"^(none|sentence|auto|tokens:[1-9]\d*)$")
-_PARAMS_RE = re.compile(r"^(all|last:(\d+|half)|regex:.+)$")
+_PARAMS_RE = re.compile(r"^(all|adapter|last:(\d+|half)|regex:.+)$")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, special: tuple[str, ...] = ()) -> Any:
@@ -97,7 +97,10 @@ class ModelSpec:
     """Which model to attribute."""
 
     path: str = _help("Hugging Face causal LM directory (safetensors weights + tokenizer).")
-    adapter: str | None = _help("PEFT adapter directory, merged into the model.", None)
+    adapter: str | None = _help(
+        "PEFT adapter directory, merged into the model (kept unmerged with --params adapter).",
+        None,
+    )
     device: str = _help("auto | cpu | cuda[:N].", "auto")
     trust_remote_code: bool = _help("Run code shipped with the checkpoint (off by default).", False)
 
@@ -242,8 +245,9 @@ class PerturbConfig:
     lr_criterion: str = _help("What --lr auto calibrates: loss | radius.", "loss")
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
     params: str = _help(
-        "Parameters to perturb: all | last:N (last N blocks) | last:half (last ceil(L/2) of L "
-        "blocks) | regex:PATTERN.",
+        "Parameters to perturb: all | adapter (the --adapter's LoRA weights only, unmerged; "
+        "base frozen) | last:N (last N blocks) | last:half (last ceil(L/2) of L blocks) | "
+        "regex:PATTERN.",
         "all",
     )
     max_grad_norm: float | None = _help(
@@ -270,7 +274,8 @@ class PerturbConfig:
         _at_least(self.steps, 1, "--steps")
         if not _PARAMS_RE.match(self.params):
             raise ConfigError(
-                f"--params={self.params!r} is unknown: use all, last:N, last:half or regex:PATTERN."
+                f"--params={self.params!r} is unknown: use all, adapter, last:N, last:half or "
+                "regex:PATTERN."
             )
         _check_regex(self.params)
         if self.max_grad_norm is not None:

@@ -101,6 +101,7 @@ def load_inputs(
             adapter=config.model.adapter,
             device=config.model.device,
             trust_remote_code=config.model.trust_remote_code,
+            merge_adapter=config.perturb.params != "adapter",  # --params adapter: kept unmerged
         )
     model.eval()  # scores must not depend on dropout masks
     context = context_length(model)

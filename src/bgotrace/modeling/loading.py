@@ -115,24 +115,28 @@ def load_model_and_tokenizer(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    merge_adapter: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode on ``device``.
 
     ``adapter`` is a PEFT adapter directory; its LoRA weights are merged so the
-    perturbation sees one plain model whose parameters it can select by name.
+    perturbation sees one plain model whose parameters it can select by name. With
+    ``merge_adapter=False`` (``--params adapter``) the adapter stays unmerged: the model
+    is the base with PEFT's layers injected, whose adapter weights (``lora_A``/``lora_B``)
+    are parameters of their own beside the frozen base.
     """
     path = Path(path)
     _check_model_dir(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     model = _load_causal_lm(path, resolve_dtype(dtype), trust_remote_code)
     if adapter is not None:
-        model = _merge_adapter(model, Path(adapter))
+        model = _merge_adapter(model, Path(adapter), merge_adapter)
     model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers types .to oddly
     model.eval()  # dropout off: scores must not depend on dropout masks
     return model, tokenizer
 
 
-def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+def _merge_adapter(model: PreTrainedModel, adapter: Path, merge: bool) -> PreTrainedModel:
     if not (adapter / "adapter_config.json").is_file():
         raise ModelLoadError(
             f"{adapter} has no adapter_config.json: pass a folder saved by a PEFT model."
@@ -148,9 +152,39 @@ def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
             f"{adapter}/adapter_config.json is not a JSON object ({err}): re-save the adapter "
             "with save_pretrained."
         ) from None
-    log.info("merging PEFT adapter %s (trained on %s)", adapter, base_name)
+    log.info("loading PEFT adapter %s (trained on %s), merge=%s", adapter, base_name, merge)
     peft_model = PeftModel.from_pretrained(model, adapter)
-    return peft_model.merge_and_unload()
+    if merge:
+        return peft_model.merge_and_unload()
+    if peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
+        raise ModelLoadError(
+            f"{adapter} is a prompt-learning adapter, which has no weights inside the model to "
+            "perturb: use --params all (the adapter is then merged) or a LoRA adapter."
+        )
+    # PEFT injected its layers into ``model`` in place; the transformers model itself runs
+    # them and keeps its module paths (so the split forward still finds the blocks).
+    injected: PreTrainedModel = peft_model.base_model.model  # type: ignore[assignment]
+    return injected
+
+
+def inject_adapter_layers(module: torch.nn.Module, adapter: str | Path) -> torch.nn.Module:
+    """``module`` with the PEFT layers of ``adapter`` injected in place (weights not read):
+    the shapes and names ``--params adapter`` perturbs, e.g. on a meta-device model."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{adapter} has no adapter_config.json: pass a folder saved by a PEFT model."
+        )
+    from peft import PeftConfig, inject_adapter_in_model
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, TypeError, OSError) as err:
+        raise ModelLoadError(
+            f"{adapter}/adapter_config.json is unreadable ({first_line(err)}): re-save the "
+            "adapter with save_pretrained."
+        ) from None
+    return inject_adapter_in_model(config, module)
 
 
 def context_length(model: PreTrainedModel) -> int | None:

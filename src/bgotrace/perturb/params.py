@@ -2,6 +2,8 @@
 
 Restricting the perturbation (the last N blocks, or a regex such as LoRA or MLP
 weights) makes BGO cheaper and lets several perturbed states share one sweep.
+``adapter`` picks the weights of an unmerged PEFT adapter (LoRA A/B) and nothing of the
+base: the part of a fine-tuned model that holds the fine-tuning, perturbed as trained.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _BLOCK_RE = re.compile(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.")
 def select_parameters(model: torch.nn.Module, spec: str) -> list[str]:
     """Names of the trainable parameters chosen by ``all | last:N | last:half | regex:PATTERN``."""
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+    if spec == "adapter":
+        return adapter_parameters(model)
     if spec == "all":
         chosen = names
     elif spec.startswith("last:"):
@@ -27,11 +31,39 @@ def select_parameters(model: torch.nn.Module, spec: str) -> list[str]:
         pattern = _compile(spec)
         chosen = [n for n in names if pattern.search(n)]
     else:
-        raise ConfigError(f"--params={spec!r} is unknown: use all, last:N or regex:PATTERN.")
+        raise ConfigError(
+            f"--params={spec!r} is unknown: use all, adapter, last:N or regex:PATTERN."
+        )
     if not chosen:
         raise ConfigError(
             f"--params={spec!r} selects no parameter of this model: "
             f"names look like {names[0]!r}; widen the selection."
+        )
+    return chosen
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the adapter weights of the PEFT layers in ``model`` (base weights excluded).
+
+    Each PEFT tuner layer lists the attributes holding its adapter weights
+    (``adapter_layer_names``: ``lora_A``, ``lora_B``, ``lora_embedding_A``…); everything
+    under them is the adapter's, and the wrapped ``base_layer`` is not.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    prefixes = tuple(
+        f"{name}.{attr}." if name else f"{attr}."
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+        for attr in module.adapter_layer_names
+    )
+    chosen = [
+        n for n, p in model.named_parameters() if n.startswith(prefixes) and p.is_floating_point()
+    ]
+    if not chosen:
+        raise ConfigError(
+            "--params adapter, but the model has no unmerged PEFT adapter: pass --adapter DIR "
+            "(a folder saved by a PEFT model), or choose --params all | last:N | regex:PATTERN."
         )
     return chosen
 
