@@ -350,6 +350,9 @@ def test_attribute_chat_queries_end_to_end(chat_model_dir, tmp_path):
     tok = make_chatml_tokenizer()
     n_de = sum(render_chat(tok, SHORT, "assistant", "q").loss_mask)
     assert de["n_loss_tokens"] == n_de
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "<dt>user</dt><dd>Capital of France?</dd>" in report  # the turns with their roles
+    assert "<dt>assistant</dt><dd><b>Berlin.</b></dd>" in report
 
 
 def test_attribute_chat_flag_equals_the_messages_file(chat_model_dir, tmp_path):
