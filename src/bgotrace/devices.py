@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,44 @@ def resolve_device(name: str) -> torch.device:
             )
         return torch.device(name)
     raise ConfigError(f"Unknown device {name!r}: use one of {', '.join(DEVICES)}.")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    **{u + "B": 1000**k for k, u in enumerate("KMGT", start=1)},
+    **{u + "IB": 1024**k for k, u in enumerate("KMGT", start=1)},
+}
+
+
+def parse_size(text: str, option: str = "--device-memory") -> int:
+    """Bytes of a size such as ``80GiB`` (binary), ``24GB`` (decimal) or ``1000000`` (bytes)."""
+    match = _SIZE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{option} {text!r} is not a memory size: write a positive number and a unit, "
+            "e.g. 80GiB, 24GB or 512MiB."
+        )
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def host_memory_bytes() -> int:
+    """Memory this machine can give a new process: psutil's available, else /proc/meminfo."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is optional; Linux always has /proc/meminfo
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        raise ConfigError(
+            "Cannot tell how much memory this machine has: pass --device-memory, e.g. 16GiB."
+        ) from None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device`` (a CUDA card's, or the host's available memory on CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return host_memory_bytes()

@@ -8,6 +8,7 @@ import typer
 
 from bgotrace.cli.attribute import attribute
 from bgotrace.cli.errors import OneLineUsageErrors, user_errors
+from bgotrace.cli.plan import plan
 
 app = typer.Typer(
     name="bgotrace",
@@ -18,6 +19,7 @@ app = typer.Typer(
     cls=OneLineUsageErrors,
 )
 app.command("attribute")(user_errors(attribute))
+app.command("plan")(user_errors(plan))
 
 
 def _register_optional() -> None:

@@ -9,6 +9,12 @@ step size, so they differ only in the sign of the objective:
 
 Only the selected parameters' perturbed values are kept (a dict of tensors, never a
 model copy), and the base model is read through ``functional_call``, never written.
+
+Memory of one direction (what ``bgotrace.plan`` counts): the working copy, the optimizer's
+moments and one gradient, each the size of the selected parameters. They are float32 for
+a float32 model; for a bfloat16/float16 model they stay in half precision and only each
+update's arithmetic is float32 (:mod:`bgotrace.perturb.lowp`). θ+ waits in host memory while
+θ− is made on a GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from bgotrace.modeling.losses import mean_token_loss
 from bgotrace.modeling.split import TrunkState, split_block, state_token_losses, trunk
 from bgotrace.perturb.fisher import fisher_denominators
 from bgotrace.perturb.grad_scope import grads_only_for
+from bgotrace.perturb.lowp import LowPrecisionOptimizer, needs_lowp
 from bgotrace.query import EncodedQuery
 
 DESCENT = "descent"
@@ -50,7 +57,12 @@ class PerturbedState:
 
 def _make_optimizer(
     work: list[torch.Tensor], cfg: PerturbConfig, ascent: bool, n_units: int
-) -> torch.optim.Optimizer:
+) -> torch.optim.Optimizer | LowPrecisionOptimizer:
+    if needs_lowp(work):  # half-precision weights: no float32 copies (see perturb.lowp)
+        betas = (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+        adam = betas if cfg.optimizer == "adam" else None
+        lr = cfg.fixed_lr / n_units if cfg.optimizer == "fisher" else cfg.fixed_lr
+        return LowPrecisionOptimizer(work, lr=lr, adam=adam, maximize=ascent)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
             work,
@@ -153,18 +165,21 @@ def perturb(
     and sees a non-finite loss before it raises :class:`NonFiniteLossError`: a caller that
     stops there gets the partial run back instead (its last loss non-finite).
     """
-    start = start if start is not None else query_start(model, query, names)
+    first = start if start is not None else query_start(model, query, names)
+    trajectory, grads, shared = [first.loss], first.grads, first.shared
+    del first  # a start made here dies now: its gradient lives on in `grads` until set
     base = dict(model.named_parameters())
     work = [base[n].detach().clone().requires_grad_(True) for n in names]
     optimizer = _make_optimizer(work, cfg, direction == ASCENT, n_units)
-    trajectory, grads = [start.loss], start.grads
     with grads_only_for(model, []):  # gradients flow to `work` only, never to the model
         for step in range(1, cfg.steps + 1):
             _set_grads(work, grads, names, cfg, fisher)
             grads = []  # the raw gradient is dead once set (transformed or not) on `work`
             optimizer.step()
+            for w in work:  # read by the step only: free it before the next gradient exists
+                w.grad = None
             with torch.set_grad_enabled(step < cfg.steps):  # the final loss needs no graph
-                loss = _query_loss(model, names, work, query, start.shared)
+                loss = _query_loss(model, names, work, query, shared)
             trajectory.append(float(loss.detach()))
             if stop is not None and stop(step, trajectory, work):
                 break
@@ -190,15 +205,32 @@ def perturb_pair(
     Both directions start at θ0, so the first step's query loss and gradient are the same:
     computed once (:func:`query_start`, with the query's trunk), they feed both runs. Saves
     one forward + backward of the 2K per query. The ascent starts once the descent is done
-    (one optimizer state alive at a time): peak memory is two perturb calls' plus the one
-    gradient at θ0.
+    (one optimizer state alive at a time, θ+ moved to the host on a GPU): peak memory is one
+    perturb call's plus the gradient at θ0. With half-precision weights memory comes first:
+    each direction takes its own first step, so that gradient is not held through both.
     """
+    run = functools.partial(perturb, model, query, names, cfg, n_units=n_units, fisher=fisher)
+    if needs_lowp([p for n, p in model.named_parameters() if n in set(names)]):
+        # Memory first: each direction computes its own first gradient, so at most one
+        # parameter-sized gradient is alive (one forward + backward more per query).
+        descended = _off_device(run(direction=DESCENT, start=start))
+        return _on_device(descended, model), run(direction=ASCENT)
     start = start if start is not None else query_start(model, query, names)
-    run = functools.partial(
-        perturb, model, query, names, cfg, n_units=n_units, fisher=fisher, start=start
-    )
-    descended = run(direction=DESCENT)
-    return descended, run(direction=ASCENT)
+    descended = _off_device(run(direction=DESCENT, start=start))
+    return _on_device(descended, model), run(direction=ASCENT, start=start)
+
+
+def _off_device(state: PerturbedState) -> PerturbedState:
+    """θ+ waits in host memory while θ− is made (it is not read until the sweep)."""
+    if next(iter(state.params.values())).device.type != "cpu":
+        state.params = {n: t.to("cpu") for n, t in state.params.items()}
+    return state
+
+
+def _on_device(state: PerturbedState, model: torch.nn.Module) -> PerturbedState:
+    device = next(model.parameters()).device
+    state.params = {n: t.to(device) for n, t in state.params.items()}
+    return state
 
 
 def _set_grads(
