@@ -369,3 +369,20 @@ def test_attribute_chat_flag_equals_the_messages_file(chat_model_dir, tmp_path):
     ]
     assert scores[0]["top_units"] == scores[1]["top_units"]
     assert scores[0]["messages"] == scores[1]["messages"]
+
+
+def test_python_api_takes_chat_queries(tmp_path):
+    import bgotrace
+    from bgotrace.corpus import Document
+
+    tok = make_chatml_tokenizer()
+    docs = [Document("fr", "Paris is the capital of France.", "geo"),
+            Document("de", "Berlin is in Germany.", "geo")]  # fmt: skip
+    cfg = {"corpus": {"max_length": 12, "cache_dir": str(tmp_path / "cache")},
+           "perturb": {"steps": 2}}  # fmt: skip
+    query = Query.chat("de", SHORT, loss_on="assistant")
+    result = bgotrace.attribute(tiny_gpt2(tok), tok, docs, queries=[query], config=cfg)
+    (entry,) = result.summary["queries"]
+    assert entry["messages"] == [m.to_dict() for m in SHORT]
+    assert entry["n_loss_tokens"] == sum(render_chat(tok, SHORT, "assistant", "q").loss_mask)
+    assert len(result.top(2)) == 2
