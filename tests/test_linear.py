@@ -20,6 +20,7 @@ Tolerances:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -277,3 +278,33 @@ def test_bgo_linear_writes_a_run_like_bgo(tokenizer, tiny_documents, tmp_path):
     joined = result.scores.merge(exact.scores, on="unit_id", suffixes=("_lin", "_bgo"))
     scale = float(joined["score_bgo"].abs().max())
     np.testing.assert_allclose(joined["score_lin"], joined["score_bgo"], atol=0.01 * scale)
+
+
+def test_bgo_linear_reranks_only_the_candidates(tokenizer, tiny_documents, tmp_path):
+    """With a prefilter, the candidates get the scores of the full linear pass, the rest NaN."""
+    model = tiny_gpt2(tokenizer, seed=8)
+    cache = _cache(tokenizer, tiny_documents, tmp_path)
+    full = _method_scores("bgo-linear", model, tokenizer, cache, normalize="none")
+    some = _method_scores("bgo-linear", model, tokenizer, cache, normalize="none", candidates=4)
+    swept = np.isfinite(some)  # the group's candidates: the union of each query's top 4
+    assert (swept == swept[0]).all() and 4 <= swept[0].sum() < len(cache)
+    np.testing.assert_allclose(some[swept], full[swept], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [0, 5, 1000])
+def test_query_linearity_of_a_bgo_run(tokenizer, tiny_documents, tmp_path, size):
+    """The diagnostic a BGO run reports per query: sized by ``linearity_sample`` (0: off);
+    at a tiny step exact and linear rank alike."""
+    from bgotrace.score.linear import query_linearity
+
+    model = tiny_gpt2(tokenizer, seed=9)
+    cache = _cache(tokenizer, tiny_documents, tmp_path)
+    ctx = _bgo_context(model, cache, tokenizer, "sgd", LR_TINY)
+    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, linearity_sample=size)
+    (run,) = score_queries(ctx, [encode_query(QUERY, tokenizer, None)])
+    diag = query_linearity(ctx, run, score_losses("bidirectional", run.losses))
+    if size == 0:
+        assert diag is None
+        return
+    assert diag["n_sample"] == min(size, len(cache))
+    assert diag["spearman"] > 0.99 and diag["top10_overlap"] == 1.0
