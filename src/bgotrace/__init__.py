@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 # and the pure modules (metrics, corpus readers) should not pay for them.
 _EXPORTS = {
     "attribute": "bgotrace.api",
-    "AttributionResult": "bgotrace.ranking.result",
+    # Through the report, which registers the result's notebook view and report.html writer.
+    "AttributionResult": "bgotrace.report.html",
     "AttributeConfig": "bgotrace.config",
     "PerturbConfig": "bgotrace.config",
     "ScoreConfig": "bgotrace.config",

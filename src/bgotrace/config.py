@@ -21,11 +21,11 @@ from bgotrace.config_values import checked_value, checked_values
 from bgotrace.corpus.bos import BOS_MODES
 from bgotrace.devices import DEVICES, DTYPES
 from bgotrace.errors import ConfigError
+from bgotrace.variants import get_variant, variants_help
 
 T = TypeVar("T")
 
 OPTIMIZERS = ("sgd", "adam", "fisher")
-SCORES = ("bidirectional", "ascent", "descent", "abs")
 REDUCTIONS = ("mean", "sum")
 LR_CRITERIA = ("loss", "radius")
 NORMALIZATIONS = ("none", "sensitivity")
@@ -325,11 +325,7 @@ def _step_size(value: float | str) -> float | str:
 class ScoreConfig:
     """How the corpus sweep turns loss changes into scores."""
 
-    score: str = _help(
-        "bidirectional: L(θ−)−L(θ+) | ascent: L(θ−)−L(θ0) | descent: L(θ0)−L(θ+) "
-        "| abs: |L(θ−)−L(θ+)|.",
-        "bidirectional",
-    )
+    score: str = _help(variants_help() + ".", "bidirectional")
     # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
     # sensitivity: won the validation sweep and held on test (benchmarks/RESULTS.md, issue 9).
@@ -393,7 +389,7 @@ class ScoreConfig:
     )
 
     def __post_init__(self) -> None:
-        _one_of(self.score, SCORES, "--score")
+        get_variant(self.score)
         _one_of(self.reduce, REDUCTIONS, "--reduce")
         _one_of(self.normalize, NORMALIZATIONS, "--normalize")
         _one_of(self.dtype, tuple(DTYPES), "--dtype")
@@ -445,6 +441,11 @@ class OutputSpec:
     top_k: int = _help("Rows shown in the printed table.", 10)
     granularity: str = _help("Rank shown: unit | document | source.", "unit")
     top_tokens: int = _help("Top units per query whose per-token loss changes are kept.", 20)
+    formats: str = _help(
+        "Extra output files, comma-separated: top_units (top_units.csv, each query's top-k "
+        "units) or any writer registered in bgotrace.ranking.writers; checked before the sweep.",
+        "",
+    )
 
     def __post_init__(self) -> None:
         _one_of(self.granularity, GRANULARITIES, "--granularity")

@@ -42,11 +42,13 @@ from bgotrace.query import EncodedQuery, Query, encode_query, load_queries, sing
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
 from bgotrace.ranking.tokens import top_token_changes
+from bgotrace.ranking.writers import save_result, selected_writers
+from bgotrace.report import html as _report  # noqa: F401  (registers the report.html writer)
 from bgotrace.score.context import SweepContext, build_sweep_context
 from bgotrace.score.engine import score_queries
 from bgotrace.score.store import RunStore
-from bgotrace.score.variants import score_losses
 from bgotrace.spans import expand_all, group_size_for, nest_spans, span_columns
+from bgotrace.variants import score_losses
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ def run_attribution(
     """Score, rank and (when ``config.output.out`` is set) write a run directory."""
     seed_everything(config.seed)
     started = time.time()
+    writers = selected_writers(config.output.formats)  # an unknown one fails before the sweep
     store = None
     if config.output.out is not None:
         store = RunStore.open(config.output.out, overwrite=overwrite, resume=resume)
@@ -139,7 +142,7 @@ def run_attribution(
         result, details = _run_method(config, inputs)
     result.summary = _summary(config, inputs, result, details, time.time() - started)
     if store is not None:
-        result.save(store)
+        save_result(result, store, writers)
     return result
 
 

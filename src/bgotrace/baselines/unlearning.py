@@ -34,7 +34,7 @@ from bgotrace.prefilter.rerank import rerank_queries
 from bgotrace.query import EncodedQuery
 from bgotrace.score.context import build_sweep_context
 from bgotrace.score.engine import score_queries
-from bgotrace.score.variants import score_losses
+from bgotrace.variants import score_losses
 
 
 @dataclass

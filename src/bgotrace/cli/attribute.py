@@ -92,6 +92,7 @@ def attribute(
     top_k: Annotated[int | None, _opt(OutputSpec, "top_k")] = None,
     granularity: Annotated[str | None, _opt(OutputSpec, "granularity")] = None,
     top_tokens: Annotated[int | None, _opt(OutputSpec, "top_tokens")] = None,
+    formats: Annotated[str | None, _opt(OutputSpec, "formats")] = None,
     method: Annotated[
         str | None,
         typer.Option(help="bgo (default) or a baseline: " + ", ".join(METHODS[1:]) + "."),

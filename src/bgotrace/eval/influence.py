@@ -43,6 +43,7 @@ from bgotrace.modeling.losses import forward_logits, mean_loss, token_losses
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.query import EncodedQuery
 from bgotrace.ranking.order import rank_order
+from bgotrace.variants import get_variant
 
 TAIL_PATCH_LR = {"sgd": 1e-2, "adam": 1e-4, "adamw-fresh": REFERENCE_LR}
 """Default step size of each tail-patch optimiser."""
@@ -395,6 +396,7 @@ def unsigned_reason(method: Any) -> str | None:
     if getattr(method, "signed", True) is False:
         return f"method {method.name} declares unsigned scores"
     scoring = getattr(getattr(method, "opts", None), "scoring", None)
-    if getattr(scoring, "score", None) == "abs":
-        return f"method {method.name} uses score=abs (|L(θ−)−L(θ+)|), neither signed nor additive"
+    score = getattr(scoring, "score", None)
+    if score is not None and not (variant := get_variant(score)).additive:
+        return f"method {method.name} uses score={score} ({variant.formula}), which is not additive"
     return None

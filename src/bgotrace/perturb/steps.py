@@ -34,9 +34,7 @@ from bgotrace.perturb.fisher import fisher_denominators
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.lowp import LowPrecisionOptimizer, needs_lowp
 from bgotrace.query import EncodedQuery
-
-DESCENT = "descent"
-ASCENT = "ascent"
+from bgotrace.variants import ASCENT, DESCENT  # one set of state names for every stage
 
 
 @dataclass

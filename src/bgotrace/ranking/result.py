@@ -1,8 +1,14 @@
-"""The result of an attribution run, in memory and on disk."""
+"""The result of an attribution run: data, and how to read a run directory back.
+
+The result imports no view: the files of a run are written by the registered writers
+(``bgotrace.ranking.writers``) and its notebook view is registered by ``bgotrace.report``
+(:func:`register_notebook_view`), so the data model never depends on how it is shown.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,10 +17,12 @@ import pandas as pd
 
 from bgotrace.errors import InputError
 from bgotrace.ranking.aggregate import RANK_KEY
-from bgotrace.score.store import SUMMARY, RunStore
+from bgotrace.score.store import SUMMARY
+from bgotrace.variants import get_variant, variant_names
 
 TABLES = {"unit": "scores", "document": "documents", "source": "sources"}
 _GROUP_KEY = {"unit": "unit_id", "document": "doc_id", "source": "source"}
+_NOTEBOOK_VIEW: list[Callable[[AttributionResult], str]] = []
 
 
 def score_unit(summary: dict[str, Any]) -> str:
@@ -28,10 +36,18 @@ def score_unit(summary: dict[str, Any]) -> str:
     if method not in ("bgo", "untrac-inv"):
         return f"{method} score units"
     scoring = (summary.get("config") or {}).get("scoring") or {}
-    nats = "nats/token" if scoring.get("reduce") == "mean" else "nats"
+    name = scoring.get("score", "bidirectional")
+    # A run of a variant registered in another session still loads; its unit is unknown here.
+    unit = get_variant(name).unit if name in variant_names() else f"{name} score units"
+    per = f"{unit}/token" if scoring.get("reduce") == "mean" else unit
     if scoring.get("normalize", "none") == "sensitivity":
-        return f"{nats} per unit of ‖∇L(z)‖"
-    return nats
+        return f"{per} per unit of ‖∇L(z)‖"
+    return per
+
+
+def register_notebook_view(render: Callable[[AttributionResult], str]) -> None:
+    """Make ``render`` the HTML a notebook shows for a result (``bgotrace.report`` sets it)."""
+    _NOTEBOOK_VIEW[:] = [render]
 
 
 @dataclass
@@ -142,27 +158,13 @@ class AttributionResult:
         """Document-level scores of one query, best first."""
         return self._pick(self.documents, query_id).sort_values("rank").reset_index(drop=True)
 
-    def _repr_html_(self) -> str:
-        """Compact view in Jupyter: each query's top units and sources (training text escaped)."""
-        from bgotrace.report.html import render_compact  # the report imports this module
-
-        return render_compact(self)
+    def _repr_html_(self) -> str | None:
+        """Compact view in Jupyter, by the registered notebook view (None: the plain repr)."""
+        return _NOTEBOOK_VIEW[0](self) if _NOTEBOOK_VIEW else None
 
     def to_pandas(self) -> pd.DataFrame:
         """All unit scores of all queries."""
         return self.scores
-
-    def save(self, store: RunStore) -> None:
-        """Write every table atomically; ``summary.json`` last, marking the run complete."""
-        for name in TABLES.values():
-            store.write_atomic(f"{name}.parquet", getattr(self, name).to_parquet)
-        lines = "".join(json.dumps(r) + "\n" for r in self.top_tokens)
-        store.write_text("top_tokens.jsonl", lines)
-        store.write_text("snippets.json", json.dumps(self.snippets, indent=1))
-        from bgotrace.report.html import render_report  # the report imports this module
-
-        store.write_text("report.html", render_report(self))
-        store.write_text(SUMMARY, json.dumps(self.summary, indent=2, default=str))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> AttributionResult:

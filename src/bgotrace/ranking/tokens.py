@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from bgotrace.cache.batching import TokenSource
 from bgotrace.score.engine import QueryLosses
 from bgotrace.score.sweep import unit_token_losses
-from bgotrace.score.variants import score_losses
+from bgotrace.variants import score_losses
 
 
 def top_token_changes(

@@ -10,21 +10,18 @@ not run a corpus's markup or fetch anything.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from bgotrace.ranking.result import AttributionResult
+from bgotrace.ranking.result import AttributionResult, register_notebook_view
+from bgotrace.ranking.writers import Writer, register_writer
 from bgotrace.report import figures
+from bgotrace.variants import get_variant, variant_names
 
-FORMULAS = {
-    "bidirectional": "L(z; θ−) − L(z; θ+)",
-    "ascent": "L(z; θ−) − L(z; θ0)",
-    "descent": "L(z; θ0) − L(z; θ+)",
-    "abs": "|L(z; θ−) − L(z; θ+)|",
-}
 MAX_FIGURE_QUERIES = 20
 """Queries that get figures; later ones keep their tables (figures cost ~0.1 s each)."""
 
@@ -186,10 +183,22 @@ def render_report(
             command=replay_command(config),
             warnings=[str(w) for w in result.summary.get("warnings") or []],
             score_unit=result.score_unit,
-            score_formula=FORMULAS[(config.get("scoring") or {}).get("score", "bidirectional")],
+            score_formula=score_formula(config),
             queries=[_query_view(result, q, k, i) for i, q in enumerate(queries)],
         )
     )
+
+
+def score_formula(config: dict[str, Any]) -> str:
+    """The run's score formula, from the variant registry (``bgotrace.variants``)."""
+    name = (config.get("scoring") or {}).get("score", "bidirectional")
+    # A run of a variant registered in another session still renders, under its name.
+    return get_variant(name).formula if name in variant_names() else f"score variant {name}"
+
+
+def write_report(result: AttributionResult, path: Path) -> None:
+    """The ``report.html`` writer."""
+    path.write_text(render_report(result), encoding="utf-8")
 
 
 SNIPPET_CHARS = 120
@@ -233,3 +242,7 @@ def render_compact(result: AttributionResult, k: int = 5, max_queries: int = 5) 
         more=len(queries) > max_queries,
         queries=[_compact_query(result, q, k) for q in queries[:max_queries]],
     )
+
+
+REPORT_WRITER = register_writer(Writer("html", "report.html", write_report))
+register_notebook_view(render_compact)

@@ -32,7 +32,7 @@ from bgotrace.query import EncodedQuery
 from bgotrace.runtime.progress import progress_task
 from bgotrace.score.context import SweepContext
 from bgotrace.score.sweep import Overrides
-from bgotrace.score.variants import BASE, STATES_NEEDED
+from bgotrace.variants import BASE, get_variant
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _query_configs(
 
 def perturb_group(ctx: SweepContext, group: Sequence[EncodedQuery]) -> PerturbedGroup:
     """θ+ and/or θ− of every query in ``group`` (+ θ0 when the variant needs it)."""
-    needed = STATES_NEEDED[ctx.score_cfg.score]
+    needed = get_variant(ctx.score_cfg.score).states
     directions = [d for d in (DESCENT, ASCENT) if d in needed]
     sweep_dtype = next(ctx.sweep_model.parameters()).dtype
     out = PerturbedGroup(keys=[], states=[], trajectories=[{} for _ in group])

@@ -12,7 +12,7 @@ from bgotrace.modeling.fingerprint import tensors_fingerprint
 from bgotrace.query import EncodedQuery
 from bgotrace.score.store import RunStore
 from bgotrace.score.sweep import Overrides
-from bgotrace.score.variants import BASE
+from bgotrace.variants import BASE
 
 
 def check_group_states(
