@@ -380,7 +380,7 @@ def test_python_api_takes_chat_queries(tmp_path):
             Document("de", "Berlin is in Germany.", "geo")]  # fmt: skip
     cfg = {"corpus": {"max_length": 12, "cache_dir": str(tmp_path / "cache")},
            "perturb": {"steps": 2}}  # fmt: skip
-    query = Query.chat("de", SHORT, loss_on="assistant")
+    query = Query.chat("de", [m.to_dict() for m in SHORT], loss_on="assistant")
     result = bgotrace.attribute(tiny_gpt2(tok), tok, docs, queries=[query], config=cfg)
     (entry,) = result.summary["queries"]
     assert entry["messages"] == [m.to_dict() for m in SHORT]

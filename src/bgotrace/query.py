@@ -18,6 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -52,11 +53,19 @@ class Query:
     """The conversation of a chat query (last turn: the assistant's answer); None for text."""
 
     @classmethod
-    def chat(cls, query_id: str, messages: Sequence[Message], loss_on: str = "completion") -> Query:
-        """A chat query; prompt and completion are plain stand-ins until it is encoded."""
-        check_answer_last(messages, f"Query {query_id!r}")
-        prompt = "\n".join(f"{m.role}: {m.content}" for m in messages[:-1])
-        return cls(query_id, prompt, messages[-1].content, loss_on, tuple(messages))
+    def chat(
+        cls,
+        query_id: str,
+        messages: Sequence[Message | dict[str, str]],
+        loss_on: str = "completion",
+    ) -> Query:
+        """A chat query from :class:`Message` s or ``{role, content}`` dicts; prompt and
+        completion are plain stand-ins until it is encoded (then the rendered text)."""
+        where = f"Query {query_id!r}"
+        turns = parse_messages([_as_dict(m) for m in messages], where)
+        check_answer_last(turns, where)
+        prompt = "\n".join(f"{m.role}: {m.content}" for m in turns[:-1])
+        return cls(query_id, prompt, turns[-1].content, loss_on, turns)
 
     def messages_record(self) -> dict[str, list[dict[str, str]]]:
         """``{"messages": [...]}`` for a chat query's summary entry; empty for text."""
@@ -257,6 +266,10 @@ def single_query(
             raise InputError("--chat and --completion must both be non-empty text.")
         return Query.chat("query", turns, loss_on)
     return Query("query", prompt or "", completion or "", loss_on=loss_on)
+
+
+def _as_dict(message: Message | dict[str, str]) -> Any:
+    return message.to_dict() if isinstance(message, Message) else message
 
 
 def _check_unique_ids(path: Path, queries: Sequence[Query]) -> None:
