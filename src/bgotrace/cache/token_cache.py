@@ -77,7 +77,7 @@ MANIFEST_FILE = "manifest.json"
 LEGACY_FILES = ("tokens.bin", "documents.parquet")
 """Files of a format-1 cache, replaced by a rebuild like the rest of it."""
 CACHE_FILES = (UNITS_FILE, MANIFEST_FILE, SHARD_DIR, *LEGACY_FILES)
-DERIVED_DIRS = ("fisher", "kronfluence", "sensitivity")
+DERIVED_DIRS = ("fisher", "kronfluence", "sensitivity", "trunk")
 """Artefacts computed from a cache's units and kept beside it (keyed by its manifest);
 a rebuild replaces them together with the cache."""
 
@@ -117,6 +117,9 @@ class TokenCache:
         self._shard = (np.searchsorted(first, self._starts, side="right") - 1).astype(np.int32)
         self._local = self._starts - first[self._shard] if len(self.shards) else self._starts
         self._texts: ShardTexts | None = None
+        self._char_spans = tuple(
+            self.units[c].to_numpy(np.int64) for c in ("char_start", "char_end")
+        )
 
     def __len__(self) -> int:
         return len(self.units)
@@ -158,8 +161,8 @@ class TokenCache:
 
     def unit_text(self, i: int) -> str:
         """The document text that unit ``i`` covers (its EOS, if any, covers none)."""
-        row = self.units.iloc[i]
-        return self._documents().unit_document(i)[row["char_start"] : row["char_end"]]
+        start, end = self._char_spans[0][i], self._char_spans[1][i]
+        return self._documents().unit_document(i)[start:end]
 
     def document_text(self, doc_id: str) -> str:
         """Full text of a document that has units; texts are read when first needed."""
@@ -520,7 +523,7 @@ def _progress_total(documents: Corpus) -> tuple[int, Any]:
     """Progress in documents, or for a corpus on disk in characters of its file size."""
     if not isinstance(documents, CorpusFiles):
         return len(documents), len
-    root, files = documents.files()
+    _, files = documents.files()
     return sum(p.stat().st_size for p in files), lambda docs: sum(len(d.text) for d in docs)
 
 

@@ -9,7 +9,8 @@ inside the one before it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,24 +176,37 @@ def iter_chunked_batches(
     batch_docs: int = TOKENIZE_BATCH_DOCS,
 ) -> Iterator[ChunkedBatch]:
     """Tokenize ``batch_docs`` documents per call (in the tokenizers library's threads) and
-    cut them into windows with array operations; documents are read as they are needed."""
-    encode = batch_encoder(tokenizer)
+    cut them into windows with array operations; documents are read as they are needed.
+
+    ``encode_batch`` releases the GIL, so the next batch is encoded in a helper thread while
+    this one is turned into arrays and cut: the Python side overlaps the encoding.
+    """
+    backend = fast_backend(tokenizer)
     eos_id = tokenizer.eos_token_id if chunking.append_eos else None
     iterator = iter(documents)
-    while batch := list(itertools.islice(iterator, batch_docs)):
-        ids, offsets, n_text = encode([doc.text for doc in batch])
-        yield _chunk_batch(batch, ids, offsets, n_text, eos_id, chunking)
+    pending: tuple[list[Document], Future[Any]] | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        while True:
+            batch = list(itertools.islice(iterator, batch_docs))
+            encoding = (
+                pool.submit(backend.encode_batch, [d.text for d in batch], add_special_tokens=False)
+                if batch
+                else None
+            )
+            if pending is not None:
+                docs, encoded = pending
+                yield _chunk_batch(docs, *encoding_arrays(encoded.result()), eos_id, chunking)
+            if encoding is None:
+                return
+            pending = (batch, encoding)
 
 
-Encoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
-"""texts -> (ids (T,) int64, character offsets (T, 2) int64, tokens per text (n,) int64)."""
+def fast_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer of ``tokenizer``, set to encode as ``tokenizer(texts,
+    add_special_tokens=False)`` does.
 
-
-def batch_encoder(tokenizer: Any) -> Encoder:
-    """Encode like ``tokenizer(texts, add_special_tokens=False)``, straight to flat arrays.
-
-    Calls the Rust backend's ``encode_batch`` on a copy of it (transformers leaves call-time
-    truncation and padding on the backend; the copy drops them and leaves the caller's alone).
+    A copy: transformers leaves call-time truncation and padding on its backend, which the
+    copy drops while the caller's tokenizer is left alone.
     """
     _require_fast(tokenizer)
     from tokenizers import Tokenizer
@@ -201,17 +215,18 @@ def batch_encoder(tokenizer: Any) -> Encoder:
     backend.no_truncation()
     backend.no_padding()
     backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend
 
-    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        n_text = np.fromiter((len(e) for e in encodings), np.int64, len(encodings))
-        total = int(n_text.sum())
-        chain = itertools.chain.from_iterable
-        ids = np.fromiter(chain(e.ids for e in encodings), np.int64, total)
-        flat = np.fromiter(chain(chain(e.offsets for e in encodings)), np.int64, 2 * total)
-        return ids, flat.reshape(total, 2), n_text
 
-    return encode
+def encoding_arrays(encodings: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids ``(T,)``, character offsets ``(T, 2)`` and tokens per text ``(n,)`` (int64) of a
+    batch of encodings, texts back to back."""
+    n_text = np.fromiter((len(e) for e in encodings), np.int64, len(encodings))
+    total = int(n_text.sum())
+    chain = itertools.chain.from_iterable
+    ids = np.fromiter(chain(e.ids for e in encodings), np.int64, total)
+    flat = np.fromiter(chain(chain(e.offsets for e in encodings)), np.int64, 2 * total)
+    return ids, flat.reshape(total, 2), n_text
 
 
 def _require_fast(tokenizer: Any) -> None:
