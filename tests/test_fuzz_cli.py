@@ -21,6 +21,7 @@ import json
 import os
 import re
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -579,6 +580,19 @@ def _attribute_flags() -> set[str]:
 BAD_OPTIONS += [bad for bad in NEWER_BAD_OPTIONS if bad[0] in _attribute_flags()]
 
 
+BGO_ONLY = ("--steps", "--optimizer", "--lr", "--max-grad-norm", "--score", "--reduce", "--dtype",
+            "--block-units", "--queries-per-sweep")  # fmt: skip
+
+
+def _without(args: list[str], flags: Sequence[str]) -> list[str]:
+    """``args`` without the given flags and their values."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg not in flags and not (i and args[i - 1] in flags):
+            out.append(arg)
+    return out
+
+
 @st.composite
 def option_cases(draw: Any) -> Case:
     chosen = draw(st.lists(st.sampled_from(sorted(VALID_OPTIONS)), max_size=4, unique=True))
@@ -593,6 +607,8 @@ def option_cases(draw: Any) -> Case:
     if bad is None:
         if "--method" not in args and draw(st.booleans()):
             args += ["--method", "random"]  # half the valid cases skip the (slower) BGO sweep
+        if "--method" in args and args[args.index("--method") + 1] != "bgo":
+            args = _without(args, BGO_ONLY)  # a baseline refuses the options it would ignore
         return Case(files={"afile": b"x"}, args=args)
     return Case(files={"afile": b"x"}, args=args + [bad[0], bad[1]], expect=bad[2], must_fail=True)
 
@@ -635,7 +651,7 @@ def config_cases(draw: Any) -> Case:
         "model": {"path": "{model}"},
         "corpus": {"path": "{here}/corpus.jsonl", "max_length": 16},
         "query": {"prompt": "Paris is", "completion": " the capital"},
-        "perturb": {"steps": 1},
+        "perturb": {},  # method random refuses perturbation options
         "method": "random",
     }
     kind = draw(st.integers(0, 9))
@@ -653,7 +669,7 @@ def config_cases(draw: Any) -> Case:
         expect = rf"Config key {section}\.{name} must be|--{name.replace('_', '-')}"
         must_fail = True
     elif kind == 6:  # numbers as YAML 1.1 reads them: strings, converted losslessly
-        data["perturb"].update(lr="1e-4", steps="1")
+        data["perturb"].update(lr="1e-4", steps="10")  # the defaults, as strings
         data["corpus"]["max_length"] = "16"
     elif kind == 7:
         section = draw(st.sampled_from(["perturb", "scoring", "output", "corpus"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bgotrace.config import AttributeConfig
+from bgotrace.config import AttributeConfig, PerturbConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import ConfigError
 from bgotrace.pipeline import load_inputs, run_attribution
@@ -195,11 +195,11 @@ def test_a_span_reads_as_the_text_before_it_then_the_span(tmp_path, model, token
     # So a text-based method scores a span by its own words: bm25 on the span equals bm25
     # on a query whose completion is that sentence alone.
     cfg = config(tmp_path, spans="sentence")
-    cfg.method = "bm25"
+    cfg.method, cfg.perturb = "bm25", PerturbConfig()  # bm25 reads no perturbation option
     spans = run(cfg, model, tokenizer).scores
     alone = [Query(f"s{k}", PROMPT, text) for k, text in enumerate(SENTENCES)]
     plain = config(tmp_path)
-    plain.method = "bm25"
+    plain.method, plain.perturb = "bm25", PerturbConfig()
     inputs = load_inputs(plain, model=model, tokenizer=tokenizer, documents=DOCS, queries=alone)
     reference = run_attribution(plain, inputs).scores
     for k in range(len(SENTENCES)):

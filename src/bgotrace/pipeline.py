@@ -7,7 +7,6 @@ sweep → rank and aggregate → per-token changes of top units → outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -22,33 +21,30 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bgotrace import __version__
-from bgotrace.baselines.base import MethodContext
+from bgotrace.baselines import MethodContext, get_attributor
+from bgotrace.bgo import SweepInputs, perturbation_method, resolve_method, run_bgo
 from bgotrace.cache import TokenCache, get_token_cache
 from bgotrace.cache.token_cache import default_cache_dir, requested_manifest
 from bgotrace.config import AttributeConfig, CorpusSpec
 from bgotrace.corpus import (
     ChunkingConfig,
     CorpusFields,
+    CorpusFiles,
     Document,
-    load_documents,
 )
 from bgotrace.corpus.bos import resolve_bos
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
-from bgotrace.perturb.sensitivity import normalized, score_divisors
+from bgotrace.plan.fit import check_memory
 from bgotrace.plausibility import check_query
-from bgotrace.prefilter import plan_candidates, rerank_queries
+from bgotrace.prefilter import plan_candidates
 from bgotrace.query import EncodedQuery, Query, encode_query, load_queries, single_query
 from bgotrace.ranking.aggregate import aggregate, unit_scores
 from bgotrace.ranking.result import AttributionResult
-from bgotrace.ranking.tokens import top_token_changes
 from bgotrace.ranking.writers import save_result, selected_writers
 from bgotrace.report import html as _report  # noqa: F401  (registers the report.html writer)
-from bgotrace.score.context import SweepContext, build_sweep_context
-from bgotrace.score.engine import score_queries
 from bgotrace.score.store import RunStore
 from bgotrace.spans import expand_all, group_size_for, nest_spans, span_columns
-from bgotrace.variants import score_losses
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +87,21 @@ def load_inputs(
     The cheap checks come first: a bad query or corpus file is reported before a large model
     is loaded, and a query too long for the model before the corpus is tokenized.
     """
+    resolve_method(config)  # an option the method ignores is refused before anything loads
     queries = list(queries) if queries is not None else queries_from_spec(config)
+    if model is None and perturbation_method(config.method) is not None:  # before it loads
+        check_memory(config, n_queries=len(queries))
     spec = config.corpus
     in_memory = documents is not None
-    if documents is None:
-        fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
-        documents = load_documents(spec.path, fields)
+    fields = CorpusFields(spec.text_field, spec.id_field, spec.source_field)
+    # A corpus on disk is streamed into the token cache, never held whole.
+    corpus = documents if documents is not None else CorpusFiles(spec.path, fields)
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(
             config.model.path,
             adapter=config.model.adapter,
-            device=config.model.device,
+            device=config.execution.device,
+            dtype=config.model.dtype,
             trust_remote_code=config.model.trust_remote_code,
             merge_adapter=config.perturb.params != "adapter",  # --params adapter: kept unmerged
         )
@@ -114,8 +114,9 @@ def load_inputs(
     chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride, bos_id=bos_id)
     label = None if in_memory else Path(spec.path.split("::")[0]).name
     cache = get_token_cache(
-        documents, tokenizer, chunking, spec.cache_dir, label=label, rebuild=rebuild_cache
-    )
+        corpus, tokenizer, chunking, spec.cache_dir, label=label, rebuild=rebuild_cache,
+        verify=spec.verify_cache, shard_tokens=spec.shard_tokens,
+    )  # fmt: skip
     _check_vocabulary(model, cache, encoded, config.model.path)
     encoded = expand_all(encoded, tokenizer, config.query.spans)  # spans follow their query
     return Inputs(model, tokenizer, cache, encoded)
@@ -131,12 +132,13 @@ def run_attribution(
     """Score, rank and (when ``config.output.out`` is set) write a run directory."""
     seed_everything(config.seed)
     started = time.time()
+    config = resolve_method(config)  # untrac-inv's pinned score is what config.yaml records
     writers = selected_writers(config.output.formats)  # an unknown one fails before the sweep
     store = None
     if config.output.out is not None:
         store = RunStore.open(config.output.out, overwrite=overwrite, resume=resume)
         store.check_config(config)
-    if config.method == "bgo":
+    if perturbation_method(config.method) is not None:
         result, details = _run_bgo(config, inputs, store)
     else:
         result, details = _run_method(config, inputs)
@@ -149,64 +151,31 @@ def run_attribution(
 def _run_bgo(
     config: AttributeConfig, inputs: Inputs, store: RunStore | None
 ) -> tuple[AttributionResult, dict[str, Any]]:
-    ctx = _sweep_context(config, inputs, store)
-    # A query and its spans are perturbed states of one sweep: keep them in one group.
-    per_sweep = group_size_for(inputs.queries, ctx.score_cfg.queries_per_sweep)
-    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, queries_per_sweep=per_sweep)
+    """A perturbation method (``bgo``, ``untrac-inv``…) through the one BGO path."""
+    per_sweep = group_size_for(inputs.queries, config.scoring.queries_per_sweep)
     plan = plan_candidates(
         config.scoring, _method_context(config, inputs), inputs.queries, per_sweep
     )
-    try:
-        losses = (
-            score_queries(ctx, inputs.queries)
-            if plan is None
-            else rerank_queries(ctx, inputs.queries, plan)
-        )
-    finally:
-        ctx.close()  # stop the Ray workers (and a Ray this run started), also on errors
-    variant = config.scoring.score
+    run = run_bgo(
+        _sweep_inputs(config, inputs), inputs.queries, method=config.method, store=store,
+        plan=plan, top_tokens=config.output.top_tokens, tokenizer=inputs.tokenizer,
+    )  # fmt: skip
+    units = inputs.cache.units
     per_query = [
-        unit_scores(
-            inputs.cache.units,
-            ql.query.query.query_id,
-            normalized(score_losses(variant, ql.losses), ctx.sensitivity),
-            ql.counts,
-            ql.losses,
-            candidate=None if plan is None else plan.mask(plan.group_of(i)),
-        )
-        for i, ql in enumerate(losses)
+        unit_scores(units, q.query.query.query_id, q.scores, q.counts, q.losses, q.candidate)
+        for q in run.queries
     ]
-    top_tokens: list[dict[str, Any]] = []
-    divisors = None if ctx.sensitivity is None else score_divisors(ctx.sensitivity)
-    for ql, ranked in zip(losses, per_query, strict=True):
-        top_tokens += top_token_changes(
-            ctx.sweep_model,
-            inputs.cache,
-            inputs.tokenizer,
-            ql,
-            ranked if plan is None else ranked[ranked["candidate"]],
-            k=config.output.top_tokens,
-            variant=variant,
-            device=ctx.device,
-            divisors=divisors,
-        )
-    params = dict(inputs.model.named_parameters())
     details = {
-        "device": str(ctx.device),
-        "perturbed_tensors": len(ctx.names),
-        "perturbed_parameters": int(sum(params[n].numel() for n in ctx.names)),
-        "loss_trajectories": [ql.trajectories for ql in losses],
-        "calibrations": [ql.calibration for ql in losses],
+        **run.details,
+        "loss_trajectories": [q.trajectories for q in run.queries],
+        "calibrations": [q.calibration for q in run.queries],
     }
-    if plan is not None:
-        details["prefilter"] = plan.summary()
+    top_tokens = [row for q in run.queries for row in q.top_tokens]
     return _assemble(config, inputs, per_query, top_tokens), details
 
 
 def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionResult, dict]:
     """A baseline from ``bgotrace.baselines``, ranked and written exactly like BGO."""
-    from bgotrace.baselines import get_attributor
-
     method = get_attributor(config.method)
     ctx = _method_context(config, inputs)
     method.prepare(ctx)
@@ -231,18 +200,12 @@ def _method_context(config: AttributeConfig, inputs: Inputs) -> MethodContext:
     )
 
 
-def _sweep_context(config: AttributeConfig, inputs: Inputs, store: RunStore | None) -> SweepContext:
-    if store is not None:
-        store.check_state("cache", inputs.cache.manifest.get("corpus_fingerprint"))
-    return build_sweep_context(
-        inputs.model,
-        inputs.cache,
-        perturb_cfg=config.perturb,
-        score_cfg=config.scoring,
-        pad_id=int(inputs.tokenizer.pad_token_id or 0),
-        seed=config.seed,
-        store=store,
-    )
+def _sweep_inputs(config: AttributeConfig, inputs: Inputs) -> SweepInputs:
+    return SweepInputs(
+        inputs.model, inputs.cache, config.perturb, config.scoring,
+        pad_id=int(inputs.tokenizer.pad_token_id or 0), seed=config.seed,
+        execution=config.execution,
+    )  # fmt: skip
 
 
 def _assemble(

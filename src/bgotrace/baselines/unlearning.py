@@ -1,118 +1,153 @@
-"""``bgo`` and ``untrac-inv``: BGO's engine behind the common interface (no second engine).
+"""``bgo`` and ``untrac-inv``: the one BGO path behind the common interface (no second engine).
 
 - ``bgo``: the configured BGO score (default bidirectional, L(z; θ−) − L(z; θ+)).
 - ``untrac-inv``: ascent only, L(z; θ−) − L(z; θ0): unlearn the query by gradient ascent
   and see which units' losses rise (UnTrac-Inv, Isonuma & Titov 2024, for one query), with
   BGO's optimizer settings (Adam, lr 1e-4, 10 steps unless overridden).
 
-Both build their sweep context with :func:`bgotrace.score.context.build_sweep_context` (as
-the pipeline does) and hand the queries to :func:`bgotrace.score.engine.score_queries`; their
-options are the fields of
-:class:`PerturbConfig` and :class:`ScoreConfig` (``lr``, ``steps``, ``optimizer``, ``score``,
-``reduce``, ``dtype``…), with ``params`` and ``batch_size`` taken from the context unless
-given. Scores are in nats (per token with ``reduce=mean``); high = the unit supports the
-query (its loss rises when the query is unlearned and falls when it is learned more).
-With the ``candidates`` option (prefilter + rerank, :mod:`bgotrace.prefilter`) only each
-query group's candidates are swept and the other units' scores are NaN.
+Both score through :func:`bgotrace.bgo.run_bgo`, exactly as ``bgotrace attribute`` does: their
+options are the fields of :class:`PerturbConfig`, :class:`ScoreConfig` and
+:class:`ExecutionConfig` (``lr``, ``steps``, ``optimizer``, ``score``, ``reduce``, ``dtype``,
+``workers``…; the device is the context's), with ``params`` and ``batch_size`` taken from the
+context unless given. Each ``score`` call closes the workers it starts; with
+:meth:`BGO.resume_from` it writes (and resumes from) a run store's shards. Scores are in nats
+(per token with ``reduce=mean``); high = the unit supports the query (its loss rises when
+the query is unlearned and falls when it is learned more). With the ``candidates`` option
+(prefilter + rerank) only each query group's candidates are swept and the other units'
+scores are NaN.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from bgotrace.baselines.base import Attributor, MethodContext, option_names, register
-from bgotrace.config import PerturbConfig, ScoreConfig, build_section
+from bgotrace.baselines.base import Attributor, MethodContext, get_attributor, option_names
+from bgotrace.baselines.base import register as register_attributor
+from bgotrace.bgo import SweepInputs, perturbation_method, run_bgo
+from bgotrace.config import ExecutionConfig, PerturbConfig, ScoreConfig, build_section
 from bgotrace.errors import ConfigError
-from bgotrace.perturb.sensitivity import normalized
-from bgotrace.prefilter.candidates import CandidatePlan
-from bgotrace.prefilter.propose import Prefilter
-from bgotrace.prefilter.rerank import rerank_queries
+from bgotrace.perturb.params import select_parameters
+from bgotrace.prefilter.candidates import CandidatePlan, plan_from_scores
 from bgotrace.query import EncodedQuery
-from bgotrace.score.context import build_sweep_context
-from bgotrace.score.engine import score_queries
-from bgotrace.variants import score_losses
+from bgotrace.score.store import RunStore
+from bgotrace.spans import group_size_for
+
+T = TypeVar("T")
 
 
 @dataclass
 class BGOOptions:
-    """Options of ``bgo``: the perturbation and scoring sections of ``bgotrace attribute``."""
+    """Options of ``bgo``: the perturbation, scoring and execution sections of ``attribute``."""
 
     perturb: PerturbConfig
     """How θ+ and θ− are made."""
     scoring: ScoreConfig
     """How the corpus sweep turns loss changes into scores."""
+    execution: ExecutionConfig
+    """Ray workers sharing the sweep (the device is the context's)."""
 
 
-@register("bgo")
+def _option_sections() -> dict[str, list[str]]:
+    execution = [n for n in option_names(ExecutionConfig) if n != "device"]
+    return {
+        "perturb": option_names(PerturbConfig),
+        "scoring": option_names(ScoreConfig),
+        "execution": execution,
+    }
+
+
+@register_attributor("bgo")
 class BGO(Attributor):
-    """BGO scores in nats, through the attribution engine."""
+    """BGO scores in nats, through the one BGO path."""
 
-    fixed: ClassVar[dict[str, Any]] = {}
-    """Options this method pins (untrac-inv pins the score variant)."""
+    store: RunStore | None = None
+    """Run store the sweep writes its shards to and resumes from (:meth:`resume_from`)."""
 
     def context_defaults(self, ctx: MethodContext) -> dict[str, Any]:
         return {"params": ctx.params, "batch_size": ctx.batch_size}
 
+    def resume_from(self, store: RunStore | None) -> None:
+        """Write the sweep's shards to ``store`` and reuse those an interrupted call left."""
+        self.store = store
+
     def _build_options(self, values: Mapping[str, Any]) -> BGOOptions:
-        perturb_keys, score_keys = option_names(PerturbConfig), option_names(ScoreConfig)
-        unknown = sorted(set(values) - set(perturb_keys) - set(score_keys))
+        sections = _option_sections()
+        unknown = sorted(set(values) - {k for keys in sections.values() for k in keys})
         if unknown:
+            valid = ", ".join(k for keys in sections.values() for k in keys)
             raise ConfigError(
-                f"Unknown option(s) {unknown} for method {self.name}: valid options are "
-                f"{', '.join(perturb_keys + score_keys)}."
+                f"Unknown option(s) {unknown} for method {self.name}: valid options are {valid}."
             )
-        for key, value in self.fixed.items():
+        pinned = self._pinned()
+        for key, value in pinned.items():
             if values.get(key, value) != value:
                 raise ConfigError(
                     f"Method {self.name} always uses {key}={value!r}, got {values[key]!r}: "
                     f"use method bgo with {key}={values[key]!r} instead."
                 )
-        values = {**values, **self.fixed}
-        perturb = {k: v for k, v in values.items() if k in perturb_keys}
-        scoring = {k: v for k, v in values.items() if k in score_keys}
+        values = {**values, **pinned}
+
+        def section(cls: type[T], name: str) -> T:
+            given = {k: v for k, v in values.items() if k in sections[name]}
+            return build_section(cls, given, f"method {self.name}")
+
         return BGOOptions(
-            perturb=build_section(PerturbConfig, perturb, f"method {self.name}"),
-            scoring=build_section(ScoreConfig, scoring, f"method {self.name}"),
+            section(PerturbConfig, "perturb"),
+            section(ScoreConfig, "scoring"),
+            section(ExecutionConfig, "execution"),
         )
 
+    def _pinned(self) -> Mapping[str, Any]:
+        method = perturbation_method(self.name)
+        assert method is not None  # every BGO attributor is a registered perturbation method
+        return method.pinned
+
     def _prepare(self, ctx: MethodContext) -> None:
-        self.sweep = build_sweep_context(
-            ctx.model,
-            ctx.cache,
-            perturb_cfg=self.opts.perturb,
-            score_cfg=self.opts.scoring,
-            pad_id=ctx.pad_id,
-            seed=ctx.seed,
-            device=ctx.torch_device,
-        )
+        select_parameters(ctx.model, self.opts.perturb.params)  # a bad selection fails now
         self.trajectories: dict[str, dict[str, list[float]]] = {}
         self.calibrations: dict[str, dict[str, Any] | None] = {}
         """Per query id: the ``--lr auto`` search (None with a fixed lr)."""
-        scoring = self.opts.scoring
-        self.prefilter = None if scoring.candidates is None else Prefilter(scoring.prefilter, ctx)
+        self.proposer = self._proposer(ctx)
         self.last_plan: CandidatePlan | None = None
         """The candidates of the last ``score`` call (None without a prefilter)."""
 
+    def _proposer(self, ctx: MethodContext) -> Attributor | None:
+        """The prefilter method, prepared (None without the ``candidates`` option)."""
+        if self.opts.scoring.candidates is None:
+            return None
+        proposer = get_attributor(self.opts.scoring.prefilter)
+        proposer.prepare(ctx)
+        return proposer
+
     def _score(self, queries: list[EncodedQuery]) -> np.ndarray:
-        if self.prefilter is None:
-            results = score_queries(self.sweep, queries)
-        else:
-            spec, size = self.opts.scoring.candidates, self.sweep.score_cfg.queries_per_sweep
-            self.last_plan = self.prefilter.plan(queries, spec, group_size=size)
-            results = rerank_queries(self.sweep, queries, self.last_plan)
-        for r in results:  # query loss along each perturbation, for diagnostics
+        ctx = self._prepared()
+        opts = self.opts
+        self.last_plan = None if self.proposer is None else self._plan(queries)
+        inputs = SweepInputs(
+            ctx.model, ctx.cache, opts.perturb, opts.scoring, ctx.pad_id, seed=ctx.seed,
+            device=ctx.torch_device, execution=opts.execution,
+        )  # fmt: skip
+        run = run_bgo(inputs, queries, method=self.name, store=self.store, plan=self.last_plan)
+        for r in run.queries:  # query loss along each perturbation, for diagnostics
             self.trajectories[r.query.query.query_id] = r.trajectories
             self.calibrations[r.query.query.query_id] = r.calibration
-        scores = np.stack([score_losses(self.opts.scoring.score, r.losses) for r in results])
-        return normalized(scores, self.sweep.sensitivity)
+        return np.stack([r.scores for r in run.queries])
+
+    def _plan(self, queries: list[EncodedQuery]) -> CandidatePlan:
+        assert self.proposer is not None
+        scoring = self.opts.scoring
+        assert scoring.candidates is not None
+        return plan_from_scores(
+            self.proposer.score(queries), queries, prefilter=scoring.prefilter,
+            spec=scoring.candidates,
+            group_size=group_size_for(queries, scoring.queries_per_sweep),
+        )  # fmt: skip
 
 
-@register("untrac-inv")
+@register_attributor("untrac-inv")
 class UnTracInv(BGO):
     """Ascent-only BGO, L(z; θ−) − L(z; θ0) in nats: UnTrac-Inv for one query."""
-
-    fixed: ClassVar[dict[str, Any]] = {"score": "ascent"}

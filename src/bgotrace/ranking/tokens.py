@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -15,19 +15,41 @@ from bgotrace.score.sweep import unit_token_losses
 from bgotrace.variants import score_losses
 
 
+class TopUnit(NamedTuple):
+    """A unit among a query's best, as the ranked outputs show it."""
+
+    unit_index: int
+    unit_id: str
+    rank: int
+    """1 = best, in the ranked table's order (``ranking.aggregate.unit_scores``)."""
+    score: float
+
+
+def top_units(
+    scores: np.ndarray, k: int, candidate: np.ndarray | None, unit_ids: np.ndarray
+) -> list[TopUnit]:
+    """The ``k`` best units of ``scores`` (n_units,), candidates only when ``candidate`` is
+    given, in the ranked table's order: score descending, ties by unit index, NaN last."""
+    nan = np.isnan(scores)
+    ranked = np.lexsort((-np.where(nan, 0.0, scores), nan))  # NaN last, then best first; stable
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[ranked] = np.arange(1, len(scores) + 1)
+    order = ranked if candidate is None else ranked[candidate[ranked]]
+    return [TopUnit(int(i), str(unit_ids[i]), int(rank[i]), float(scores[i])) for i in order[:k]]
+
+
 def top_token_changes(
     model: torch.nn.Module,
     units: TokenSource,
     tokenizer: PreTrainedTokenizerBase,
     result: QueryLosses,
-    ranked: pd.DataFrame,
+    top: Sequence[TopUnit],
     *,
-    k: int,
     variant: str,
     device: torch.device,
     divisors: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """For each of the top-k units: its tokens and each predicted token's score (nats).
+    """For each unit of ``top``: its tokens and each predicted token's score (nats).
 
     ``token_scores[t]`` belongs to ``tokens[t + 1]`` (the first token is not predicted);
     for ``reduce=sum`` the unit's score is the sum of its token scores divided by
@@ -35,8 +57,8 @@ def top_token_changes(
     """
     names = sorted(result.states)
     rows = []
-    for row in ranked.head(k).itertuples():
-        index = int(row.unit_index)
+    for row in top:
+        index = row.unit_index
         per_state = unit_token_losses(
             model, units, index, [result.states[n] for n in names], device=device
         )
@@ -46,7 +68,7 @@ def top_token_changes(
             {
                 "query_id": result.query.query.query_id,
                 "unit_id": row.unit_id,
-                "rank": int(row.rank),
+                "rank": row.rank,
                 "score": float(row.score),
                 "normalizer": 1.0 if divisors is None else float(divisors[index]),
                 "tokens": [tokenizer.decode([t]) for t in ids],

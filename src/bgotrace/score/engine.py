@@ -18,12 +18,12 @@ from bgotrace.modeling.split import split_block
 from bgotrace.query import EncodedQuery
 from bgotrace.score.blocks import sweep_blocks
 from bgotrace.score.context import SweepContext
-from bgotrace.score.perturbation import perturb_group
+from bgotrace.score.perturbation import PerturbedGroup, perturb_group
 from bgotrace.score.resume import check_group_states, check_split
 from bgotrace.score.sweep import Overrides
 from bgotrace.score.variants import reduce_sums
 
-__all__ = ["QueryLosses", "SweepContext", "score_queries"]
+__all__ = ["QueryLosses", "SweepContext", "check_split_once", "score_group", "score_queries"]
 
 
 @dataclass
@@ -44,21 +44,40 @@ class QueryLosses:
 
 
 def score_queries(ctx: SweepContext, queries: Sequence[EncodedQuery]) -> list[QueryLosses]:
-    """Per-unit losses under the needed states, for every query."""
+    """Per-unit losses under the needed states, for every query (states kept: a test helper;
+    runs go through :func:`bgotrace.bgo.run_bgo`, which drops each group's states)."""
     size = ctx.score_cfg.queries_per_sweep
-    if ctx.store is not None:  # shards of a resumed run came from the same forward path
-        check_split(ctx.store, split_block(ctx.sweep_model, ctx.names))
+    check_split_once(ctx)
     results: list[QueryLosses] = []
     for g, start in enumerate(range(0, len(queries), size)):
-        results.extend(_score_group(ctx, g, queries[start : start + size]))
+        results.extend(score_group(ctx, g, queries[start : start + size]))
     return results
 
 
-def _score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> list[QueryLosses]:
-    perturbed = perturb_group(ctx, group)
-    keys, states = perturbed.keys, perturbed.states
+def check_split_once(ctx: SweepContext) -> None:
+    """A resumed run's shards must come from the same forward path (full, or split at a block)."""
     if ctx.store is not None:
-        check_group_states(ctx.store, g, group, keys, states)
+        check_split(ctx.store, split_block(ctx.sweep_model, ctx.names))
+
+
+def perturb_checked(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> PerturbedGroup:
+    """The states of group ``g``; a resumed run proves they are the ones its shards came from."""
+    perturbed = perturb_group(ctx, group)
+    if ctx.store is not None:
+        check_group_states(ctx.store, g, group, perturbed.keys, perturbed.states)
+    return perturbed
+
+
+def score_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> list[QueryLosses]:
+    """BGO's group step: perturb every query of ``group``, sweep ``ctx.units`` under the states."""
+    return sweep_group(ctx, g, group, perturb_checked(ctx, g, group))
+
+
+def sweep_group(
+    ctx: SweepContext, g: int, group: Sequence[EncodedQuery], perturbed: PerturbedGroup
+) -> list[QueryLosses]:
+    """Per-unit losses of each query's states (resumable blocks of group ``g``)."""
+    keys, states = perturbed.keys, perturbed.states
     sums, counts = sweep_blocks(ctx, g, states)
     losses = reduce_sums(sums, counts[None, :], ctx.score_cfg.reduce)
     out = []
