@@ -1,10 +1,12 @@
-"""``--normalize sensitivity`` against a slow loop, and the hub diagnostic on hand-made scores.
+"""``--normalize sensitivity|damped`` against slow loops; the hub diagnostic on hand-made scores.
 
-Tolerance of the sensitivity check: the module takes the gradient of the summed token NLL
-through its own loss path; the reference lets Hugging Face's loss (mean NLL) backpropagate
-into the model's .grad and rescales by the token count. Both are float32 and differ by
-rounding only (~1e-6 relative), so rtol 1e-4 separates right from wrong (a missed parameter
-or a mean instead of a sum changes a norm by far more).
+Tolerance of the gradient-norm checks: the batched ("ghost") norms and the slow reference both
+take float32 gradients of the summed token NLL; the reference lets Hugging Face's loss (mean
+NLL) backpropagate into the model's .grad one unit at a time and rescales by the token count,
+the ghost norms take Gram matrices of a padded batch's activations and output gradients. They
+differ by float32 rounding only (measured ≤ 1e-7 relative on the three architectures), so rtol
+1e-4 separates right from wrong: a missed parameter, a cross term of the tied embedding, a
+position embedding summed over the batch or a padding row counted changes a norm by far more.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from bgotrace.cache import get_token_cache
+from bgotrace.config import ScoreConfig
 from bgotrace.corpus import ChunkingConfig
+from bgotrace.errors import ConfigError
 from bgotrace.eval.hubs import hub_counts, hub_diagnostics, mean_spearman
+from bgotrace.perturb import ghost_norms, sensitivity
 from bgotrace.perturb.sensitivity import (
+    blocked,
     cached_sensitivity,
+    damped,
     normalize_scores,
     normalized,
     sensitivity_from,
     unit_gradient_norms,
+    unit_gradient_norms_loop,
+    unit_normalizers,
 )
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
@@ -53,25 +63,119 @@ def _slow_norms(model, cache, names):
     return np.array(out)
 
 
+def _tiny_neox(tokenizer):
+    torch.manual_seed(1)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def _tiny_llama_padded(tokenizer):
+    """Llama whose embedding has a padding row (no gradient) on a token the corpus uses."""
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        pad_token_id=int(tokenizer(" the")["input_ids"][0]),
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+ARCHITECTURES = {"gpt2": lambda tok: tiny_gpt2(tok, seed=3), "neox": _tiny_neox}
+ARCHITECTURES["llama"] = _tiny_llama_padded
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("selection", ["all", "last"])
-def test_gradient_norms_match_a_slow_loop(setup, cache, selection):
-    model, _ = setup
+def test_batched_gradient_norms_match_a_slow_loop(setup, cache, arch, selection):
+    """Ghost norms of padded batches of 4 = the per-unit loop, per architecture adapter."""
+    model = ARCHITECTURES[arch](setup[1])
     names = [n for n, _ in model.named_parameters()]
-    if selection == "last":
-        names = [n for n in names if ".h.1." in n]
-    fast, counts = unit_gradient_norms(model, cache, names, torch.device("cpu"))
+    if selection == "last":  # the last block only (+ nothing tied)
+        names = [n for n in names if ".1." in n]
+    assert not ghost_norms.plan_for(model, names).uncovered  # no loop hides a wrong ghost
+    fast, counts = unit_gradient_norms(model, cache, names, torch.device("cpu"), batch_size=4)
     slow = _slow_norms(model, cache, names)
     np.testing.assert_allclose(fast, slow, rtol=1e-4)
     np.testing.assert_array_equal(counts, cache.lengths - 1)
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_the_loop_is_the_slow_reference(setup, cache):
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters() if ".h.1." in n]
+    loop = unit_gradient_norms_loop(model, cache, names, torch.device("cpu"))
+    np.testing.assert_allclose(loop, _slow_norms(model, cache, names), rtol=1e-4)
+
+
+def test_a_module_the_ghost_norms_do_not_know_falls_back_to_the_loop(setup, cache, monkeypatch):
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    real = ghost_norms._kind
+    monkeypatch.setattr(
+        ghost_norms, "_kind", lambda m: None if "Norm" in type(m).__name__ else real(m)
+    )
+    assert ghost_norms.plan_for(model, names).uncovered == [n for n in names if "ln_" in n]
+    fast, _ = unit_gradient_norms(model, cache, names, torch.device("cpu"), batch_size=3)
+    np.testing.assert_allclose(fast, _slow_norms(model, cache, names), rtol=1e-4)
+
+
+def test_ghost_norms_that_disagree_with_the_loop_are_not_used(setup, cache, monkeypatch):
+    """A model using a parameter outside its module would give wrong ghost norms: the check
+    on the first two units sees it (simulated by doubling every ghost norm²) and loops."""
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    real = sensitivity.batch_squared_norms
+    monkeypatch.setattr(sensitivity, "batch_squared_norms", lambda *a: 2 * real(*a))
+    fast, _ = unit_gradient_norms(model, cache, names, torch.device("cpu"), batch_size=4)
+    np.testing.assert_allclose(fast, _slow_norms(model, cache, names), rtol=1e-4)
+
+
+def test_blocks_are_written_and_an_interrupted_pass_resumes(tmp_path):
+    calls = []
+
+    def compute(indices):
+        calls.append(indices.tolist())
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted in the second block
+        return indices * 10.0
+
+    with pytest.raises(KeyboardInterrupt):
+        blocked(compute, 7, 3, tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["0000000000-0000000003.npy"]
+    out = blocked(compute, 7, 3, tmp_path / "b")
+    np.testing.assert_array_equal(out, np.arange(7) * 10.0)
+    assert calls == [[0, 1, 2], [3, 4, 5], [3, 4, 5], [6]]  # block 0 was not recomputed
+
+
+def test_damped_divisors_add_a_fraction_of_the_median():
+    s = np.array([0.5, 4.0, 10.0, 0.0])  # median of the positive s: 4
+    np.testing.assert_allclose(damped(s, 0.25), s + 1.0)
+    with pytest.raises(ConfigError, match="normalize-damping"):
+        ScoreConfig(normalize="damped", normalize_damping=0.0)
+
+
+def test_unit_normalizers_follow_the_config(setup, cache):
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    cpu = torch.device("cpu")
+    assert unit_normalizers(model, cache, names, ScoreConfig(normalize="none"), cpu) is None
+    s = unit_normalizers(model, cache, names, ScoreConfig(normalize="sensitivity"), cpu)
+    np.testing.assert_allclose(s, _slow_norms(model, cache, names), rtol=1e-4)
+    cfg = ScoreConfig(normalize="damped", normalize_damping=0.3, reduce="mean")
+    d = unit_normalizers(model, cache, names, cfg, cpu)
+    per_token = s / (cache.lengths - 1)
+    np.testing.assert_allclose(d, per_token + 0.3 * np.median(per_token), rtol=1e-6)
+
+
 def test_sensitivity_is_cached_and_reduces_like_the_scores(setup, cache):
     model, _ = setup
     names = [n for n, _ in model.named_parameters()]
     kw = dict(device=torch.device("cpu"))
-    s_sum = cached_sensitivity(model, cache, names, reduce="sum", **kw)
-    assert len(list((cache.root / "sensitivity").glob("*.npz"))) == 1
+    s_sum = cached_sensitivity(model, cache, names, reduce="sum", block_units=2, **kw)
+    assert [p.suffix for p in (cache.root / "sensitivity").iterdir()] == [".npz"]  # blocks gone
     s_mean = cached_sensitivity(model, cache, names, reduce="mean", **kw)  # from the cache
     np.testing.assert_allclose(s_mean, s_sum / (cache.lengths - 1), rtol=1e-12)
     scores = np.arange(len(cache), dtype=np.float64)[None]

@@ -28,7 +28,7 @@ T = TypeVar("T")
 OPTIMIZERS = ("sgd", "adam", "fisher")
 REDUCTIONS = ("mean", "sum")
 LR_CRITERIA = ("loss", "radius")
-NORMALIZATIONS = ("none", "sensitivity")
+NORMALIZATIONS = ("none", "sensitivity", "damped")
 GRANULARITIES = ("unit", "document", "source")
 METHODS = (
     "bgo",
@@ -330,10 +330,16 @@ class ScoreConfig:
     reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
     # sensitivity: won the validation sweep and held on test (benchmarks/RESULTS.md, issue 9).
     normalize: str = _help(
-        "sensitivity | none: divide each unit's score by the norm of its loss gradient (like "
-        "gradient cosine; query-independent, computed once and cached beside the token cache; "
-        "curbs hub units). none: raw loss changes in nats.",
+        "sensitivity | damped | none: divide each unit's score by the norm of its loss "
+        "gradient (like gradient cosine; query-independent, computed once and cached beside "
+        "the token cache; curbs hub units). damped: by that norm + --normalize-damping × its "
+        "median. none: raw loss changes in nats.",
         "sensitivity",
+    )
+    normalize_damping: float = _help(
+        "λ of --normalize damped: divide by ‖∇L(z)‖ + λ·median‖∇L‖, so units the model has "
+        "learned best (tiny gradients) are not inflated into hubs.",
+        1.0,
     )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
@@ -392,6 +398,7 @@ class ScoreConfig:
         get_variant(self.score)
         _one_of(self.reduce, REDUCTIONS, "--reduce")
         _one_of(self.normalize, NORMALIZATIONS, "--normalize")
+        _positive(self.normalize_damping, "--normalize-damping")
         _one_of(self.dtype, tuple(DTYPES), "--dtype")
         for name in ("batch_size", "block_units", "queries_per_sweep"):
             _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")

@@ -10,9 +10,14 @@ gradient norm, and ``--normalize sensitivity`` does the same for BGO: it ranks b
 
 with L the unit's summed token loss (``reduce=sum``) or its mean (``reduce=mean``: s / tokens),
 so s is in the unit of the scores per unit of parameter movement. s depends on the model,
-the parameter selection and the corpus only: it is computed once (one forward and backward
-per unit, the cost of ~3 corpus passes) and cached beside the token cache, like the Fisher
-diagonal.
+the parameter selection and the corpus only: it is computed once (one batched forward and
+backward per batch of units, per-unit norms without per-unit gradients: see
+:mod:`bgotrace.perturb.ghost_norms`), in resumable blocks, and cached beside the token cache,
+like the Fisher diagonal.
+
+``--normalize damped`` divides by s(z) + λ·median(s) instead: on a model that has memorised its
+data the units it learned best have tiny gradients, and dividing by s alone inflates them into
+hubs (issue 15); the damping bounds that inflation at 1/λ of the median unit's.
 
 Why the exact norm and not the loss change under a few fixed random perturbations: that
 estimate is E[(δᵀ∇L)²]^½, and with R directions its relative noise is ~1/√(2R); on the cpu
@@ -26,17 +31,23 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from bgotrace.cache.batching import collate, length_buckets
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, token_losses
+from bgotrace.perturb.ghost_norms import GhostPlan, batch_squared_norms, plan_for
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.runtime.progress import progress_bar
+
+if TYPE_CHECKING:
+    from bgotrace.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +71,96 @@ class UnitCache(Protocol):
     def unit_tokens(self, i: int) -> np.ndarray: ...
 
 
-def unit_gradient_norms(
-    model: torch.nn.Module, units: UnitCache, names: Sequence[str], device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters for every unit (n_units,), and its
-    predicted-token counts (n_units,)."""
-    norms = np.zeros(len(units), dtype=np.float64)
-    counts = np.zeros(len(units), dtype=np.int64)
+def unit_gradient_norms_loop(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    device: torch.device,
+    indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters, one unit at a time (the slow reference,
+    and the path for parameters :mod:`~bgotrace.perturb.ghost_norms` does not cover)."""
+    indices = np.arange(len(units)) if indices is None else indices
+    norms = np.zeros(len(indices), dtype=np.float64)
     with grads_only_for(model, names) as params:
-        for i in progress_bar(range(len(units)), "Sensitivity"):
-            ids = torch.as_tensor(units.unit_tokens(i).astype(np.int64), device=device)[None]
+        for k, i in enumerate(progress_bar(indices, "Sensitivity (per unit)")):
+            ids = torch.as_tensor(units.unit_tokens(int(i)).astype(np.int64), device=device)[None]
             total = token_losses(forward_logits(model, ids), ids).sum()  # summed NLL of z
             grads = torch.autograd.grad(total, params)
-            norms[i] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
-            counts[i] = ids.shape[1] - 1
-    return norms, counts
+            norms[k] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
+    return norms
+
+
+def unit_gradient_norms(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    device: torch.device,
+    *,
+    batch_size: int = 16,
+    indices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters for every unit (or ``indices``), and its
+    predicted-token counts, both (n,): batched ghost norms, the per-unit loop for the rest."""
+    indices = np.arange(len(units)) if indices is None else np.asarray(indices)
+    plan = plan_for(model, names)
+    if not _ghost_agrees(model, units, names, plan, device, indices):
+        plan = GhostPlan(uncovered=list(names))
+    squares = np.zeros(len(indices), dtype=np.float64)
+    if plan.modules:
+        squares += _ghost_squares(model, units, names, plan, device, indices, batch_size)
+    if plan.uncovered:
+        log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
+        squares += unit_gradient_norms_loop(model, units, plan.uncovered, device, indices) ** 2
+    return np.sqrt(squares), units.lengths[indices].astype(np.int64) - 1
+
+
+def _ghost_squares(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    plan: GhostPlan,
+    device: torch.device,
+    indices: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Squared gradient norms over the parameters the plan covers, batch by batch."""
+    where = {int(u): k for k, u in enumerate(indices)}
+    out = np.zeros(len(indices), dtype=np.float64)
+    with grads_only_for(model, names):
+        batches = length_buckets(indices, units.lengths, batch_size)
+        for batch in progress_bar(batches, "Sensitivity"):
+            ids, mask, labels = collate(units, batch, 0, device)  # pads: masked, any id will do
+            squares = batch_squared_norms(model, plan, ids, mask, labels)
+            out[[where[int(u)] for u in batch]] = squares.cpu().numpy()
+    return out
+
+
+_AGREEMENT = 1e-3
+"""Relative difference between the ghost and the loop norms of two units beyond which the
+architecture is taken to use a parameter outside the hooked modules (the loop is used)."""
+
+
+def _ghost_agrees(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    plan: GhostPlan,
+    device: torch.device,
+    indices: np.ndarray,
+) -> bool:
+    """Check the ghost norms of two units against the loop: a model that uses a covered
+    parameter outside its module (a functional tied head, say) would otherwise be wrong."""
+    covered = [n for n in names if n not in set(plan.uncovered)]
+    if not covered or not len(indices):
+        return True
+    first = indices[:2]  # one batch of two: broadcasting across units would show up too
+    ghost = np.sqrt(_ghost_squares(model, units, covered, plan, device, first, 2))
+    loop = unit_gradient_norms_loop(model, units, covered, device, first)
+    if np.all(np.abs(ghost - loop) <= _AGREEMENT * np.maximum(loop, 1e-12)):
+        return True
+    log.warning("batched gradient norms disagree with the loop (%s, %s): per unit", ghost, loop)
+    return False
 
 
 def sensitivity_from(norms: np.ndarray, counts: np.ndarray, reduce: str) -> np.ndarray:
@@ -113,20 +199,75 @@ def cached_sensitivity(
     *,
     reduce: str,
     device: torch.device,
+    batch_size: int = 16,
+    block_units: int = 1024,
 ) -> np.ndarray:
-    """s(z) of every unit (n_units,), loaded from beside the token cache or computed once."""
+    """s(z) of every unit (n_units,), loaded from beside the token cache or computed once, in
+    blocks of ``block_units`` that an interrupted run reuses."""
     path = units.root / "sensitivity" / f"{sensitivity_key(units, model, names)}.npz"
     if path.is_file():
         log.info("reusing unit sensitivities %s", path)
         with np.load(path) as data:
             norms, counts = data["norms"], data["counts"]
     else:
-        norms, counts = unit_gradient_norms(model, units, names, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def compute(indices: np.ndarray) -> np.ndarray:
+            norms, _ = unit_gradient_norms(
+                model, units, names, device, batch_size=batch_size, indices=indices
+            )
+            return norms
+
+        blocks = path.with_name(path.stem + ".blocks")
+        norms = blocked(compute, len(units), block_units, blocks)
+        counts = units.lengths.astype(np.int64) - 1
         tmp = path.with_name(path.stem + ".part.npz")
         np.savez(tmp, norms=norms, counts=counts)
         tmp.replace(path)  # atomic: a crash never leaves a half-written file
+        shutil.rmtree(blocks, ignore_errors=True)
     return sensitivity_from(norms, counts, reduce)
+
+
+def blocked(
+    compute: Callable[[np.ndarray], np.ndarray], n: int, block_units: int, folder: Path
+) -> np.ndarray:
+    """compute(indices) over 0..n-1 in blocks, each saved to ``folder`` when done and
+    reused from there, so an interrupted pass resumes at its first missing block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for start in range(0, n, block_units):
+        stop = min(n, start + block_units)
+        path = folder / f"{start:010d}-{stop:010d}.npy"
+        if not path.is_file():
+            tmp = folder / f"{path.stem}.part.npy"
+            np.save(tmp, compute(np.arange(start, stop)))
+            tmp.replace(path)
+        parts.append(np.load(path))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def damped(sensitivity: np.ndarray, damping: float) -> np.ndarray:
+    """s(z) + λ·median(s) (median of the positive s): what ``--normalize damped`` divides by."""
+    positive = sensitivity[sensitivity > 0]
+    median = float(np.median(positive)) if positive.size else 1.0
+    return sensitivity + damping * median
+
+
+def unit_normalizers(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    cfg: ScoreConfig,
+    device: torch.device,
+) -> np.ndarray | None:
+    """What ``--normalize`` divides each unit's score by (before the floor of
+    :func:`score_divisors`): None for ``none``, s(z), or s(z) + λ·median(s) for ``damped``."""
+    if cfg.normalize == "none":
+        return None
+    s = cached_sensitivity(
+        model, units, names, reduce=cfg.reduce, device=device,
+        batch_size=cfg.batch_size, block_units=cfg.block_units,
+    )  # fmt: skip
+    return damped(s, cfg.normalize_damping) if cfg.normalize == "damped" else s
 
 
 def normalized(scores: np.ndarray, sensitivity: np.ndarray | None) -> np.ndarray:

@@ -42,6 +42,8 @@ def score_unit(summary: dict[str, Any]) -> str:
     per = f"{unit}/token" if scoring.get("reduce") == "mean" else unit
     if scoring.get("normalize", "none") == "sensitivity":
         return f"{per} per unit of ‖∇L(z)‖"
+    if scoring.get("normalize", "none") == "damped":
+        return f"{per} per unit of ‖∇L(z)‖ + λ·median"
     return per
 
 

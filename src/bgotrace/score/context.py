@@ -23,7 +23,7 @@ from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
-from bgotrace.perturb.sensitivity import cached_sensitivity
+from bgotrace.perturb.sensitivity import unit_normalizers
 from bgotrace.score.executor import BlockExecutor, LocalExecutor
 from bgotrace.score.store import RunStore
 
@@ -53,7 +53,8 @@ class SweepContext:
     block_executor: BlockExecutor | None = None
     """Where blocks are computed; this process when None."""
     sensitivity: np.ndarray | None = None
-    """Per-unit sensitivity s(z) of the whole cache for ``--normalize sensitivity``."""
+    """What each unit's score is divided by under ``--normalize`` (s(z), or s(z) + λ·median
+    for ``damped``), for the whole cache; None for ``none``."""
 
     trunk_cache: TrunkCache | None = None
     """Stored trunk outputs of every corpus unit (``--trunk-cache``); None: computed."""
@@ -106,11 +107,7 @@ def build_sweep_context(
     sweep_model = sweep_model_in(model, score_cfg.dtype)
     # Before the workers start: they are told where the validated trunk cache is.
     trunk_cache = _trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device)
-    sensitivity = None
-    if score_cfg.normalize == "sensitivity":
-        sensitivity = cached_sensitivity(
-            model, cache, names, reduce=score_cfg.reduce, device=device
-        )
+    sensitivity = unit_normalizers(model, cache, names, score_cfg, device)
     return SweepContext(
         model=model,
         sweep_model=sweep_model,

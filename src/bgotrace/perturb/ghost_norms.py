@@ -1,0 +1,220 @@
+"""Per-unit gradient norms for a whole batch without per-unit gradients ("ghost" norms).
+
+One forward and one backward of the batch's summed loss give, at every hooked module, its
+input x (B, T, ·) and the gradient of its output δ (B, T, ·); units never interact (right
+padding, causal attention, masked loss), so δ[b] is unit b's own output gradient. A weight's
+gradient for unit b is then a sum of outer products, g_b = Σ_t l_bt r_btᵀ:
+
+- ``nn.Linear`` (W: out × in): l = δ, r = x;  GPT-2 ``Conv1D`` (W: in × out): l = x, r = δ;
+- ``nn.Embedding`` (W: V × d): l = one-hot(id_t), r = δ (kept as the ids);
+- a bias: l = δ, r = 1.
+
+‖g_b‖² = Σ_{t,s} (l_t·l_s)(r_t·r_s) needs two (T × T) Gram matrices (DP-SGD's ghost
+clipping), or g_b itself when T(m + n) > m·n makes that cheaper. A parameter used by two
+modules (GPT-2's tied embedding and LM head) sums its contributions first, so the cross term
+⟨g_emb, g_head⟩ is counted. Normalisation layers' weights (small) get their per-unit gradients
+from ``torch.func.vmap`` over the layer alone. Everything is accumulated in float32.
+
+Parameters of any other module (e.g. fused MoE experts) are reported as uncovered: the caller
+takes them from the per-unit loop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+
+from bgotrace.modeling.losses import forward_logits, token_losses
+
+_DIRECT_MAX = 1 << 22
+"""Largest per-unit gradient (elements) ever materialised: 16 MiB of float32 per unit."""
+
+
+@dataclass
+class Factor:
+    """One contribution g_b = Σ_t left_bt ⊗ right_bt to a parameter's per-unit gradient."""
+
+    left: torch.Tensor
+    """(B, T, m) float32, or (B, T) int64 ids standing for one-hot rows of width V."""
+    right: torch.Tensor
+    """(B, T, n) float32."""
+
+
+@dataclass
+class _Call:
+    """One forward call of a hooked module: what its per-unit gradients are built from."""
+
+    module: nn.Module
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+@dataclass
+class GhostPlan:
+    """Which modules carry the selected parameters, and which parameters nothing covers."""
+
+    modules: dict[nn.Module, dict[str, str]] = field(default_factory=dict)
+    """Hooked module → {its own parameter name (weight, bias): full parameter name}."""
+    uncovered: list[str] = field(default_factory=list)
+    """Selected parameters no supported module owns: the per-unit loop computes these."""
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return "embedding"
+    if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+        return "norm"  # per-position layers: vmap over the layer alone is exact
+    return None
+
+
+def plan_for(model: nn.Module, names: Sequence[str]) -> GhostPlan:
+    """Map every selected parameter to the modules that use it (tied ones to each)."""
+    wanted = set(names)
+    by_id = {id(p): n for n, p in model.named_parameters() if n in wanted}
+    plan, covered = GhostPlan(), set()
+    for module in model.modules():
+        mine = module.named_parameters(recurse=False)
+        own = {local: by_id[id(p)] for local, p in mine if id(p) in by_id}
+        if not own or _kind(module) is None:
+            continue
+        plan.modules[module] = own
+        covered |= set(own.values())
+    plan.uncovered = [n for n in names if n not in covered]
+    return plan
+
+
+@contextmanager
+def _recording(plan: GhostPlan, batch: int) -> Iterator[list[_Call]]:
+    """Record (module, input, output) of every call of a planned module while active."""
+    calls: list[_Call] = []
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] == 1 < batch:  # broadcast later (GPT-2's positions): per unit here
+            output = output.expand(batch, *output.shape[1:])
+        if output.requires_grad:  # no gradient reaches it otherwise: nothing to count
+            calls.append(_Call(module, args[0].detach(), output))
+        return output
+
+    handles = [m.register_forward_hook(hook) for m in plan.modules]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, T, ·) float32 view of a module's input or output (ids stay int64, (B, T))."""
+    if t.dtype in (torch.int64, torch.int32):
+        return t.expand(batch, *t.shape[1:]).reshape(batch, -1).long()  # (1, T) positions too
+    return t.reshape(batch, -1, t.shape[-1]).float()
+
+
+def _factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) -> dict[str, Factor]:
+    """The outer-product factors of each parameter of a linear-like call."""
+    batch = grad.shape[0]
+    x, delta = _flat(call.inputs, batch), _flat(grad, batch)
+    module, kind = call.module, _kind(call.module)
+    out: dict[str, Factor] = {}
+    if kind == "embedding":
+        if module.padding_idx is not None:  # its row never receives a gradient
+            pad = int(module.padding_idx)  # type: ignore[arg-type]  # an int on nn.Embedding
+            delta = delta * x.ne(pad).unsqueeze(-1)
+        out["weight"] = Factor(x, delta)
+    else:
+        out["weight"] = Factor(delta, x) if kind == "linear" else Factor(x, delta)
+    if "bias" in names:
+        out["bias"] = Factor(delta, torch.ones_like(delta[..., :1]))
+    return {names[k]: f for k, f in out.items() if k in names}
+
+
+def _norm_layer_factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) -> dict:
+    """Per-unit gradients of a normalisation layer's own parameters by vmap over units."""
+    module = call.module
+    params = {k: p.detach() for k, p in module.named_parameters(recurse=False) if k in names}
+
+    def one(x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(module, p, (x[None],))
+
+        return vjp(f, params)[1](d[None])[0]
+
+    per_unit = vmap(one)(call.inputs, grad.to(call.inputs.dtype))  # name → (B, *shape)
+    out = {}
+    for k, g in per_unit.items():  # a (B, 1, P) left factor with a unit right factor
+        flat = g.reshape(g.shape[0], 1, -1).float()
+        out[names[k]] = Factor(flat, torch.ones_like(flat[..., :1]))
+    return out
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) inner products a_t·b_s of two factor sides (ids are one-hot rows)."""
+    if a.dim() == 2 and b.dim() == 2:
+        return (a[:, :, None] == b[:, None, :]).float()
+    if a.dim() == 2:  # one-hot(a_t)·b_s = b[s, a_t]
+        return b.gather(2, a[:, None, :].expand(-1, b.shape[1], -1)).transpose(1, 2)
+    if b.dim() == 2:
+        return _gram(b, a).transpose(1, 2)
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+def _inner(f: Factor, g: Factor) -> torch.Tensor:
+    """⟨Σ_t f.l_t f.r_tᵀ, Σ_s g.l_s g.r_sᵀ⟩ per unit (B,)."""
+    dense = f is g and f.left.dim() == 3
+    tokens, m, n = f.right.shape[1], f.left.shape[-1], f.right.shape[-1]
+    if dense and tokens * (m + n) > m * n and m * n <= _DIRECT_MAX:  # g_b is the cheaper form
+        return torch.einsum("btm,btn->bmn", f.left, f.right).pow(2).sum((1, 2))
+    return (_gram(f.left, g.left) * _gram(f.right, g.right)).sum((1, 2))
+
+
+def _squared_norm(factors: list[Factor]) -> torch.Tensor:
+    """‖Σ_i g_i‖² per unit, cross terms included (a parameter used by several modules)."""
+    total = _inner(factors[0], factors[0])
+    for i, f in enumerate(factors):
+        if i:
+            total = total + _inner(f, f)
+        for g in factors[:i]:
+            total = total + 2 * _inner(f, g)
+    return total
+
+
+def batch_squared_norms(
+    model: nn.Module,
+    plan: GhostPlan,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """‖∇ Σ_t NLL_t(z_b)‖² over the planned parameters for each unit of a batch (B,) float64.
+
+    The model's parameters must track gradients exactly for the selected names (see
+    :func:`bgotrace.perturb.grad_scope.grads_only_for`); nothing is written to ``.grad``.
+    """
+    with _recording(plan, input_ids.shape[0]) as calls:
+        loss = token_losses(forward_logits(model, input_ids, attention_mask), labels).sum()
+    if not calls:
+        return torch.zeros(input_ids.shape[0], dtype=torch.float64)
+    grads = torch.autograd.grad(loss, [c.output for c in calls], allow_unused=True)
+    factors: dict[str, list[Factor]] = defaultdict(list)
+    for call, grad in zip(calls, grads, strict=True):
+        if grad is None:
+            continue
+        names = plan.modules[call.module]
+        build = _norm_layer_factors if _kind(call.module) == "norm" else _factors
+        for name, factor in build(call, grad, names).items():
+            factors[name].append(factor)
+    total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
+    for parts in factors.values():
+        total += _squared_norm(parts).double()
+    return total
