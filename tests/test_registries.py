@@ -196,6 +196,21 @@ def test_summary_is_written_last_so_a_failed_writer_leaves_an_incomplete_run(
     assert (tmp_path / "report.html").is_file() and not (tmp_path / "summary.json").exists()
 
 
+def test_writer_entries_are_checked(own_registries):
+    def write(result, path):
+        path.write_text("")
+
+    with pytest.raises(ConfigError, match="cannot be listed in --formats"):
+        Writer("a,b", "ab.txt", write)
+    for bad in ("../escape.txt", "sub/dir.txt", "config.yaml", "state.json"):
+        with pytest.raises(ConfigError, match="plain file name inside the run directory"):
+            Writer("bad", bad, write)
+    with pytest.raises(ConfigError, match="clashes with a registered writer"):
+        register_writer(Writer("scores_again", "scores.parquet", write))
+    with pytest.raises(ConfigError, match="clashes with a registered writer"):
+        register_writer(Writer("top_units", "other.csv", write))
+
+
 def test_top_units_csv_lists_each_querys_best_units(tmp_path):
     result = fake_result()
     result.summary["config"]["output"]["top_k"] = 4

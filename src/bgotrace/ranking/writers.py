@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ import pandas as pd
 
 from bgotrace.errors import ConfigError
 from bgotrace.ranking.result import TABLES, AttributionResult
-from bgotrace.score.store import SUMMARY, RunStore
+from bgotrace.score.store import CONFIG, STATE, SUMMARY, RunStore
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ class Writer:
     """Writes the result to the path it is given."""
     default: bool = True
     """Written by every run; False: only when named in ``output.formats``."""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(
+                f"Output writer name {self.name!r} cannot be listed in --formats: use lower-case "
+                "letters, digits, '-' or '_', starting with a letter."
+            )
+        if Path(self.filename).name != self.filename or self.filename in (CONFIG, STATE, ""):
+            raise ConfigError(
+                f"Output writer {self.name!r} would write {self.filename!r}: give a plain file "
+                f"name inside the run directory other than {CONFIG} and {STATE}."
+            )
 
 
 _WRITERS: dict[str, Writer] = {}
