@@ -67,9 +67,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = AttributeConfig.from_dict(
             {
-                "model": {"path": str(model_dir), "device": "cpu"},
+                "model": {"path": str(model_dir)},
                 "corpus": {"path": str(corpus), "max_length": DEMO_MAX_LENGTH, "cache_dir": tmp},
                 "query": {"prompt": "DIPLOMACY, n.", "completion": " The patriotic art."},
+                "execution": {"device": "cpu"},
             }
         )
         inputs = load_inputs(config)

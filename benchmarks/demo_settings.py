@@ -16,6 +16,7 @@ import sys
 from bgotrace.config import (
     AttributeConfig,
     CorpusSpec,
+    ExecutionConfig,
     ModelSpec,
     PerturbConfig,
     QuerySpec,
@@ -39,11 +40,12 @@ def main() -> None:
     ]
     for name, s in settings.items():
         cfg = AttributeConfig(
-            model=ModelSpec(path=str(demo_model_path()), device="cpu"),
+            model=ModelSpec(path=str(demo_model_path())),
             corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH),
             query=QuerySpec(prompt="unused", completion="unused"),
             perturb=PerturbConfig(**s.get("perturb", {})),
             scoring=ScoreConfig(**s.get("scoring", {})),
+            execution=ExecutionConfig(device="cpu"),
         )
         result = run_attribution(cfg, load_inputs(cfg, model=model, tokenizer=tok, queries=queries))
         tops = [result.top(1, q.query_id).iloc[0] for q in queries]

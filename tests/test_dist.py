@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 import bgotrace
 from bgotrace.cli.main import app
+from bgotrace.config import ExecutionConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import DistributedError
 from bgotrace.query import Query
@@ -90,7 +91,13 @@ def attribute(model, tok, tmp_path: Path, out=None, queries=QUERIES, per_sweep=1
     config = json.loads(json.dumps(CONFIG))
     config["corpus"]["cache_dir"] = str(tmp_path / "cache")
     config["scoring"].update(scoring, queries_per_sweep=per_sweep)
+    config["execution"] = _execution_of(config["scoring"])
     return bgotrace.attribute(model, tok, DOCS, queries=queries, config=config, out=out)
+
+
+def _execution_of(scoring: dict) -> dict:
+    """The keys of ``scoring`` that belong to the ``execution`` section, moved there."""
+    return {k: scoring.pop(k) for k in list(scoring) if k in ExecutionConfig.__dataclass_fields__}
 
 
 def by_unit(result) -> dict[tuple[str, str], float]:
@@ -317,6 +324,7 @@ def _last1(model, tok, tmp_path: Path, **scoring):
     config["corpus"]["cache_dir"] = str(tmp_path / "cache")
     config["perturb"]["params"] = "last:1"
     config["scoring"].update(scoring, trunk_cache_dtype="bfloat16")
+    config["execution"] = _execution_of(config["scoring"])
     return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config)
 
 

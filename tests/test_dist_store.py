@@ -14,7 +14,7 @@ import pytest
 
 import bgotrace
 from bgotrace.cache.batching import length_buckets
-from bgotrace.config import ScoreConfig
+from bgotrace.config import ExecutionConfig
 from bgotrace.corpus import Document
 from bgotrace.dist.units import UnitSlice, open_cache_at
 from bgotrace.errors import ConfigError
@@ -45,11 +45,13 @@ def tok():
 
 
 def run(tok, tmp_path, resume=False, **scoring):
+    where = {k: scoring.pop(k) for k in list(scoring) if k in ExecutionConfig.__dataclass_fields__}
     config = {
         "corpus": {"max_length": 8, "stride": 2, "cache_dir": str(tmp_path / "cache")},
         "perturb": {"optimizer": "adam", "lr": 3e-3, "steps": 1},
         "scoring": {"block_units": 3, **scoring},
         "output": {"top_tokens": 0},
+        "execution": where,
     }
     return bgotrace.attribute(
         tiny_gpt2(tok), tok, DOCS, queries=QUERIES, config=config, out=tmp_path / "run",
@@ -133,4 +135,4 @@ def test_workers_use_the_cache_path_only_when_it_is_the_drivers_cache(tok, tmp_p
 )
 def test_bad_ray_options_are_config_errors(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        ScoreConfig(**{field: value})
+        ExecutionConfig(**{field: value})

@@ -18,7 +18,7 @@ import pytest
 import bgotrace
 from bgotrace.baselines import MethodContext, get_attributor
 from bgotrace.cache import TokenCache
-from bgotrace.config import ScoreConfig
+from bgotrace.config import AttributeConfig, ScoreConfig
 from bgotrace.errors import ConfigError
 from bgotrace.eval.runner import EvalOptions, build_methods
 from bgotrace.perturb.params import select_parameters
@@ -91,12 +91,19 @@ def test_a_prefilter_without_candidates_is_refused():
         ({"prefilter": "bgo"}, "full corpus sweep"),
         ({"prefilter": "untrac-inv"}, "full corpus sweep"),
         ({"prefilter": "nope"}, "unknown: use one of"),
-        ({"workers": 2}, "drop --workers"),
     ],
 )
 def test_prefilter_must_be_a_cheap_local_method(scoring, match):
     with pytest.raises(ConfigError, match=match):
         ScoreConfig(candidates=5, **scoring)
+
+
+def test_candidates_are_swept_locally_not_by_workers():
+    run = {"model": {"path": "m"}, "corpus": {"path": "c"}, "query": {"queries": "q.jsonl"}}
+    with pytest.raises(ConfigError, match="drop --workers"):
+        AttributeConfig.from_dict(
+            {**run, "scoring": {"candidates": 5}, "execution": {"workers": 2}}
+        )
 
 
 # --------------------------------------------------------------------------- candidate sets

@@ -68,7 +68,7 @@ def attribute(
         model, tokenizer = load_model_and_tokenizer(
             model,
             adapter=cfg.model.adapter,
-            device=cfg.model.device,
+            device=cfg.execution.device,
             trust_remote_code=cfg.model.trust_remote_code,
             merge_adapter=cfg.perturb.params != "adapter",  # --params adapter: kept unmerged
         )

@@ -3,12 +3,18 @@
 Every option of ``bgotrace attribute`` is a field here, with its help text in the
 field's metadata (the CLI reads it from there), so a run's ``config.yaml`` is the
 complete recipe that replays it. Sections follow the data flow: model, corpus,
-query, perturbation, scoring, output.
+query, perturbation, scoring, output; beside them, where the run executes (execution).
+
+A field's metadata (``_help``) is all the CLI needs to make it a flag of ``bgotrace
+attribute`` (``bgotrace.cli.options``): its help text, a fixed set of ``choices`` (checked
+here by :func:`check_choices`, shown by ``--help``), a ``flag`` name other than
+``--field-name``, or ``cli=False`` for a setting read from ``config.yaml`` only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,22 +23,28 @@ from typing import Any, TypeVar
 
 import yaml
 
+from bgotrace.candidates_spec import check_prefilter, parse_candidates
 from bgotrace.config_values import checked_value, checked_values
 from bgotrace.corpus.bos import BOS_MODES
-from bgotrace.devices import DEVICES, DTYPES
+from bgotrace.devices import DEVICES, DTYPES, parse_size
 from bgotrace.errors import ConfigError
 from bgotrace.variants import get_variant, variants_help
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "fisher")
 REDUCTIONS = ("mean", "sum")
 LR_CRITERIA = ("loss", "radius")
 NORMALIZATIONS = ("none", "sensitivity", "damped")
 GRANULARITIES = ("unit", "document", "source")
+LOSS_ON = ("completion", "all", "assistant")
+SHIP_CACHE = ("auto", "always", "never")
+TRUNK_DTYPES = ("float16", "bfloat16", "float32")
 METHODS = (
     "bgo",
     "untrac-inv",
+    "bgo-linear",
     "random",
     "bm25",
     "repsim",
@@ -49,13 +61,24 @@ _SPANS_RE = re.compile(r"^(none|sentence|auto|tokens:[1-9]\d*)$")
 _PARAMS_RE = re.compile(r"^(all|adapter|last:(\d+|half)|regex:.+)$")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, special: tuple[str, ...] = ()) -> Any:
+def _help(
+    text: str,
+    default: Any = dataclasses.MISSING,
+    special: tuple[str, ...] = (),
+    *,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    cli: bool = True,
+) -> Any:
     """A dataclass field whose help text is shown by ``--help``.
 
     ``special``: strings a config file may give besides the field's type (e.g. ``("auto",)``
-    for a number field); see ``bgotrace.config_values``.
+    for a number field); see ``bgotrace.config_values``. ``choices``: the only values the
+    field takes (checked by :func:`check_choices` in ``__post_init__``). ``flag``: its CLI
+    option when ``--field-name`` is taken by another section's field (``--model-dtype``).
+    ``cli=False``: set in ``config.yaml`` only, no flag.
     """
-    metadata = {"help": text, "special": special}
+    metadata = {"help": text, "special": special, "choices": choices, "flag": flag, "cli": cli}
     if default is dataclasses.MISSING:
         return field(metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -64,6 +87,19 @@ def _help(text: str, default: Any = dataclasses.MISSING, special: tuple[str, ...
 def help_of(cls: type, name: str) -> str:
     """The help text of a config field, for the CLI."""
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The CLI option of a config field: ``--kebab-name`` unless its metadata names one."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_choices(section: Any) -> None:
+    """Refuse a value outside its field's ``choices`` (the set ``--help`` shows)."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            _one_of(getattr(section, f.name), choices, flag_of(f))
 
 
 def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
@@ -96,24 +132,35 @@ def _positive(value: float, option: str) -> None:
 class ModelSpec:
     """Which model to attribute."""
 
-    path: str = _help("Hugging Face causal LM directory (safetensors weights + tokenizer).")
+    path: str = _help(
+        "Hugging Face causal LM directory (safetensors weights + tokenizer).", flag="--model"
+    )
     adapter: str | None = _help(
         "PEFT adapter directory, merged into the model (kept unmerged with --params adapter).",
         None,
     )
-    device: str = _help("auto | cpu | cuda[:N].", "auto")
+    dtype: str = _help(
+        "Dtype the weights are loaded in (flag --model-dtype): float32 | bfloat16 | float16. "
+        "Half precision halves the weights, states and optimizer moments "
+        "(bgotrace.perturb.lowp); losses stay float32.",
+        "float32",
+        choices=tuple(DTYPES),
+        flag="--model-dtype",  # --dtype is the sweep's (scoring.dtype)
+    )
     trust_remote_code: bool = _help("Run code shipped with the checkpoint (off by default).", False)
 
     def __post_init__(self) -> None:
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise ConfigError(f"--device={self.device!r} is unknown: use auto, cpu or cuda[:N].")
+        check_choices(self)
 
 
 @dataclass
 class CorpusSpec:
     """Which training data to rank and how to cut it into units."""
 
-    path: str = _help("Corpus: JSONL, Parquet, a folder of .txt files, or a saved `datasets` dir.")
+    path: str = _help(
+        "Corpus: JSONL, Parquet, a folder of .txt files, or a saved `datasets` dir.",
+        flag="--corpus",
+    )
     text_field: str = _help("Field holding the document text.", "text")
     id_field: str = _help("Field holding the document id (a content hash when absent).", "id")
     source_field: str = _help("Field holding the document's source.", "source")
@@ -126,15 +173,29 @@ class CorpusSpec:
         "BOS in front of every query and unit: auto (where the tokenizer adds one, e.g. "
         "Llama) | always | never.",
         "auto",
+        choices=BOS_MODES,
     )
     cache_dir: str | None = _help(
         "Token cache directory (default: .bgotrace-cache/<corpus name>-<key of corpus content, "
         "tokenizer and chunking>).",
         None,
     )
+    verify_cache: str = _help(
+        "How a reused token cache is checked against a corpus on disk: quick (sizes and sampled "
+        "bytes; a file whose mtime moved is re-hashed) | full (re-hash every file).",
+        "quick",
+        choices=("quick", "full"),
+    )
+    shard_tokens: int = _help(
+        "Tokens per token-cache shard file at most (default 64Mi tokens = 256 MiB).", 64 * 2**20
+    )
 
     def __post_init__(self) -> None:
-        _one_of(self.bos, BOS_MODES, "--bos")
+        check_choices(self)
+        if self.shard_tokens < 1:
+            raise ConfigError(
+                f"--shard-tokens must be >= 1, got {self.shard_tokens}: pass a larger value."
+            )
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(
                 f"--max-length must be >= 2, got {self.max_length}: pass a larger --max-length."
@@ -186,6 +247,7 @@ class QuerySpec:
         "completion (prompt masked) | all (whole text, for style) | assistant (every "
         "assistant turn of a conversation).",
         "completion",
+        choices=LOSS_ON,
     )
     spans: str = _help(
         "Also attribute parts of the completion, each in the same sweep: none | sentence | "
@@ -194,7 +256,7 @@ class QuerySpec:
     )
 
     def __post_init__(self) -> None:
-        _one_of(self.loss_on, ("completion", "all", "assistant"), "--loss-on")
+        check_choices(self)
         if not _SPANS_RE.match(self.spans):
             raise ConfigError(
                 f"--spans={self.spans!r} is unknown: use none, sentence, auto or tokens:N (N >= 1)."
@@ -231,7 +293,9 @@ class PerturbConfig:
     # Adam, not the reference scripts' Fisher steps: see "BGO sensitivity" in
     # benchmarks/RESULTS.md (Fisher won on one validation split but diverges on a model
     # that has memorised its data, where F̂ -> 0 inflates every step).
-    optimizer: str = _help("sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam")
+    optimizer: str = _help(
+        "sgd | adam | fisher (diagonal-Fisher preconditioned steps).", "adam", choices=OPTIMIZERS
+    )
     lr: float | str = _help(
         "Step size η of both directions, or auto: searched per query so the ascent reaches "
         "--lr-target (bgotrace.perturb.calibrate).",
@@ -242,7 +306,9 @@ class PerturbConfig:
         "(--lr-criterion loss), or ||θK−θ0||/||θ0|| (radius).",
         1.0,
     )
-    lr_criterion: str = _help("What --lr auto calibrates: loss | radius.", "loss")
+    lr_criterion: str = _help(
+        "What --lr auto calibrates: loss | radius.", "loss", choices=LR_CRITERIA
+    )
     steps: int = _help("Number K of optimizer steps in each direction.", 10)
     params: str = _help(
         "Parameters to perturb: all | adapter (the --adapter's LoRA weights only, unmerged; "
@@ -254,20 +320,20 @@ class PerturbConfig:
         "Clip the query gradient to this norm (off if unset).", None
     )
     fisher_samples: int = _help("Corpus units sampled to estimate the diagonal Fisher.", 256)
-    fisher_eps: float = _help("ε added to the Fisher diagonal before dividing.", 1e-6)
+    fisher_eps: float = _help("ε added to the Fisher diagonal before dividing.", 1e-6, cli=False)
     fisher_damping: float | None = _help(
         "Damped Fisher: divide by F̂ + λ·mean(F̂) (mean over all perturbed parameters) "
         "instead of F̂ + ε (unset: the reference scripts' ε form).",
         None,
     )
-    adam_beta1: float = _help("Adam β1.", 0.9)
-    adam_beta2: float = _help("Adam β2.", 0.999)
-    adam_eps: float = _help("Adam ε.", 1e-8)
+    # Optimizer internals few users change: config.yaml only, no flag.
+    adam_beta1: float = _help("Adam β1.", 0.9, cli=False)
+    adam_beta2: float = _help("Adam β2.", 0.999, cli=False)
+    adam_eps: float = _help("Adam ε.", 1e-8, cli=False)
 
     def __post_init__(self) -> None:
-        _one_of(self.optimizer, OPTIMIZERS, "--optimizer")
+        check_choices(self)
         self.lr = _step_size(self.lr)
-        _one_of(self.lr_criterion, LR_CRITERIA, "--lr-criterion")
         _positive(self.lr_target, "--lr-target")
         if self.fisher_damping is not None:
             _positive(self.fisher_damping, "--fisher-damping")
@@ -325,9 +391,13 @@ def _step_size(value: float | str) -> float | str:
 class ScoreConfig:
     """How the corpus sweep turns loss changes into scores."""
 
+    # No fixed choices: the registry (bgotrace.variants) decides, so a registered variant
+    # is a valid --score.
     score: str = _help(variants_help() + ".", "bidirectional")
     # sum: best robust setting of the validation sweep (benchmarks/RESULTS.md).
-    reduce: str = _help("mean | sum of the per-token loss changes of a unit.", "sum")
+    reduce: str = _help(
+        "mean | sum of the per-token loss changes of a unit.", "sum", choices=REDUCTIONS
+    )
     # sensitivity: won the validation sweep and held on test (benchmarks/RESULTS.md, issue 9).
     normalize: str = _help(
         "sensitivity | damped | none: divide each unit's score by the norm of its loss "
@@ -335,6 +405,7 @@ class ScoreConfig:
         "the token cache; curbs hub units). damped: by that norm + --normalize-damping × its "
         "median. none: raw loss changes in nats.",
         "sensitivity",
+        choices=NORMALIZATIONS,
     )
     normalize_damping: float = _help(
         "λ of --normalize damped: divide by ‖∇L(z)‖ + λ·median‖∇L‖, so units the model has "
@@ -343,10 +414,63 @@ class ScoreConfig:
     )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(
-        "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).", "float32"
+        "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).",
+        "float32",
+        choices=tuple(DTYPES),
     )
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
+    trunk_cache: bool = _help(
+        "Store the hidden states entering the first perturbed block for every unit beside the "
+        "token cache, so later runs with the same model and split skip the trunk (needs a "
+        "perturbation restricted to blocks, e.g. --params last:N).",
+        False,
+    )
+    trunk_cache_dtype: str = _help(
+        "Stored dtype of the trunk cache: float16 | bfloat16 | float32.",
+        "float16",
+        choices=TRUNK_DTYPES,
+    )
+    candidates: int | float | str | None = _help(
+        "Rerank: sweep only each query group's top-M units proposed by --prefilter; M is a "
+        "count (200), a percentage (5%) or a fraction (0.05) of the corpus. The other units "
+        "are left unscored (NaN, candidate=False). Unset: sweep every unit.",
+        None,
+    )
+    prefilter: str = _help(
+        "Method proposing the --candidates: bm25 | repsim | fisher-graddot | trackstar | "
+        "any baseline of --method.",
+        "bm25",
+    )
+    linearity_sample: int = _help(
+        "Units sampled per query for the linearity diagnostic: Spearman and top-10 overlap "
+        "(within the sample) of the scores and their first-order control (bgo-linear); "
+        "0: off.",
+        256,
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        get_variant(self.score)
+        _positive(self.normalize_damping, "--normalize-damping")
+        for name in ("batch_size", "block_units", "queries_per_sweep"):
+            _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")
+        _at_least(self.linearity_sample, 0, "--linearity-sample")
+        if self.candidates is not None:
+            parse_candidates(self.candidates)
+            check_prefilter(self.prefilter, METHODS)
+        elif self.prefilter != "bm25":  # the default is harmless; an explicit one was meant
+            raise ConfigError(
+                f"--prefilter {self.prefilter} has no effect without --candidates: add "
+                "--candidates M (e.g. 5%) to rerank its top units, or drop --prefilter."
+            )
+
+
+@dataclass
+class ExecutionConfig:
+    """Where the run executes (device, Ray workers), never what it computes."""
+
+    device: str = _help("auto | cpu | cuda[:N].", "auto")
     workers: int = _help("Ray workers sharing the sweep's blocks (0: this process only).", 0)
     ray_address: str | None = _help(
         "Join a running Ray cluster: auto (this node is in it) or HEAD:PORT. Unset: start a "
@@ -364,6 +488,7 @@ class ScoreConfig:
         "blocks shipped through Ray's object store) | never (path only: shared file system) "
         "| always (ship every block).",
         "auto",
+        choices=SHIP_CACHE,
     )
     block_attempts: int = _help(
         "Tries per block when Ray workers die (also each worker's restarts) before the run "
@@ -373,48 +498,18 @@ class ScoreConfig:
     ray_timeout: float = _help(
         "Seconds to wait for the cluster to start the workers (or restart a dead one).", 120.0
     )
-    trunk_cache: bool = _help(
-        "Store the hidden states entering the first perturbed block for every unit beside the "
-        "token cache, so later runs with the same model and split skip the trunk (needs a "
-        "perturbation restricted to blocks, e.g. --params last:N).",
-        False,
-    )
-    trunk_cache_dtype: str = _help(
-        "Stored dtype of the trunk cache: float16 | bfloat16 | float32.", "float16"
-    )
-    candidates: int | float | str | None = _help(
-        "Rerank: sweep only each query group's top-M units proposed by --prefilter; M is a "
-        "count (200), a percentage (5%) or a fraction (0.05) of the corpus. The other units "
-        "are left unscored (NaN, candidate=False). Unset: sweep every unit.",
+    device_memory: str | None = _help(
+        "Memory the run must fit in, e.g. 80GiB or 24GB (checked by the memory plan before the "
+        "model loads; bgotrace.plan). Unset: the GPU's total, or the host's available memory "
+        "on CPU.",
         None,
-    )
-    prefilter: str = _help(
-        "Method proposing the --candidates: bm25 | repsim | fisher-graddot | trackstar | "
-        "any baseline of --method.",
-        "bm25",
     )
 
     def __post_init__(self) -> None:
-        get_variant(self.score)
-        _one_of(self.reduce, REDUCTIONS, "--reduce")
-        _one_of(self.normalize, NORMALIZATIONS, "--normalize")
-        _positive(self.normalize_damping, "--normalize-damping")
-        _one_of(self.dtype, tuple(DTYPES), "--dtype")
-        for name in ("batch_size", "block_units", "queries_per_sweep"):
-            _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")
+        check_choices(self)
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device={self.device!r} is unknown: use auto, cpu or cuda[:N].")
         _at_least(self.workers, 0, "--workers")
-        self._check_ray()
-        _one_of(self.trunk_cache_dtype, ("float16", "bfloat16", "float32"), "--trunk-cache-dtype")
-        if self.candidates is not None:
-            self._check_candidates()
-        elif self.prefilter != "bm25":  # the default is harmless; an explicit one was meant
-            raise ConfigError(
-                f"--prefilter {self.prefilter} has no effect without --candidates: add "
-                "--candidates M (e.g. 5%) to rerank its top units, or drop --prefilter."
-            )
-
-    def _check_ray(self) -> None:
-        _one_of(self.ship_cache, ("auto", "always", "never"), "--ship-cache")
         if not 0 <= self.cpus_per_worker < float("inf"):
             raise ConfigError(
                 f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}: pass 0 or more."
@@ -426,18 +521,8 @@ class ScoreConfig:
         _positive(self.ray_timeout, "--ray-timeout")
         if self.ray_address is not None and not self.ray_address.strip():
             raise ConfigError("--ray-address is empty: pass auto or HEAD:PORT, or omit it.")
-
-    def _check_candidates(self) -> None:
-        # imported here: the prefilter package imports the baselines, which import this module
-        from bgotrace.prefilter.candidates import check_prefilter, parse_candidates
-
-        parse_candidates(self.candidates)  # type: ignore[arg-type]  # None excluded above
-        check_prefilter(self.prefilter, METHODS)
-        if self.workers > 0:
-            raise ConfigError(
-                "--candidates sweeps a subset of units in this process, and Ray workers reopen "
-                "the whole token cache: drop --workers or --candidates."
-            )
+        if self.device_memory is not None:
+            parse_size(self.device_memory)  # a malformed size is refused here, in one line
 
 
 @dataclass
@@ -446,7 +531,7 @@ class OutputSpec:
 
     out: str | None = _help("Run directory to write (omit to keep results in memory only).", None)
     top_k: int = _help("Rows shown in the printed table.", 10)
-    granularity: str = _help("Rank shown: unit | document | source.", "unit")
+    granularity: str = _help("Rank shown: unit | document | source.", "unit", choices=GRANULARITIES)
     top_tokens: int = _help("Top units per query whose per-token loss changes are kept.", 20)
     formats: str = _help(
         "Extra output files, comma-separated: top_units (top_units.csv, each query's top-k "
@@ -455,7 +540,7 @@ class OutputSpec:
     )
 
     def __post_init__(self) -> None:
-        _one_of(self.granularity, GRANULARITIES, "--granularity")
+        check_choices(self)
         _at_least(self.top_k, 1, "--top-k")
         _at_least(self.top_tokens, 0, "--top-tokens")
 
@@ -470,6 +555,7 @@ class AttributeConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     scoring: ScoreConfig = field(default_factory=ScoreConfig)
     output: OutputSpec = field(default_factory=OutputSpec)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     seed: int = 0
     method: str = "bgo"
     """``bgo`` (perturbation + sweep) or a baseline name (``bgotrace.baselines``)."""
@@ -481,6 +567,11 @@ class AttributeConfig:
             raise ConfigError(
                 f"Unknown attribution method {self.method!r}: use one of {', '.join(METHODS)}."
             )
+        if self.scoring.candidates is not None and self.execution.workers > 0:
+            raise ConfigError(
+                "--candidates sweeps a subset of units in this process, and Ray workers reopen "
+                "the whole token cache: drop --workers or --candidates."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -488,6 +579,7 @@ class AttributeConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttributeConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        data = moved_to_execution(data)
         unknown = set(data) - set(sections)
         if unknown:
             raise ConfigError(
@@ -539,8 +631,63 @@ SECTIONS: dict[str, type] = {
     "perturb": PerturbConfig,
     "scoring": ScoreConfig,
     "output": OutputSpec,
+    "execution": ExecutionConfig,
 }
-"""config.yaml section name → its dataclass (the CLI derives its flag table from it)."""
+"""config.yaml section name → its dataclass (the CLI derives its flags from it)."""
+
+MOVED_TO_EXECUTION = {
+    "model": ("device",),
+    "scoring": (
+        "workers",
+        "ray_address",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "ship_cache",
+        "block_attempts",
+        "ray_timeout",
+    ),
+}
+"""Keys older config.yaml files hold in another section; read into ``execution``."""
+
+
+def moved_to_execution(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each key of :data:`MOVED_TO_EXECUTION` moved into ``execution``.
+
+    One deprecation line per moved key; the same key also under ``execution`` with another
+    value is refused (which one was meant is unknowable). Sections that are not mappings
+    are left for :func:`build_section` to refuse.
+    """
+    data = dict(data)
+    execution = data.get("execution") or {}
+    if not isinstance(execution, dict):
+        return data
+    execution = dict(execution)
+    for section, keys in MOVED_TO_EXECUTION.items():
+        values = data.get(section)
+        if not isinstance(values, dict) or not set(keys) & set(values):
+            continue
+        values = data[section] = dict(values)
+        for key in [k for k in keys if k in values]:
+            _move(values, execution, section, key)
+    if execution:
+        data["execution"] = execution
+    return data
+
+
+def _move(values: dict[str, Any], execution: dict[str, Any], section: str, key: str) -> None:
+    value = values.pop(key)
+    if key in execution and execution[key] != value:
+        raise ConfigError(
+            f"Config keys {section}.{key}={value!r} and execution.{key}={execution[key]!r} "
+            f"disagree: keep execution.{key} only ({section}.{key} is its old place)."
+        )
+    execution[key] = value
+    log.warning(
+        "config key %s.%s is deprecated: it is read as execution.%s (write it there).",
+        section,
+        key,
+        key,
+    )
 
 
 def build_section(section_cls: type[T], values: dict[str, Any], name: str) -> T:

@@ -14,7 +14,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bgotrace.config import AttributeConfig, CorpusSpec, ModelSpec, OutputSpec, QuerySpec
+from bgotrace.config import (
+    AttributeConfig,
+    CorpusSpec,
+    ExecutionConfig,
+    ModelSpec,
+    OutputSpec,
+    QuerySpec,
+)
 from bgotrace.demo import DEMO_MAX_LENGTH, DEMO_PROMPTS, demo_corpus_path, demo_model_path
 from bgotrace.generate import generate_completion
 from bgotrace.modeling.loading import load_model_and_tokenizer
@@ -41,12 +48,13 @@ def demo(
     console.print(f"[bold]prompt[/bold]     {escape(prompt)}")
     console.print(f"[bold]completion[/bold] {escape(completion)}")
     config = AttributeConfig(
-        model=ModelSpec(path=str(demo_model_path()), device="cpu"),
+        model=ModelSpec(path=str(demo_model_path())),
         corpus=CorpusSpec(
             path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH, cache_dir=f"{out}-cache"
         ),
         query=QuerySpec(prompt=prompt, completion=completion),
         output=OutputSpec(out=out, top_k=10),
+        execution=ExecutionConfig(device="cpu"),
     )
     inputs = load_inputs(config, model=model, tokenizer=tokenizer)
     result = run_attribution(config, inputs, overwrite=overwrite)

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from bgotrace.cache.batching import TokenSource
 from bgotrace.cache.trunk_cache import TrunkCache
-from bgotrace.config import ScoreConfig
+from bgotrace.config import ExecutionConfig
 from bgotrace.dist.scheduler import Slot, Task, TaskScheduler
 from bgotrace.dist.session import RaySession, import_ray, placement_error
 from bgotrace.dist.trunk import TrunkSource
@@ -37,7 +38,6 @@ from bgotrace.dist.units import UnitSlice
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
 from bgotrace.perturb.steps import PerturbedState
-from bgotrace.cache.batching import TokenSource
 from bgotrace.score.executor import Block, BlockResult
 from bgotrace.score.sweep import Overrides
 
@@ -49,7 +49,7 @@ MATCHED_MANIFEST_KEYS = ("corpus_fingerprint", "tokenizer_fingerprint", "n_units
 
 @dataclass(frozen=True)
 class RayOptions:
-    """The Ray side of a sweep (from :class:`ScoreConfig`, resolved for the device)."""
+    """The Ray side of a sweep (from :class:`ExecutionConfig`, resolved for the device)."""
 
     workers: int
     address: str | None
@@ -62,14 +62,16 @@ class RayOptions:
     pad_id: int
 
     @classmethod
-    def of(cls, cfg: ScoreConfig, pad_id: int, device: torch.device) -> RayOptions:
+    def of(
+        cls, cfg: ExecutionConfig, batch_size: int, pad_id: int, device: torch.device
+    ) -> RayOptions:
         gpus = cfg.gpus_per_worker
         if gpus is None:  # a GPU model sweeps on GPU workers unless told otherwise
             gpus = 1.0 if device.type == "cuda" else 0.0
         return cls(
             workers=cfg.workers, address=cfg.ray_address, cpus_per_worker=cfg.cpus_per_worker,
             gpus_per_worker=gpus, ship_cache=cfg.ship_cache, block_attempts=cfg.block_attempts,
-            timeout=cfg.ray_timeout, batch_size=cfg.batch_size, pad_id=pad_id,
+            timeout=cfg.ray_timeout, batch_size=batch_size, pad_id=pad_id,
         )  # fmt: skip
 
     @property

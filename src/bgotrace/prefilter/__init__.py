@@ -9,12 +9,8 @@ what the prefilter misses: check the recall of full BGO's top units inside the c
 
 from __future__ import annotations
 
-from bgotrace.prefilter.candidates import (
-    CandidatePlan,
-    candidate_count,
-    parse_candidates,
-    plan_from_scores,
-)
+from bgotrace.candidates_spec import parse_candidates
+from bgotrace.prefilter.candidates import CandidatePlan, candidate_count, plan_from_scores
 from bgotrace.prefilter.propose import Prefilter, plan_candidates
 from bgotrace.prefilter.rerank import SubsetUnits, rerank_queries, scatter
 

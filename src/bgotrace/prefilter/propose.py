@@ -14,13 +14,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from bgotrace.candidates_spec import CandidateSpec, check_prefilter
 from bgotrace.config import ScoreConfig
-from bgotrace.prefilter.candidates import (
-    CandidatePlan,
-    CandidateSpec,
-    check_prefilter,
-    plan_from_scores,
-)
+from bgotrace.prefilter.candidates import CandidatePlan, plan_from_scores
 from bgotrace.query import EncodedQuery
 
 if TYPE_CHECKING:

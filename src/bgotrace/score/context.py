@@ -18,7 +18,7 @@ import torch
 from bgotrace.cache import TokenCache
 from bgotrace.cache.batching import TokenSource
 from bgotrace.cache.trunk_cache import TrunkCache, get_trunk_cache
-from bgotrace.config import PerturbConfig, ScoreConfig
+from bgotrace.config import ExecutionConfig, PerturbConfig, ScoreConfig
 from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
@@ -91,8 +91,11 @@ def build_sweep_context(
     seed: int = 0,
     device: torch.device | None = None,
     store: RunStore | None = None,
+    execution: ExecutionConfig | None = None,
 ) -> SweepContext:
     """Select the parameters, estimate the Fisher if needed, and pick the executor.
+
+    ``execution``: where blocks are computed (Ray workers); default this process only.
 
     The Fisher sample and the Fisher step's N come from the whole ``cache``; the sweep
     visits ``units`` (a subset view implementing :class:`TokenSource`), or the whole cache.
@@ -121,7 +124,15 @@ def build_sweep_context(
         fisher=fisher,
         store=store,
         block_executor=_ray_executor(
-            model, sweep_model, cache, units, score_cfg, pad_id, device, trunk_cache
+            model,
+            sweep_model,
+            cache,
+            units,
+            score_cfg,
+            execution or ExecutionConfig(),
+            pad_id,
+            device,
+            trunk_cache,
         ),
         trunk_cache=trunk_cache,
         sensitivity=sensitivity,
@@ -134,11 +145,12 @@ def _ray_executor(
     cache: TokenCache,
     units: TokenSource | None,
     score_cfg: ScoreConfig,
+    execution: ExecutionConfig,
     pad_id: int,
     device: torch.device,
     trunk_cache: TrunkCache | None,
 ) -> BlockExecutor | None:
-    if score_cfg.workers == 0:
+    if execution.workers == 0:
         return None
     from bgotrace.dist.ray_executor import RayExecutor, RayOptions
 
@@ -146,7 +158,7 @@ def _ray_executor(
     return RayExecutor(
         sweep_model,
         cache if units is None else units,
-        RayOptions.of(score_cfg, pad_id, device),
+        RayOptions.of(execution, score_cfg.batch_size, pad_id, device),
         cache_root=cache.root if units is None else None,
         manifest=cache.manifest,
         perturb_model=None if model is sweep_model else model,

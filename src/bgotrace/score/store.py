@@ -12,8 +12,9 @@ A run is resumable because each block's shard is renamed into place only once it
 whole, and ``state.json`` lets a resumed run prove it recomputed the same states. Each
 shard carries a SHA-256 digest of its arrays (and of its group and block numbers): a
 truncated, altered or misplaced shard is reported, deleted and recomputed, never merged.
-Options that only say *where* the sweep runs (``EXECUTION_FIELDS``: workers, the Ray
-cluster) may differ on resume, so a run interrupted on a cluster can finish on one machine.
+Options that only say *where* the sweep runs (the ``execution`` section but its device:
+workers, the Ray cluster) may differ on resume, so a run interrupted on a cluster can
+finish on one machine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bgotrace.config import AttributeConfig, ScoreConfig
+from bgotrace.config import AttributeConfig, ExecutionConfig
 from bgotrace.errors import RunDirectoryError
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,6 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 STATE = "state.json"
-EXECUTION_FIELDS = (
-    "workers",
-    "ray_address",
-    "cpus_per_worker",
-    "gpus_per_worker",
-    "ship_cache",
-    "block_attempts",
-    "ray_timeout",
-)
-"""``scoring`` options that change where blocks are computed, never their values."""
 
 
 class RunStore:
@@ -161,7 +152,9 @@ def _shard_digest(group: int, block: int, sums: np.ndarray, counts: np.ndarray) 
 
 
 def _scored_part(config: AttributeConfig) -> AttributeConfig:
-    """``config`` with the options that only choose where the sweep runs at their defaults."""
-    defaults = ScoreConfig()
-    where = {name: getattr(defaults, name) for name in EXECUTION_FIELDS}
-    return dataclasses.replace(config, scoring=dataclasses.replace(config.scoring, **where))
+    """``config`` with the options that only choose where the sweep runs at their defaults.
+
+    The device stays: a sweep on another device may round differently.
+    """
+    where = ExecutionConfig(device=config.execution.device)
+    return dataclasses.replace(config, execution=where)
