@@ -15,9 +15,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 import bgotrace
 from bgotrace import variants
+from bgotrace.cli.main import app
 from bgotrace.config import ScoreConfig, help_of
 from bgotrace.corpus import Document
 from bgotrace.errors import ConfigError
@@ -242,6 +245,28 @@ def test_a_users_writer_runs_in_the_pipeline_and_unknown_ones_fail_first(
     best = result.scores.sort_values("score", ascending=False).head(3)
     assert table["unit_id"].tolist() == best["unit_id"].tolist()
     assert not list(run.glob("*.part"))
+
+
+def test_the_cli_takes_agree_and_top_units_and_refuses_an_unknown_format(
+    model_and_tokenizer, tmp_path
+):
+    model, tokenizer = model_and_tokenizer
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in DOCS))
+    args = ["attribute", "--model", tmp_path / "model", "--corpus", corpus, "--quiet"]
+    args += ["--cache-dir", tmp_path / "cache", "--max-length", "12", "--steps", "2"]
+    args += ["--prompt", "Paris is the capital of", "--completion", " France.", "--score", "agree"]
+    run = tmp_path / "run"
+    done = CliRunner().invoke(app, list(map(str, [*args, "--formats", "top_units", "--out", run])))
+    assert done.exit_code == 0, done.output
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["scoring"]["score"], config["output"]["formats"]) == ("agree", "top_units")
+    n_units = json.loads((run / "summary.json").read_text())["corpus"]["n_units"]
+    assert len(pd.read_csv(run / "top_units.csv")) == min(config["output"]["top_k"], n_units)
+    bad = CliRunner().invoke(app, list(map(str, [*args, "--formats", "nope", "--out", run])))
+    assert bad.exit_code == 2 and "--formats names unknown output(s) nope" in bad.output
 
 
 def test_the_result_imports_no_view():
