@@ -335,7 +335,7 @@ def test_registry_lists_every_method():
     from bgotrace.config import METHODS
 
     assert available_methods() == sorted(METHODS)
-    assert len(METHODS) == 10  # bgo + the nine methods of the evaluation issue
+    assert len(METHODS) == 11  # bgo + the nine methods of the evaluation issue + bgo-linear
 
 
 def test_unknown_method_or_option_is_a_config_error(models, tok, cache, queries):

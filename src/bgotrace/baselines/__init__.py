@@ -13,6 +13,7 @@ trackstar      cosine of projected g/(√v+ε), v = Adam's second moment      [-
 ekfac          g_xᵀ(Ĝ+λI)⁻¹g_z via kronfluence (positive = helpful)        ÷ N ≈ nats
 untrac-inv     L(z; θ−) − L(z; θ0) (ascent only)                           nats
 bgo            L(z; θ−) − L(z; θ+) (or the configured variant)             nats
+bgo-linear     ∇L(z; θ0)·(θ− − θ+): BGO's exact first-order control        nats
 ============== =========================================================== ==================
 
 Use :func:`get_attributor` and :class:`MethodContext` (see :mod:`bgotrace.baselines.base`).
@@ -24,6 +25,7 @@ from bgotrace.baselines import (  # noqa: F401  (each module registers its metho
     gradient,
     influence,
     lexical,
+    linear,
     random,
     representation,
     unlearning,
