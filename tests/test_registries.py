@@ -265,6 +265,7 @@ def test_the_cli_takes_agree_and_top_units_and_refuses_an_unknown_format(
     assert (config["scoring"]["score"], config["output"]["formats"]) == ("agree", "top_units")
     n_units = json.loads((run / "summary.json").read_text())["corpus"]["n_units"]
     assert len(pd.read_csv(run / "top_units.csv")) == min(config["output"]["top_k"], n_units)
+    assert "report.html, top_units.csv)" in " ".join(done.output.split())  # the files listed
     bad = CliRunner().invoke(app, list(map(str, [*args, "--formats", "nope", "--out", run])))
     assert bad.exit_code == 2 and "--formats names unknown output(s) nope" in bad.output
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bgotrace.ranking.result import AttributionResult
+from bgotrace.ranking.writers import selected_writers
 from bgotrace.report.compare import Comparison, finite
 
 ID_WIDTH = 18
@@ -151,7 +152,7 @@ def print_result(
         if spans is not None:
             console.print(spans)
     if out is not None:
-        console.print(
-            f"Results written to [bold]{escape(out)}[/bold] (scores.parquet, summary.json, "
-            "report.html)."
-        )
+        formats = ((result.summary.get("config") or {}).get("output") or {}).get("formats", "")
+        extra = [w.filename for w in selected_writers(formats or "") if not w.default]
+        files = ", ".join(["scores.parquet", "summary.json", "report.html", *extra])
+        console.print(f"Results written to [bold]{escape(out)}[/bold] ({escape(files)}).")
