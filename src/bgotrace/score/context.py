@@ -191,11 +191,19 @@ def _trunk_cache(
 def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
     """The base model in the sweep dtype; a copy only when the dtype differs."""
     dtype = resolve_dtype(dtype_name)
-    if next(model.parameters()).dtype == dtype:
+    own = next(model.parameters()).dtype
+    if own == dtype:
         return model
-    log.warning(
-        "sweeping in %s: perturbations smaller than its rounding step vanish; "
-        "use float32 if scores look flat",
-        dtype_name,
-    )
+    if dtype.itemsize > own.itemsize:  # e.g. --model-dtype bfloat16 with the default --dtype
+        log.warning(
+            "sweeping a %s model in %s holds a second, larger copy of its weights: pass "
+            "--dtype %s to sweep the model as loaded",
+            str(own).removeprefix("torch."), dtype_name, str(own).removeprefix("torch."),
+        )  # fmt: skip
+    else:
+        log.warning(
+            "sweeping in %s: perturbations smaller than its rounding step vanish; "
+            "use float32 if scores look flat",
+            dtype_name,
+        )
     return copy.deepcopy(model).to(dtype)
