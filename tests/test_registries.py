@@ -271,16 +271,12 @@ def test_the_cli_takes_agree_and_top_units_and_refuses_an_unknown_format(
 
 
 def test_the_result_imports_no_view():
-    bare = (
-        "import sys, bgotrace.ranking.result as r, bgotrace.ranking.writers\n"
+    code = (
+        "import sys, bgotrace, bgotrace.ranking.result as r, bgotrace.ranking.writers as w\n"
         "views = [m for m in sys.modules if m.startswith('bgotrace.report')]\n"
         "assert not views and not r._NOTEBOOK_VIEW, views\n"
-    )
-    subprocess.run([sys.executable, "-c", bare], check=True)
-    # Through the package (bgotrace.AttributionResult) the report registers its views.
-    package = (
-        "import bgotrace, bgotrace.ranking.result as r, bgotrace.ranking.writers as w\n"
+        # Through the package (bgotrace.AttributionResult) the report registers its views.
         "assert bgotrace.AttributionResult is r.AttributionResult and r._NOTEBOOK_VIEW\n"
         "assert 'report.html' in [x.filename for x in w.selected_writers()]\n"
     )
-    subprocess.run([sys.executable, "-c", package], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
