@@ -7,6 +7,7 @@ guessed: each alternative config is planned in turn and the first that fits is n
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 
 from bgotrace.config import AttributeConfig
@@ -14,6 +15,8 @@ from bgotrace.devices import parse_size
 from bgotrace.errors import BgotraceError
 from bgotrace.plan.estimate import Plan, meta_model, plan_run
 from bgotrace.plan.shape import MetaModel
+
+log = logging.getLogger(__name__)
 
 
 class InsufficientMemoryError(BgotraceError):
@@ -71,10 +74,20 @@ def fitting_options(
     return None
 
 
-def check_memory(config: AttributeConfig, n_queries: int | None = None) -> Plan:
-    """The run's plan; raises :class:`InsufficientMemoryError` when it does not fit."""
+def check_memory(config: AttributeConfig, n_queries: int | None = None) -> Plan | None:
+    """The run's plan; raises :class:`InsufficientMemoryError` when it does not fit.
+
+    None when the model's config cannot be planned (a missing or damaged directory, an
+    architecture that is not a causal LM, a selection that matches nothing): the loader that
+    runs next reports those with its own, more specific message.
+    """
     budget = config.execution.device_memory
-    meta = meta_model(config)
+    try:
+        meta = meta_model(config)
+        meta.shape(config.perturb.params)
+    except (BgotraceError, ValueError, OSError) as err:
+        log.info("memory plan skipped: %s", err)
+        return None
     plan = plan_run(
         config, n_queries=n_queries, meta=meta,
         device_memory=parse_size(budget) if budget is not None else None,
