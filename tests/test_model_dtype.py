@@ -99,16 +99,17 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_weights_load_in_the_model_dtype_and_the_sweep_reuses_them(model_dir) -> None:
-    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype="bfloat16")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert sweep_model_in(model, "bfloat16") is model  # no second copy
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_weights_load_in_the_model_dtype_and_the_sweep_reuses_them(model_dir, dtype) -> None:
+    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    assert sweep_model_in(model, dtype) is model  # no second copy
     query = encode_query(Query("q", "Paris is the capital of", " France."), tokenizer, 64)
     names = [n for n, _ in model.named_parameters()]
     cfg = PerturbConfig(lr=1e-3, steps=3)
     descent, ascent = perturb_pair(model, query, names, cfg, n_units=10)
     for state in (descent, ascent):
-        assert {t.dtype for t in state.params.values()} == {torch.bfloat16}
+        assert {t.dtype for t in state.params.values()} == {getattr(torch, dtype)}
     assert descent.final_loss < descent.loss_trajectory[0] < ascent.final_loss
     # each direction took its own first step: the same as a single perturb call
     alone = perturb(model, query, names, cfg, "ascent", n_units=10)
