@@ -133,7 +133,9 @@ def linear_sums(
         raise ValueError("linear_sums needs at least one direction")
     params = dict(model.named_parameters())
     primals = {n: params[n].detach() for n in directions[0]}
-    tangents = [{n: d[n].to(primals[n].dtype) for n in primals} for d in directions]
+    along = [{n: d[n].to(primals[n]) for n in primals} for d in directions]  # dtype, device
+    if next(iter(primals.values())).dtype != torch.float32:
+        log_once("bgo-linear: tangents in the model's dtype, not float32: expect rounding")
     start = states_split(model, [primals])
     position = {int(u): k for k, u in enumerate(indices)}
     sums = np.zeros((len(directions), len(indices)), dtype=np.float64)
@@ -144,7 +146,7 @@ def linear_sums(
             cols = [position[int(u)] for u in batch]
             counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
             shared = trunk(model, input_ids, attention_mask, start)
-            for q, tangent in enumerate(tangents):
+            for q, tangent in enumerate(along):
                 row = _unit_jvps(model, shared, labels, primals, tangent)
                 sums[q, cols] = row.double().cpu().numpy()
             advance(len(batch))
