@@ -20,7 +20,7 @@ from bgotrace.cli.options import with_config_options
 from bgotrace.config import AttributeConfig
 from bgotrace.devices import parse_size
 from bgotrace.plan.estimate import Plan, meta_model, plan_run
-from bgotrace.plan.fit import fitting_options, gib
+from bgotrace.plan.fit import fitting_options, human
 
 _NO_CORPUS = "(no corpus: the plan does not read it)"
 
@@ -55,13 +55,13 @@ def _table(plan: Plan, fix: str | None) -> str:
     ]
     for s in plan.stages:
         hours = "" if s.hours_per_1e9_tokens is None else f"{s.hours_per_1e9_tokens:.3g}"
-        lines.append(f"{s.name:<14}{gib(s.device_bytes):>12}{gib(s.host_bytes):>12}   {hours}")
-        parts = ", ".join(f"{k} {gib(v)}" for k, v in s.device_parts.items() if v)
+        lines.append(f"{s.name:<14}{human(s.device_bytes):>12}{human(s.host_bytes):>12}   {hours}")
+        parts = ", ".join(f"{k} {human(v)}" for k, v in s.device_parts.items() if v)
         lines.append(f"{'':<14}{parts}")
     verdict = "fits" if plan.fits else "does NOT fit"
     lines.append(
-        f"peak: device {gib(plan.peak_device_bytes)}, host {gib(plan.peak_host_bytes)}; "
-        f"{verdict} in {gib(plan.device_memory)} ({plan.device})"
+        f"peak: device {human(plan.peak_device_bytes)}, host {human(plan.peak_host_bytes)}; "
+        f"{verdict} in {human(plan.device_memory)} ({plan.device})"
     )
     if not plan.fits:
         lines.append(f"would fit: {fix}" if fix else "no smaller setting found")

@@ -27,6 +27,14 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def human(n: int) -> str:
+    """Bytes in GiB, MiB or KiB, whichever keeps one decimal meaningful."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
 def _with(config: AttributeConfig, section: str, **values: object) -> AttributeConfig:
     return dataclasses.replace(
         config, **{section: dataclasses.replace(getattr(config, section), **values)}
@@ -98,7 +106,7 @@ def check_memory(config: AttributeConfig, n_queries: int | None = None) -> Plan 
     fix = fitting_options(config, plan, meta, n_queries)
     advice = f"pass {fix}" if fix else "no smaller setting found: use a device with more memory"
     raise InsufficientMemoryError(
-        f"This run needs about {gib(plan.needed_bytes)} on {plan.device} (largest stage: "
-        f"{peak}) but the device has {gib(plan.device_memory)}: {advice} "
+        f"This run needs about {human(plan.needed_bytes)} on {plan.device} (largest stage: "
+        f"{peak}) but the device has {human(plan.device_memory)}: {advice} "
         "(`bgotrace plan` shows every stage; --device-memory overrides the device's size)."
     )
