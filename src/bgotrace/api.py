@@ -69,6 +69,7 @@ def attribute(
             model,
             adapter=cfg.model.adapter,
             device=cfg.execution.device,
+            dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             merge_adapter=cfg.perturb.params != "adapter",  # --params adapter: kept unmerged
         )
