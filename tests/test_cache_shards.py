@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import bgotrace.cache.fingerprint as fingerprint
+import bgotrace.cache.shards as shards
 import bgotrace.cache.token_cache as token_cache
 from bgotrace.cache import TokenCache, get_token_cache
 from bgotrace.cache.fingerprint import SAMPLE_BYTES, SAMPLES
@@ -121,6 +122,26 @@ def test_scores_are_identical_with_one_or_many_shards(tmp_path: Path) -> None:
     one, many = scores(2**20), scores(30)
     assert len(TokenCache(tmp_path / "cache30").shards) > 3
     pd.testing.assert_frame_equal(one, many)  # exactly: the same tokens in the same batches
+
+
+def test_unit_columns_read_in_batches_equal_the_table(
+    tiny_tokenizer: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    docs = many_documents()
+    cache = get_token_cache(docs, tiny_tokenizer, CHUNKING, tmp_path / "c", progress=False)
+    monkeypatch.setattr(shards, "READ_BATCH", 3)  # every boundary case, many times over
+    path = cache.root / "units.parquet"
+    table = pd.read_parquet(path)
+    names = ("start", "char_end")
+    for got, name in zip(shards.unit_columns(path, names), names, strict=True):
+        np.testing.assert_array_equal(got, table[name].to_numpy())
+    ids = table["doc_id"].tolist()
+    expected = [True] + [a != b for a, b in zip(ids[1:], ids[:-1], strict=True)]
+    assert shards.document_starts(path).tolist() == expected
+    reopened = TokenCache(cache.root)
+    texts = {d.doc_id: d.text for d in docs}
+    for i, row in enumerate(table.itertuples()):
+        assert reopened.unit_text(i) == texts[row.doc_id][row.char_start : row.char_end]
 
 
 def test_format_1_cache_is_refused_with_the_rebuild_advice(

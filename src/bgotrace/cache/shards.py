@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkedBatch
@@ -168,6 +168,39 @@ def _document_rows(batch: ChunkedBatch, docs: np.ndarray) -> pa.Table:
 
 # ---------------------------------------------------------------- reading
 
+READ_BATCH = 1 << 16
+"""Rows of the unit table decoded at a time while reading columns of it."""
+
+
+def unit_columns(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """Numeric columns of the unit table as int64 arrays ``(n_units,)``, read batch by batch
+    so that no more than one batch of it is decoded at once."""
+    table = pq.ParquetFile(path)
+    out = tuple(np.empty(table.metadata.num_rows, dtype=np.int64) for _ in names)
+    at = 0
+    for batch in table.iter_batches(batch_size=READ_BATCH, columns=list(names)):
+        for column, values in zip(out, batch.columns, strict=True):
+            column[at : at + len(batch)] = values.to_numpy()
+        at += len(batch)
+    return out
+
+
+def document_starts(path: Path) -> np.ndarray:
+    """``(n_units,)`` bool: True where a unit's doc_id differs from the unit before it."""
+    table = pq.ParquetFile(path)
+    out = np.ones(table.metadata.num_rows, dtype=bool)
+    at, previous = 0, None
+    for batch in table.iter_batches(batch_size=READ_BATCH, columns=["doc_id"]):
+        ids = batch.column(0)
+        if len(ids) > 1:
+            out[at + 1 : at + len(ids)] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(
+                zero_copy_only=False
+            )
+        if previous is not None and len(ids):
+            out[at] = ids[0].as_py() != previous
+        at, previous = at + len(ids), ids[-1].as_py() if len(ids) else previous
+    return out
+
 
 def open_tokens(path: Path) -> np.ndarray:
     """Memory-map a token file read-only; numpy cannot map an empty file."""
@@ -184,15 +217,12 @@ class ShardTexts:
     between the shard's first unit and it.
     """
 
-    def __init__(self, root: Path, shards: list[dict[str, Any]], doc_ids: pd.Series) -> None:
+    def __init__(self, root: Path, shards: list[dict[str, Any]], starts: np.ndarray) -> None:
+        """``starts``: ``(n_units,)`` bool, True where a unit begins a new document."""
         self.root, self.shards = root, shards
         first_units = np.cumsum([0] + [s["n_units"] for s in shards])  # (n_shards + 1,)
-        self._first_units = first_units
-        ids = doc_ids.to_numpy()
-        change = np.ones(len(ids), dtype=np.int64)
-        change[1:] = ids[1:] != ids[:-1]
-        ordinal = np.cumsum(change) - 1  # (n_units,) document ordinal over the whole cache
-        shard = np.searchsorted(first_units, np.arange(len(ids)), side="right") - 1
+        ordinal = np.cumsum(starts, dtype=np.int64) - 1  # (n_units,) document over the cache
+        shard = np.searchsorted(first_units, np.arange(len(starts)), side="right") - 1
         self.shard_of = shard.astype(np.int32)  # (n_units,)
         self.row_of = ordinal - ordinal[first_units[shard]]  # (n_units,) row in its shard
 

@@ -60,7 +60,9 @@ from bgotrace.cache.shards import (
     UNITS_FILE,
     ShardTexts,
     ShardWriter,
+    document_starts,
     open_tokens,
+    unit_columns,
 )
 from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkingConfig, iter_chunked_batches
 from bgotrace.corpus.documents import CorpusHasher, Document, corpus_fingerprint
@@ -107,22 +109,28 @@ class TokenCache:
         self.root = Path(root)
         self.manifest: dict[str, Any] = read_manifest(self.root)
         _require_format(self.root, self.manifest)
-        self.units: pd.DataFrame = pd.read_parquet(self.root / UNITS_FILE)
         self.shards: list[dict[str, Any]] = list(self.manifest.get("shards", []))
         self.shard_tokens = [open_tokens(self.root / s["tokens"]) for s in self.shards]
-        self._starts = self.units["start"].to_numpy(np.int64)  # (n_units,) as if one file
-        self._lengths = self.units["length"].to_numpy(np.int64)  # (n_units,)
+        # Only the numbers a sweep needs are read at open (16 bytes a unit); the unit table
+        # with its id strings is read when first asked for (ranking, reports).
+        self._starts, self._lengths = unit_columns(self.root / UNITS_FILE, ("start", "length"))
         self._check_consistent()
         first = np.cumsum([0] + [len(t) for t in self.shard_tokens])  # (n_shards + 1,)
         self._shard = (np.searchsorted(first, self._starts, side="right") - 1).astype(np.int32)
         self._local = self._starts - first[self._shard] if len(self.shards) else self._starts
+        self._units: pd.DataFrame | None = None
         self._texts: ShardTexts | None = None
-        self._char_spans = tuple(
-            self.units[c].to_numpy(np.int64) for c in ("char_start", "char_end")
-        )
+        self._char_spans: tuple[np.ndarray, ...] | None = None
+
+    @property
+    def units(self) -> pd.DataFrame:
+        """unit_id, doc_id, source, start, length, char_start, char_end (read on first use)."""
+        if self._units is None:
+            self._units = pd.read_parquet(self.root / UNITS_FILE)
+        return self._units
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self._lengths)
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +169,8 @@ class TokenCache:
 
     def unit_text(self, i: int) -> str:
         """The document text that unit ``i`` covers (its EOS, if any, covers none)."""
+        if self._char_spans is None:
+            self._char_spans = unit_columns(self.root / UNITS_FILE, ("char_start", "char_end"))
         start, end = self._char_spans[0][i], self._char_spans[1][i]
         return self._documents().unit_document(i)[start:end]
 
@@ -173,7 +183,9 @@ class TokenCache:
 
     def _documents(self) -> ShardTexts:
         if self._texts is None:
-            self._texts = ShardTexts(self.root, self.shards, self.units["doc_id"])
+            self._texts = ShardTexts(
+                self.root, self.shards, document_starts(self.root / UNITS_FILE)
+            )
         return self._texts
 
     def _check_consistent(self) -> None:
@@ -182,14 +194,14 @@ class TokenCache:
         covered = int(self._starts[-1] + self._lengths[-1]) if len(self._starts) else 0
         shard_sizes = [len(t) for t in self.shard_tokens]
         if (
-            len(self.units) != n_units
+            len(self._lengths) != n_units
             or sum(shard_sizes) != n_tokens
             or covered != n_tokens
             or shard_sizes != [s["n_tokens"] for s in self.shards]
         ):
             raise CacheMismatchError(
                 f"Token cache {self.root} is damaged (manifest says {n_units} units and "
-                f"{n_tokens} tokens, files hold {len(self.units)} units and "
+                f"{n_tokens} tokens, files hold {len(self._lengths)} units and "
                 f"{sum(shard_sizes)} tokens): {FIX}."
             )
 
