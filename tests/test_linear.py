@@ -268,6 +268,7 @@ def test_bgo_linear_writes_a_run_like_bgo(tokenizer, tiny_documents, tmp_path):
     kw = dict(prompt=QUERY.prompt, completion=QUERY.completion, config=config)
     result = bgotrace.attribute(model, tokenizer, tiny_documents, out=tmp_path / "run", **kw)
     assert result.summary["method"] == "bgo-linear"
+    assert result.score_unit.startswith("nats")  # as bgo (normalised or not)
     top = result.top(3)
     assert len(top) == 3 and np.isfinite(top["score"]).all()
     assert "loss_linear" in result.scores.columns

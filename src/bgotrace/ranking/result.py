@@ -33,7 +33,7 @@ def score_unit(summary: dict[str, Any]) -> str:
     score is in that method's own units.
     """
     method = summary.get("method", "bgo")
-    if method not in ("bgo", "untrac-inv"):
+    if method not in ("bgo", "untrac-inv", "bgo-linear"):  # the perturbation methods: nats
         return f"{method} score units"
     scoring = (summary.get("config") or {}).get("scoring") or {}
     name = scoring.get("score", "bidirectional")
