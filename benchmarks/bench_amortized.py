@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 6x256
     OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 12x128 --quick  # ~2 min
     OMP_NUM_THREADS=1 python benchmarks/bench_amortized.py --model 12x128 --unit-length 32
+    OMP_NUM_THREADS=2 python benchmarks/bench_amortized.py --many-queries --unit-length 36
+    OMP_NUM_THREADS=2 python benchmarks/bench_amortized.py --many-queries --unit-length 128
 
 A randomly initialised GPT-2 (12 layers x width 128, or 6 x 256; vocabulary 2,048, so the
 LM head costs about one block; context = the unit length) over >= 1,000 synthetic units of
@@ -24,6 +26,13 @@ ratios. Prints and appends to benchmarks/RESULTS.md:
 4. time to the first result and to 32 results: BGO (full; last:2 shared; last:2 + warm
    trunk cache), and with ``--baselines trackstar,ekfac`` those methods (index build or
    factor fit, then queries).
+
+``--many-queries`` measures issue 18's ratios instead (each row side by side in one process):
+16 full-model queries in one call vs 16 one-query calls at 1, 4 and 16 queries per sweep
+(target <= 1.0); one full-model query vs its 2-pass limit (>= 0.9); 16 ``last:2`` queries in
+one sweep vs 16 full single runs (<= 0.30); and the spread of identical calls (the two
+rounds of each run: max/min - 1, target <= 5% on an idle machine). ``--top-tokens 0`` there,
+as in the issue.
 
 Each timing is the best of two rounds taken in turn. Ratios, not absolute times, are the
 result: the machine is shared and noisy.
@@ -186,6 +195,14 @@ def main() -> None:
         action="store_true",
         help="only row 1 (one full-model query vs its limit): minutes instead of ~20",
     )
+    parser.add_argument(
+        "--many-queries",
+        action="store_true",
+        help="issue 18's ratios: n queries in one call vs n one-query calls, and their spread",
+    )
+    parser.add_argument(
+        "--n-docs", type=int, default=300, help="documents (300: >= 1,000 units; fewer: faster)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -195,7 +212,7 @@ def main() -> None:
         return child_rss(args)
     set_progress(False)
     torch.manual_seed(0)
-    n_docs, n_q = (60, 4) if args.quick else (300, 16)
+    n_docs, n_q = (60, 4) if args.quick else (args.n_docs, 16)
     docs = corpus(n_docs, unit_length=args.unit_length)
     tok = train_tokenizer([d.text for d in docs], vocab_size=512)
     model = build_model(args.model, args.unit_length)
@@ -205,6 +222,8 @@ def main() -> None:
     baselines = [b for b in args.baselines.split(",") if b]
     if args.single_only:
         return report_single(args, *single_query(model, tok, docs, work, args.unit_length))
+    if args.many_queries:
+        return report_many(args, many_queries(model, tok, docs, work, args.unit_length, n_q))
     rows, notes = measure(model, tok, docs, n_q, work, baselines, args.unit_length)
     report(args, rows, notes)
 
@@ -309,6 +328,70 @@ def baseline_times(name: str, model, tok, cache, unit_length: int) -> tuple[floa
     built = time.perf_counter() - start
     first = built + timed(lambda: method.score(encoded[:1]))
     return first, built + timed(lambda: method.score(encoded))
+
+
+def spread_of(runs: dict[str, Any], rounds: int = 2) -> tuple[dict[str, float], dict[str, float]]:
+    """Best seconds per run and the spread of its rounds (max/min - 1), runs taken in turn."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            seconds[name].append(timed(fn))
+    best = {name: min(t) for name, t in seconds.items()}
+    return best, {name: max(t) / min(t) - 1 for name, t in seconds.items()}
+
+
+def many_queries(model, tok, docs, work: Path, unit_length: int, n_q: int) -> dict[str, Any]:
+    """Issue 18's runs, side by side: one query, n queries per call at 1, 4 and n per sweep,
+    n last:2 queries in one sweep, and two plain passes."""
+    cache_dir = work / "cache"
+
+    def call(n: int, params: str = "all", per_sweep: int = 16):
+        cfg = config(cache_dir, params, unit_length, queries_per_sweep=per_sweep)
+        cfg["output"]["top_tokens"] = 0  # as in the issue
+        return lambda: bgotrace.attribute(model, tok, docs, queries=queries(n), config=cfg)
+
+    call(1)()  # warm-up: token cache and the normaliser's gradient norms
+    cache = TokenCache(cache_dir)
+    runs = {"one": call(1), "limit": lambda: (plain_pass(model, cache), plain_pass(model, cache))}
+    runs |= {f"many{q}": call(n_q, per_sweep=q) for q in sorted({1, 4, n_q})}
+    runs["shared"] = call(n_q, "last:2", n_q)
+    best, spread = spread_of(runs)
+    return {"best": best, "spread": spread, "n_q": n_q, "n_units": len(cache),
+            "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+
+
+def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
+    best, spread, n = m["best"], m["spread"], m["n_q"]
+    one = best["one"]
+    rows = [(f"{n} full queries in one call, {q} per sweep vs {n} one-query calls",
+             best[f"many{q}"], n * one, best[f"many{q}"] / (n * one), "<= 1.0")
+            for q in sorted({1, 4, n})]  # fmt: skip
+    rows += [
+        ("1 full query vs its limit (2 plain passes)", one, best["limit"], best["limit"] / one,
+         ">= 0.9"),
+        (f"{n} last:2 queries in one sweep vs {n} full single runs", best["shared"], n * one,
+         best["shared"] / (n * one), "<= 0.30"),
+    ]  # fmt: skip
+    command = (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_amortized.py "
+               f"--many-queries --model {args.model} --unit-length {args.unit_length} "
+               f"--n-docs {args.n_docs}")  # fmt: skip
+    lines = [
+        f"\n#### Many queries in one call (issue 18), GPT-2 {args.model}, {args.unit_length}-token "
+        f"units ({date.today()}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
+        "shared machine)\n",
+        f"`{command}` — {m['n_units']} units, {m['n_tokens']} tokens, `--top-tokens 0`, "
+        "K = 10 Adam steps each way; best of 2 rounds taken in turn.\n",
+        "| comparison | measured (s) | reference (s) | ratio | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {r:.2f} | {t} |" for a, b, c, r, t in rows]
+    worst = max(spread, key=lambda k: spread[k])
+    lines.append(
+        "\nIdentical calls (the two rounds of each run): spread "
+        + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
+        + f"; largest {worst} {spread[worst]:.1%} (target <= 5% on an idle machine)."
+    )
+    publish(lines, record=not args.quick)
 
 
 def report(args: argparse.Namespace, rows: list, notes: dict) -> None:

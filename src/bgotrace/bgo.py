@@ -259,8 +259,8 @@ def run_bgo(
     scored: list[QueryScores] = []
     try:
         for g, losses in enumerate(group_losses(ctx, queries, spec, plan)):
+            # The group's states go here, before the next group is perturbed.
             scored += _finish_group(ctx, spec, losses, None if plan is None else plan.mask(g), top)
-            del losses  # the group's states go now, before the next group is perturbed
     finally:
         ctx.close()  # stop the Ray workers (and a Ray this run started), also on errors
     return BGORun(scored, _details(ctx, inputs.model, plan))
@@ -350,7 +350,7 @@ def _finish_group(
                 tokens,
             )
         )  # fmt: skip
-        r.states = {}
+        r.states = {}  # a reference left elsewhere (the loop's last item) holds no state
     return out
 
 
