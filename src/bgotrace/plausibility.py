@@ -55,13 +55,27 @@ class QueryCheck:
 
 @torch.no_grad()
 def greedy_continuation_loss(model: torch.nn.Module, prefix: torch.Tensor, n: int) -> float:
-    """Mean NLL of ``n`` greedily decoded tokens after ``prefix`` (1, T)."""
-    ids, total = prefix, 0.0
-    for _ in range(n):
-        logp = torch.log_softmax(forward_logits(model, ids)[:, -1].float(), dim=-1)  # (1, V)
+    """Mean NLL of ``n`` greedily decoded tokens after ``prefix`` (1, T).
+
+    Decoded with the model's key/value cache: each step reads one new token, so a query's
+    check costs about one forward over prefix + n tokens, not n forwards over the prefix
+    (a long completion's check would otherwise cost more than its perturbation).
+    """
+    ids = prefix
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    total = 0.0
+    for step in range(n):
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (1, V)
         best = logp.argmax(dim=-1, keepdim=True)  # (1, 1)
         total -= float(logp.gather(1, best))
-        ids = torch.cat([ids, best], dim=1)
+        if step + 1 == n:
+            break
+        ids = torch.cat([ids, best], dim=1)  # (1, T + step + 1)
+        cache = getattr(out, "past_key_values", None)  # None: the model reads it all again
+        out = model(
+            input_ids=ids if cache is None else best, attention_mask=torch.ones_like(ids),
+            past_key_values=cache, use_cache=cache is not None,
+        )  # fmt: skip
     return total / n
 
 
