@@ -194,6 +194,8 @@ def test_every_option_reaches_every_perturbation_method(
     n_before = len(calls)
     after = attribute(model, tok, tmp_path / "c", method, **changed)
     assert after.summary["config"][section][name] == value
+    for query in after.summary["queries"]:  # NaN (not swept) units never among them
+        assert query["top_units"] == after.top(5, query["query_id"])["unit_id"].tolist()
     a, b = scores_of(before), scores_of(after)
     if effect == "scores":
         assert np.isnan(a).tolist() != np.isnan(b).tolist() or not np.allclose(a, b, equal_nan=True)
