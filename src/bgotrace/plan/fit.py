@@ -42,12 +42,16 @@ def _with(config: AttributeConfig, section: str, **values: object) -> AttributeC
 
 
 def _alternatives(config: AttributeConfig, plan: Plan) -> Iterator[tuple[str, AttributeConfig]]:
-    """Single changes first (fewer queries per sweep, fewer blocks, half precision), then
-    half precision combined with each of the others."""
-    q = plan.run.queries_per_sweep
+    """Single changes first (fewer queries per sweep, smaller batches, fewer blocks, half
+    precision), then half precision combined with each of the others."""
+    q, b = plan.run.queries_per_sweep, plan.run.batch_size
     changes = [
         ("scoring", "queries_per_sweep", n, f"--queries-per-sweep {n}")
         for n in sorted({max(1, q // 2**k) for k in range(1, 6)} - {q}, reverse=True)
+    ]
+    changes += [
+        ("scoring", "batch_size", n, f"--batch-size {n}")
+        for n in sorted({max(1, b // 2**k) for k in range(1, 5)} - {b}, reverse=True)
     ]
     changes += [
         ("perturb", "params", f"last:{n}", f"--params last:{n}")

@@ -6,7 +6,11 @@ query (2 for bidirectional/abs, else 1), B batch size, T unit length, h hidden w
 width, a heads, V vocabulary, L blocks):
 
 - load:          N·b_m                                   (host too: weights pass through it)
-- normaliser:    N·b_m + sweep copy + P·b_m (gradient) + activations(1, T)
+- normaliser:    N·b_m + sweep copy + activations(B, T) through the L' blocks a backward
+                 crosses + the output gradients the ghost norms record,
+                 O = L'·B·T·(3h + 1.5·I) + B·T·V elements in b_m, their float32 copies with
+                 the inputs' (O + L'·B·T·(3h + I))·4 below float32, + U·b_m for the U selected
+                 parameters they do not cover (one unit at a time; ``perturb.ghost_norms``)
 - perturbation:  N·b_m + sweep copy + (Q−1)·S·P·b_w (the group's earlier states)
                  + P·b_w (working copy) + moments + gradients + θ+ (on the device on CPU,
                  in host memory on a GPU) + activations(1, T) + update chunk
@@ -104,11 +108,12 @@ class Stage:
                 "host_bytes": self.host_bytes}  # fmt: skip
 
 
-def train_activations(m: ModelShape, run: RunShape, batch: int) -> int:
-    """Bytes autograd saves for one forward of ``batch`` units of length T (see docstring)."""
+def train_activations(m: ModelShape, run: RunShape, batch: int, layers: int | None = None) -> int:
+    """Bytes autograd saves for one forward of ``batch`` units of length T through ``layers``
+    blocks (default all; see the module docstring)."""
     t, b = run.unit_length, run.model_bytes
     per_layer = batch * t * ((8 * m.hidden + 3 * m.intermediate) + 2 * m.heads * t) * b
-    return m.layers * per_layer + batch * t * m.vocab * (b + 4)
+    return (m.layers if layers is None else layers) * per_layer + batch * t * m.vocab * (b + 4)
 
 
 def _weights(m: ModelShape, run: RunShape) -> dict[str, int]:
@@ -171,10 +176,16 @@ def _load(m: ModelShape, run: RunShape) -> Stage:
 
 
 def _normaliser(m: ModelShape, run: RunShape) -> Stage:
+    b, bt = run.model_bytes, run.batch_size * run.unit_length
+    outputs = m.grad_layers * bt * (3 * m.hidden + 3 * m.intermediate // 2) + bt * m.vocab
+    inputs = m.grad_layers * bt * (3 * m.hidden + m.intermediate)
     device = {
         **_weights(m, run),
-        "gradient": m.n_selected * run.model_bytes,
-        "activations": train_activations(m, run, 1),
+        "activations (batch)": train_activations(m, run, run.batch_size, m.grad_layers),
+        "output gradients": outputs * b,
+        # the ghost norms read inputs and output gradients in float32: copies below float32
+        "float32 copies": 0 if b == 4 else (outputs + inputs) * 4,
+        "gradient (per-unit loop)": m.uncovered_selected * b,
     }
     hours = _hours(6.0 * m.n_params, run, run.model_bytes)
     return Stage("normaliser", device, hours_per_1e9_tokens=hours)

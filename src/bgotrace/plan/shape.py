@@ -16,6 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from bgotrace.errors import ModelLoadError, first_line
+from bgotrace.modeling.split import split_block
+from bgotrace.perturb.ghost_norms import plan_for
 from bgotrace.perturb.params import select_parameters
 
 
@@ -41,6 +43,12 @@ class ModelShape:
     """Rows of the LM head (logits per position)."""
     context: int | None
     """Positions the model reads, when its config says so."""
+    grad_layers: int = 0
+    """Blocks a backward pass runs through: from the first block holding a selected
+    parameter to the last (all of them when the selection reaches below the blocks)."""
+    uncovered_selected: int = 0
+    """Selected parameters the batched normaliser's ghost norms do not cover (e.g. fused
+    experts): their gradient is computed one unit at a time."""
 
 
 def _first(cfg: PretrainedConfig, names: tuple[str, ...], default: int) -> int:
@@ -84,6 +92,9 @@ class MetaModel:
         """Counts and sizes with the ``--params`` selection ``params``."""
         chosen = select_parameters(self.module, params)
         cfg = self.config
+        layers = _first(cfg, ("num_hidden_layers", "n_layer", "num_layers"), 1)
+        split = split_block(self.module, chosen)
+        uncovered = plan_for(self.module, chosen).uncovered
         hidden = _first(cfg, ("hidden_size", "n_embd", "d_model"), 1)
         experts = _first(cfg, ("num_experts_per_tok", "moe_topk"), 1)
         ffn = _first(cfg, ("moe_intermediate_size", "intermediate_size", "n_inner"), 4 * hidden)
@@ -92,11 +103,13 @@ class MetaModel:
             n_selected=sum(self.sizes[n] for n in chosen),
             largest_selected=max(self.sizes[n] for n in chosen),
             hidden=hidden,
-            layers=_first(cfg, ("num_hidden_layers", "n_layer", "num_layers"), 1),
+            layers=layers,
             intermediate=ffn * experts,
             heads=_first(cfg, ("num_attention_heads", "n_head"), 1),
             vocab=_first(cfg, ("vocab_size",), 1),
             context=_first(cfg, ("max_position_embeddings", "n_positions", "n_ctx"), 0) or None,
+            grad_layers=layers - split if split is not None else layers,
+            uncovered_selected=sum(self.sizes[n] for n in uncovered),
         )
 
 
