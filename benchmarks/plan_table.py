@@ -3,7 +3,8 @@
 Configs are built in code with the published dimensions of Pythia-1B, Llama-3.2-1B and
 Llama-3-8B and planned (``bgotrace.plan``) for ``--params all | last:2``, Q = 1, 8, 16
 queries per sweep and float32 / bfloat16 (model and sweep dtype alike), at the defaults
-otherwise (Adam, bidirectional score, batch 16, 256-token units, sensitivity normaliser)::
+otherwise (Adam, bidirectional score, batch 16, 256-token units, sensitivity normaliser),
+and again at ``--batch-size 8``::
 
     python benchmarks/plan_table.py            # prints a markdown table
     python benchmarks/plan_table.py --record   # and appends it to benchmarks/RESULTS.md
@@ -46,13 +47,13 @@ MODELS: dict[str, PretrainedConfig] = {
 }  # fmt: skip
 
 
-def _config(model_dir: Path, params: str, q: int, dtype: str) -> AttributeConfig:
+def _config(model_dir: Path, params: str, q: int, dtype: str, batch: int = 16) -> AttributeConfig:
     return AttributeConfig.from_dict({
         "model": {"path": str(model_dir), "dtype": dtype},
         "corpus": {"path": "(none)"},
         "query": {"completion": " "},
         "perturb": {"params": params},
-        "scoring": {"queries_per_sweep": q, "dtype": dtype},
+        "scoring": {"queries_per_sweep": q, "dtype": dtype, "batch_size": batch},
         "execution": {"device": "cuda"},
     })  # fmt: skip
 
@@ -69,10 +70,14 @@ def rows(memory: int) -> list[str]:
                 plan = plan_run(_config(model_dir, params, q, dtype), n_queries=q,
                                 device_memory=memory, meta=meta)  # fmt: skip
                 by = {s.name: s for s in plan.stages}
+                small = plan_run(_config(model_dir, params, q, dtype, batch=8), n_queries=q,
+                                 device_memory=memory, meta=meta)  # fmt: skip
                 out.append(
                     f"| {name} | {params} | {q} | {dtype} | {gib(plan.peak_device_bytes)} | "
                     f"{gib(by['perturbation'].device_bytes)} | {gib(by['sweep'].device_bytes)} "
-                    f"| {gib(plan.peak_host_bytes)} | {'yes' if plan.fits else 'no'} | "
+                    f"| {gib(by['normaliser'].device_bytes)} | {gib(plan.peak_host_bytes)} | "
+                    f"{'yes' if plan.fits else 'no'} | {gib(small.peak_device_bytes)} | "
+                    f"{'yes' if small.fits else 'no'} | "
                     f"{by['sweep'].hours_per_1e9_tokens:.3g} | "
                     f"{by['normaliser'].hours_per_1e9_tokens:.3g} |"
                 )
@@ -80,9 +85,10 @@ def rows(memory: int) -> list[str]:
 
 
 HEADER = (
-    "| model | --params | Q | dtype | peak device | perturbation | sweep | peak host | "
-    "fits 80 GiB | sweep h / 1e9 tok / group (EST.) | normaliser h / 1e9 tok (EST.) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | --params | Q | dtype | peak device | perturbation | sweep | normaliser | "
+    "peak host | fits 80 GiB | peak at --batch-size 8 | fits (batch 8) | "
+    "sweep h / 1e9 tok / group (EST.) | normaliser h / 1e9 tok (EST.) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
