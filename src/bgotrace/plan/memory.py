@@ -13,7 +13,7 @@ width, a heads, V vocabulary, L blocks):
                  parameters they do not cover (one unit at a time; ``perturb.ghost_norms``)
 - perturbation:  N·b_m + sweep copy + (Q−1)·S·P·b_w (the group's earlier states)
                  + P·b_w (working copy) + moments + gradients + θ+ (on the device on CPU,
-                 in host memory on a GPU) + activations(1, T) + update chunk
+                 in host memory on a GPU) + activations(1, T) through L' blocks + update chunk
                  moments: adam 2·P·(4 for float32, 2 for half: bfloat16 moments), fisher
                  2·P·4 (diagonal + denominators), sgd 0; gradients: 2·P·b_w in float32 (θ0's,
                  shared by both directions, and the current one), P·b_w in half precision
@@ -22,9 +22,11 @@ width, a heads, V vocabulary, L blocks):
                  B·T·(4h + 2I + a·T)·b_s (one block at a time) + LM-head chunk 256·V·(b_s + 8)
 - top tokens:    N·b_m + sweep copy + S·P·b_s + activations of one unit
 
-with sweep copy = N·b_s when the sweep dtype differs from the model's (else 0), and training
-activations(B, T) = L·B·T·((8h + 3I) + 2·a·T)·b_w + B·T·V·(b_w + 4) (saved for backward,
-eager attention's probabilities included; the query's length is taken as T, an upper bound).
+with sweep copy = N·b_s when the sweep dtype differs from the model's (else 0), L' the blocks
+from the first one holding a selected parameter to the last (L when the selection reaches
+below them), and training activations(B, T) through L' blocks =
+L'·B·T·((8h + 3I) + 2·a·T)·b_w + B·T·V·(b_w + 4) (saved for backward, eager attention's
+probabilities included; the query's length is taken as T, an upper bound).
 Host memory adds :data:`RUNTIME_BYTES` (Python, torch, transformers) and, when the corpus's
 cache manifest is known, its token memmap pages (4 bytes per token).
 
@@ -134,7 +136,7 @@ def _perturbation(m: ModelShape, run: RunShape) -> Stage:
         "working copy": p * bw,
         "optimizer moments": moments,
         "gradients": (1 if half else 2) * p * bw,
-        "activations": train_activations(m, run, 1),
+        "activations": train_activations(m, run, 1, m.backward_layers),
         "update chunk": update_transient_bytes(m.largest_selected) if half else 0,
     }
     host = {}
@@ -177,11 +179,12 @@ def _load(m: ModelShape, run: RunShape) -> Stage:
 
 def _normaliser(m: ModelShape, run: RunShape) -> Stage:
     b, bt = run.model_bytes, run.batch_size * run.unit_length
-    outputs = m.grad_layers * bt * (3 * m.hidden + 3 * m.intermediate // 2) + bt * m.vocab
-    inputs = m.grad_layers * bt * (3 * m.hidden + m.intermediate)
+    layers = m.backward_layers
+    outputs = layers * bt * (3 * m.hidden + 3 * m.intermediate // 2) + bt * m.vocab
+    inputs = layers * bt * (3 * m.hidden + m.intermediate)
     device = {
         **_weights(m, run),
-        "activations (batch)": train_activations(m, run, run.batch_size, m.grad_layers),
+        "activations (batch)": train_activations(m, run, run.batch_size, layers),
         "output gradients": outputs * b,
         # the ghost norms read inputs and output gradients in float32: copies below float32
         "float32 copies": 0 if b == 4 else (outputs + inputs) * 4,

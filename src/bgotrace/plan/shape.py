@@ -43,12 +43,17 @@ class ModelShape:
     """Rows of the LM head (logits per position)."""
     context: int | None
     """Positions the model reads, when its config says so."""
-    grad_layers: int = 0
+    grad_layers: int | None = None
     """Blocks a backward pass runs through: from the first block holding a selected
-    parameter to the last (all of them when the selection reaches below the blocks)."""
+    parameter to the last (None: all of them, the selection reaches below the blocks)."""
     uncovered_selected: int = 0
     """Selected parameters the batched normaliser's ghost norms do not cover (e.g. fused
     experts): their gradient is computed one unit at a time."""
+
+    @property
+    def backward_layers(self) -> int:
+        """:attr:`grad_layers`, or every block."""
+        return self.layers if self.grad_layers is None else self.grad_layers
 
 
 def _first(cfg: PretrainedConfig, names: tuple[str, ...], default: int) -> int:
@@ -108,7 +113,7 @@ class MetaModel:
             heads=_first(cfg, ("num_attention_heads", "n_head"), 1),
             vocab=_first(cfg, ("vocab_size",), 1),
             context=_first(cfg, ("max_position_embeddings", "n_positions", "n_ctx"), 0) or None,
-            grad_layers=layers - split if split is not None else layers,
+            grad_layers=layers - split if split is not None else None,
             uncovered_selected=sum(self.sizes[n] for n in uncovered),
         )
 
