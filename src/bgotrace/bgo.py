@@ -254,6 +254,7 @@ def run_bgo(
     whose per-token changes are kept (needs ``tokenizer``).
     """
     spec = _METHODS[method]
+    _check_pinned(spec, inputs)
     ctx = _sweep_context(inputs, queries, store)
     top = _top_tokens_of(ctx, inputs.cache, top_tokens, tokenizer)
     scored: list[QueryScores] = []
@@ -264,6 +265,14 @@ def run_bgo(
     finally:
         ctx.close()  # stop the Ray workers (and a Ray this run started), also on errors
     return BGORun(scored, _details(ctx, inputs.model, plan))
+
+
+def _check_pinned(method: PerturbationMethod, inputs: SweepInputs) -> None:
+    """The options a method pins are set (callers resolve them: :func:`resolve_method`)."""
+    for key, value in method.pinned.items():
+        for section in (inputs.perturb, inputs.scoring):
+            if getattr(section, key, value) != value:
+                raise ValueError(f"method {method.name} runs with {key}={value!r} only")
 
 
 def _sweep_context(
