@@ -253,3 +253,13 @@ def test_estimate_within_25_percent_of_measured_peak() -> None:
     )  # fmt: skip
     for row in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert 0.75 <= row["measured"] / row["estimated"] <= 1.25, row
+
+
+def test_plan_takes_the_attribute_options() -> None:
+    """`plan` is built from the same config fields as `attribute`, plus --json."""
+    plan_help = CliRunner().invoke(app, ["plan", "--help"], terminal_width=200).output
+    attribute_help = CliRunner().invoke(app, ["attribute", "--help"], terminal_width=200).output
+    for flag in ("--model-dtype", "--device-memory", "--params", "--queries-per-sweep", "--json"):
+        assert flag in plan_help, flag
+    for flag in ("--model-dtype", "--device-memory", "--batch-size"):
+        assert flag in attribute_help, flag
