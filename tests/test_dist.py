@@ -42,6 +42,9 @@ DOCS = [
     Document(f"d{i}", " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(6 + i % 5)), "s")
     for i in range(60)
 ]
+LONG_DOCS = [Document(f"{d.doc_id}.{r}", d.text, d.source) for r in range(10) for d in DOCS]
+"""A sweep long enough (~1,100 blocks) that a node can be lost in its middle under any load
+(two blocks in flight per worker finish the 60-document sweep in well under a second)."""
 QUERIES = [Query("capital", "Paris is the capital of", " France.")]
 MANY = [
     *QUERIES,
@@ -87,12 +90,14 @@ def local(model, tok, tmp_path_factory):
     return attribute(model, tok, tmp_path_factory.mktemp("local"))
 
 
-def attribute(model, tok, tmp_path: Path, out=None, queries=QUERIES, per_sweep=1, **scoring):
+def attribute(
+    model, tok, tmp_path: Path, out=None, queries=QUERIES, per_sweep=1, docs=DOCS, **scoring
+):
     config = json.loads(json.dumps(CONFIG))
     config["corpus"]["cache_dir"] = str(tmp_path / "cache")
     config["scoring"].update(scoring, queries_per_sweep=per_sweep)
     config["execution"] = _execution_of(config["scoring"])
-    return bgotrace.attribute(model, tok, DOCS, queries=queries, config=config, out=out)
+    return bgotrace.attribute(model, tok, docs, queries=queries, config=config, out=out)
 
 
 def _execution_of(scoring: dict) -> dict:
@@ -277,8 +282,8 @@ def test_an_address_nobody_answers_is_one_error_line(model_dir, tmp_path):
 
 
 # --- last: it takes node2 away for good ---------------------------------------------------
-def test_losing_a_node_mid_sweep_leaves_the_run_to_the_other(cluster, model, tok, local,
-                                                             tmp_path, records):  # fmt: skip
+def test_losing_a_node_mid_sweep_leaves_the_run_to_the_other(cluster, model, tok, tmp_path,
+                                                             records):  # fmt: skip
     """Node2 (raylet and its worker) SIGKILLed: the head's worker finishes the sweep (the
     lost worker cannot restart: its node is gone and the head has no free CPU)."""
     out, ended = tmp_path / "run", threading.Event()
@@ -293,14 +298,15 @@ def test_losing_a_node_mid_sweep_leaves_the_run_to_the_other(cluster, model, tok
     killer.start()
     try:
         result = attribute(
-            model, tok, tmp_path, out=out, workers=2, ray_address=cluster.address, ray_timeout=60
-        )
+            model, tok, tmp_path, out=out, workers=2, ray_address=cluster.address,
+            ray_timeout=60, docs=LONG_DOCS,
+        )  # fmt: skip
     finally:
         ended.set()
     killer.join()
     assert records.values("blocks_deaths")[-1] >= 1  # the lost worker's block was redone
     assert (out / "summary.json").exists()
-    assert_same(local, result)
+    assert_same(attribute(model, tok, tmp_path / "local", docs=LONG_DOCS), result)
 
 
 # --- the trunk cache read by the workers ---------------------------------------------------

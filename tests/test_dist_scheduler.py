@@ -162,3 +162,65 @@ def test_an_exception_inside_a_task_is_not_retried(fake_ray, cause, expected):
     with pytest.raises(expected, match="a user error|block 9 failed on worker 0 with RuntimeError"):
         list(scheduler.run([Task(9, "block 9", raising)]))
     assert scheduler.failures == 0
+
+
+class QueuingActor(FakeActor):
+    """Like a real actor: its death fails every task it held, not only the one it died in."""
+
+    def __init__(self, index: int, dies_on=()) -> None:
+        super().__init__(index, dies_on)
+        self.era = 0
+
+    def run(self, key: int) -> Ref:
+        self.ran.append(key)
+        born = self.era
+
+        def outcome():
+            if self.era != born or key in self.dies_on:
+                if self.era == born:
+                    self.dies_on.discard(key)  # dies once, then a restarted actor succeeds
+                    self.era += 1
+                raise ActorDiedError(f"worker {self.index} was SIGKILLed")
+            return key * 10, f"n{self.index}"
+
+        return Ref(outcome)
+
+
+def test_two_tasks_in_flight_per_worker_and_one_death_fails_both(fake_ray):
+    flaky, steady = QueuingActor(0, dies_on={0}), QueuingActor(1)
+    slots = [Slot(a.index, a) for a in (flaky, steady)]
+    scheduler = TaskScheduler(slots, attempts=3, restarts=3, timeout=60.0, depth=2)
+    results: dict[int, object] = {}
+    for task, value in scheduler.run(tasks(6)):
+        assert task.key not in results  # each task yielded exactly once
+        results[task.key] = value
+    assert results == {k: k * 10 for k in range(6)}
+    assert flaky.ran[:2] == [0, 2] and steady.ran[:2] == [1, 3]  # two in flight each
+    assert scheduler.failures == 1  # one death, though it failed two tasks
+    assert sorted(flaky.ran + steady.ran) == [0, 0, 1, 2, 2, 3, 4, 5]  # both lost tasks redone
+
+
+def test_states_perturbed_on_workers_come_back_on_the_drivers_device():
+    """A CUDA driver with CPU-returning workers used to get CPU states next to its GPU model
+    (the top-token step then failed on mixed devices); here "meta" stands in for the GPU."""
+    torch = pytest.importorskip("torch")
+    from bgotrace.dist.ray_executor import on_device
+    from bgotrace.perturb.steps import PerturbedState
+
+    state = PerturbedState("ascent", {"w": torch.ones(3), "b": torch.zeros(2)}, [1.0, 2.0])
+    moved = on_device(state, torch.device("meta"))
+    assert {t.device.type for t in moved.params.values()} == {"meta"}
+    assert moved.loss_trajectory == [1.0, 2.0]
+
+
+def test_a_private_ray_leaves_the_drivers_gpu_out(monkeypatch):
+    """Ray does not see the driver's own GPU work: a private instance gets the other GPUs."""
+    from bgotrace.dist import session
+
+    calls: list[dict] = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append(kw))
+    monkeypatch.setattr(session, "import_ray", lambda: fake)
+    monkeypatch.setattr(session, "_gpu_count", lambda: 4)
+    session.RaySession.open(None, n_cpus=2, driver_gpus=1)
+    session.RaySession.open(None, n_cpus=2, driver_gpus=0)
+    assert [c["num_gpus"] for c in calls] == [3, 4]

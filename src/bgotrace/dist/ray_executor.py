@@ -43,6 +43,9 @@ from bgotrace.score.sweep import Overrides
 
 log = logging.getLogger(__name__)
 
+BLOCKS_IN_FLIGHT = 2
+"""Block tasks queued per worker: the next block's arguments arrive while one computes."""
+
 MATCHED_MANIFEST_KEYS = ("corpus_fingerprint", "tokenizer_fingerprint", "n_units", "n_tokens")
 """A worker uses the cache at the driver's path only if these manifest keys match."""
 
@@ -97,10 +100,16 @@ class RayExecutor:
         sweep dtype) is another one; the workers then hold both. ``trunk``: the driver's
         trunk cache of ``model`` and these units' token cache, for workers that can read it."""
         self.units, self.options, self.trunk = units, options, TrunkSource.of(trunk)
+        self.driver_device = next(model.parameters()).device
+        """Where the driver's model is: perturbed states come back there."""
         self.session = RaySession.open(
-            options.address, n_cpus=options.workers * options.cpus_per_worker
+            options.address,
+            n_cpus=options.workers * options.cpus_per_worker,
+            driver_gpus=int(self.driver_device.type == "cuda"),
         )
         self.slots: list[Slot] = []
+        self._groups = 0
+        """Sweep groups run so far (names each group's states for the workers)."""
         try:
             self._start_workers(model, perturb_model, cache_root, manifest)
         except BaseException:
@@ -192,7 +201,11 @@ class RayExecutor:
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         ray = import_ray()
-        states_ref = ray.put([None if s is None else _on_cpu_dict(s) for s in states])
+        # The group's states go to the object store once; a worker fetches them on its first
+        # block of the group and keeps them on its device for the others (the ref travels in
+        # a list, so Ray does not fetch and deserialise it again for every block task).
+        self._groups += 1
+        group = (self._groups, [ray.put([None if s is None else _on_cpu_dict(s) for s in states])])
         shipped: dict[int, Any] = {}
 
         def payload(block: Block, slot: Slot) -> Any:
@@ -204,11 +217,11 @@ class RayExecutor:
 
         def task(k: int, block: Block) -> Task:
             def submit(slot: Slot) -> Any:
-                return slot.actor.run_block.remote(block, states_ref, payload(block, slot))
+                return slot.actor.run_block.remote(block, group, payload(block, slot))
 
             return Task(k, f"block {block.index} (units {block.start}..{block.stop - 1})", submit)
 
-        scheduler = self._scheduler()
+        scheduler = self._scheduler(depth=BLOCKS_IN_FLIGHT)
         for _, result in scheduler.run([task(k, b) for k, b in enumerate(blocks)]):
             shipped.pop(result[0].index, None)  # frees the slice in the object store
             yield result
@@ -243,16 +256,17 @@ class RayExecutor:
         scheduler = self._scheduler()
         out: dict[int, PerturbedState] = {}
         for done, state in scheduler.run([task(k, j) for k, j in enumerate(jobs)]):
-            out[done.key] = state
+            out[done.key] = on_device(state, self.driver_device)
             advance(1)
         self._log_done("perturbations", scheduler)
         return [out[k] for k in range(len(jobs))]
 
-    def _scheduler(self) -> TaskScheduler:
+    def _scheduler(self, depth: int = 1) -> TaskScheduler:
         o = self.options
         return TaskScheduler(
-            self.slots, attempts=o.block_attempts, restarts=o.block_attempts, timeout=o.timeout
-        )
+            self.slots, attempts=o.block_attempts, restarts=o.block_attempts, timeout=o.timeout,
+            depth=depth,
+        )  # fmt: skip
 
     def _log_done(self, what: str, scheduler: TaskScheduler) -> None:
         nodes, deaths = dict(scheduler.nodes), scheduler.failures
@@ -286,6 +300,13 @@ def _on_cpu(model: torch.nn.Module | None) -> torch.nn.Module | None:
     if model is None or next(model.parameters()).device.type == "cpu":
         return model
     return copy.deepcopy(model).cpu()
+
+
+def on_device(state: PerturbedState, device: torch.device) -> PerturbedState:
+    """A worker's state (sent back on the CPU) on the driver's device, where the top-token
+    step and a local sweep evaluate it next to the driver's model."""
+    state.params = {k: v.to(device) for k, v in state.params.items()}
+    return state
 
 
 def _on_cpu_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

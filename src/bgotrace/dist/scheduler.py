@@ -1,13 +1,14 @@
 """Hand tasks (sweep blocks, perturbations) to Ray actors and survive their deaths.
 
-One ``ray.wait`` loop tracks every task. Each live worker holds at most one task, so a
-failed task means exactly one death of that worker. A task whose worker died (SIGKILL,
-OOM, node loss) goes back to the front of the queue for the next live worker, up to
-``attempts`` tries in all; then the run stops with an error naming the task and the
-cause. A worker that died is probed (``ready``) before it gets work again: Ray restarts
-it up to ``restarts`` times; one that does not come back within ``timeout`` seconds (its
-node is gone and nothing else fits) is dropped. A task is yielded once, when it
-succeeded, and never resubmitted after.
+One ``ray.wait`` loop tracks every task. Each live worker holds up to ``depth`` tasks
+(two for sweep blocks: the next block's arguments travel while the current one computes; an
+actor runs its tasks one at a time). A worker's death fails every task it held: each goes
+back to the front of the queue for the next live worker, up to ``attempts`` tries in all,
+and the death is counted (and the worker restarted) once; after ``attempts`` tries the run
+stops with an error naming the task and the cause. A worker that died is probed
+(``ready``) before it gets work again: Ray restarts it up to ``restarts`` times; one that
+does not come back within ``timeout`` seconds (its node is gone and nothing else fits) is
+dropped. A task is yielded once, when it succeeded, and never resubmitted after.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Slot:
     """Whether it reads the trunk cache (else it computes the trunk)."""
     deaths: int = 0
     dead: bool = False
-    busy: bool = False
+    busy: int = 0
+    """Tasks in flight on this worker."""
     probing_since: float | None = None
     """When the probe of a restarting worker was sent (None: not restarting)."""
 
@@ -82,8 +84,14 @@ class TaskScheduler:
         attempts: int,
         restarts: int,
         timeout: float,
+        depth: int = 1,
     ) -> None:
         self.slots, self.attempts, self.restarts, self.timeout = slots, attempts, restarts, timeout
+        self.depth = depth
+        """Most tasks in flight per worker."""
+        self._era: dict[Any, int] = {}
+        """Per task ref: its worker's death count when it was submitted (a later failure of
+        the same era is the same death)."""
         self.nodes: collections.Counter[str] = collections.Counter()
         """Tasks done per node id (for the log and the tests)."""
         self.failures = 0
@@ -100,7 +108,9 @@ class TaskScheduler:
                 if not queue:
                     break
                 todo = queue.popleft()
-                inflight[todo.submit(slot)], slot.busy = (slot, todo), True
+                ref = todo.submit(slot)
+                inflight[ref], self._era[ref] = (slot, todo), slot.deaths
+                slot.busy += 1
             if not inflight:
                 raise self._no_workers(queue[0])
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
@@ -115,7 +125,10 @@ class TaskScheduler:
                     yield task, result
 
     def _idle(self) -> list[Slot]:
-        return [s for s in self.slots if not (s.dead or s.busy or s.probing_since is not None)]
+        """Free places on live workers, breadth first (every worker's first task, then
+        every worker's second…), so work spreads before it queues."""
+        live = [s for s in self.slots if not (s.dead or s.probing_since is not None)]
+        return [s for level in range(self.depth) for s in live if s.busy <= level]
 
     def _collect(
         self,
@@ -128,18 +141,20 @@ class TaskScheduler:
     ) -> tuple[bool, Any]:
         """(True, the task's result), or (False, None) after re-queueing it: its worker died."""
         ray = import_ray()
-        slot.busy = False
+        slot.busy -= 1
+        era = self._era.pop(ref)
         try:
             result, node = ray.get(ref)
         except _retryable() as err:
             tries[task.key] += 1
-            self.failures += 1
             cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             log.warning("worker %d died during %s: %s", slot.index, task.label, cause)
             if tries[task.key] >= self.attempts:
                 raise self._gave_up(task, cause) from err
             queue.appendleft(task)
-            self._restart(slot, inflight)
+            if era == slot.deaths and not slot.dead:  # one death fails all the tasks it held
+                self.failures += 1
+                self._restart(slot, inflight)
             return False, None
         except ray.exceptions.RayTaskError as err:  # the task itself raised: no retry
             if isinstance(err.cause, BgotraceError):

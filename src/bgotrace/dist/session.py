@@ -41,20 +41,35 @@ class RaySession:
     """True when this run initialised Ray (and so must shut it down)."""
 
     @classmethod
-    def open(cls, address: str | None, *, n_cpus: float) -> RaySession:
-        """Join ``address``, or start a private instance with ``n_cpus`` CPUs (GPUs detected)."""
+    def open(cls, address: str | None, *, n_cpus: float, driver_gpus: int = 0) -> RaySession:
+        """Join ``address``, or start a private instance with ``n_cpus`` CPUs.
+
+        ``driver_gpus``: GPUs this process itself computes on (1 with a CUDA model). Ray does
+        not see them in use, so a private instance is given the machine's other GPUs only,
+        and joining a cluster warns that Ray may place a worker on the driver's GPU.
+        """
         ray = import_ray()
         if ray.is_initialized():
             return cls("caller's", owned=False)
         if address is None:
+            gpus = max(0, _gpu_count() - driver_gpus)
             ray.init(
                 address="local",
                 num_cpus=max(1, math.ceil(n_cpus)),
+                num_gpus=gpus,
                 include_dashboard=False,
                 log_to_driver=False,
             )
-            log.info("started a local Ray instance with %d CPUs", max(1, math.ceil(n_cpus)))
+            log.info(
+                "started a local Ray instance with %d CPUs and %d GPUs (%d kept for this "
+                "process)", max(1, math.ceil(n_cpus)), gpus, driver_gpus,
+            )  # fmt: skip
             return cls("local", owned=True)
+        if driver_gpus:
+            log.warning(
+                "the driver computes on a GPU that Ray does not account for: on this node "
+                "start Ray with one GPU fewer (`ray start --num-gpus N-1`) so no worker shares it"
+            )
         _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
@@ -72,6 +87,12 @@ class RaySession:
         if self.owned:
             import_ray().shutdown()
             self.owned = False
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

@@ -69,6 +69,8 @@ class SweepWorker:
             self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
         # Read by path or not at all (never shipped: see bgotrace.dist.trunk).
         self.trunk, self.trunk_why_not = open_trunk_at(setup.trunk)
+        self.states_of: tuple[int, list[Overrides]] = (-1, [])
+        """(sweep group, its states on this worker's device)."""
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs and whether it reads the token and trunk caches by path."""
@@ -84,14 +86,16 @@ class SweepWorker:
         }
 
     def run_block(
-        self, block: Block, states: Sequence[Overrides], shipped: UnitSlice | None
+        self, block: Block, group: tuple[int, list[Any]], shipped: UnitSlice | None
     ) -> tuple[BlockResult, str]:
-        """The block's sums and counts (indexed as the driver's block), and this node's id."""
+        """The block's sums and counts (indexed as the driver's block), and this node's id.
+
+        ``group``: (the sweep group's number, [ref of its states]); the states are fetched
+        and moved to the device on the group's first block here, then kept for the rest.
+        """
         import ray
 
-        states = [
-            None if s is None else {k: v.to(self.device) for k, v in s.items()} for s in states
-        ]
+        states = self._group_states(group)
         units: Any = self.cache if shipped is None else shipped
         local = block if shipped is None else shipped.local_block(block)
         # A shipped slice names its corpus units (``indices``): the trunk rows follow them.
@@ -102,6 +106,16 @@ class SweepWorker:
             trunk_rows=rows,
         )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
+
+    def _group_states(self, group: tuple[int, list[Any]]) -> list[Overrides]:
+        import ray
+
+        number, (ref,) = group
+        if self.states_of[0] != number:
+            self.states_of = (number, [])  # the last group's states are freed first
+            states = ray.get(ref)
+            self.states_of = (number, [None if s is None else _on(s, self.device) for s in states])
+        return self.states_of[1]
 
     def perturb(
         self,
@@ -123,3 +137,7 @@ class SweepWorker:
         )
         state.params = {k: v.cpu() for k, v in state.params.items()}
         return state, ray.get_runtime_context().get_node_id()
+
+
+def _on(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in state.items()}
