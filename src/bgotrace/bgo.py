@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bgotrace.cache import TokenCache
 from bgotrace.config import AttributeConfig, ExecutionConfig, PerturbConfig, ScoreConfig
+from bgotrace.dist.ray_executor import ray_executor_for
 from bgotrace.errors import ConfigError
 from bgotrace.perturb.sensitivity import normalized, score_divisors
 from bgotrace.query import EncodedQuery
@@ -282,13 +283,14 @@ def _sweep_context(
         store.check_state("cache", inputs.cache.manifest.get("corpus_fingerprint"))
     # A query and its spans are perturbed states of one sweep: keep them in one group.
     per_sweep = group_size_for(queries, inputs.scoring.queries_per_sweep)
-    return build_sweep_context(
+    ctx = build_sweep_context(
         inputs.model, inputs.cache,
         perturb_cfg=inputs.perturb,
         score_cfg=dataclasses.replace(inputs.scoring, queries_per_sweep=per_sweep),
         pad_id=inputs.pad_id, seed=inputs.seed, device=inputs.device, store=store,
-        execution=inputs.execution,
     )  # fmt: skip
+    ctx.block_executor = ray_executor_for(ctx, inputs.cache, inputs.execution or ExecutionConfig())
+    return ctx
 
 
 def group_losses(

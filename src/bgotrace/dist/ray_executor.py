@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bgotrace.cache import TokenCache
 from bgotrace.cache.batching import TokenSource
 from bgotrace.cache.trunk_cache import TrunkCache
 from bgotrace.config import ExecutionConfig
@@ -38,6 +39,7 @@ from bgotrace.dist.units import UnitSlice
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
 from bgotrace.perturb.steps import PerturbedState
+from bgotrace.score.context import SweepContext
 from bgotrace.score.executor import Block, BlockResult
 from bgotrace.score.sweep import Overrides
 
@@ -300,6 +302,26 @@ def _on_cpu(model: torch.nn.Module | None) -> torch.nn.Module | None:
     if model is None or next(model.parameters()).device.type == "cpu":
         return model
     return copy.deepcopy(model).cpu()
+
+
+def ray_executor_for(
+    ctx: SweepContext, cache: TokenCache, execution: ExecutionConfig
+) -> RayExecutor | None:
+    """Ray workers for the sweep of ``ctx`` over ``cache`` (None: ``--workers 0``, this process).
+
+    A subset view of the units (``--candidates``) has no directory of its own: its blocks
+    are shipped; the whole cache is read by path where a node can.
+    """
+    if execution.workers == 0:
+        return None
+    whole = ctx.units is cache
+    return RayExecutor(
+        ctx.sweep_model, ctx.units,
+        RayOptions.of(execution, ctx.score_cfg.batch_size, ctx.pad_id, ctx.device),
+        cache_root=cache.root if whole else None, manifest=cache.manifest,
+        perturb_model=None if ctx.model is ctx.sweep_model else ctx.model,
+        trunk=ctx.trunk_cache,
+    )  # fmt: skip
 
 
 def on_device(state: PerturbedState, device: torch.device) -> PerturbedState:

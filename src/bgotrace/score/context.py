@@ -18,7 +18,7 @@ import torch
 from bgotrace.cache import TokenCache
 from bgotrace.cache.batching import TokenSource
 from bgotrace.cache.trunk_cache import TrunkCache, get_trunk_cache
-from bgotrace.config import ExecutionConfig, PerturbConfig, ScoreConfig
+from bgotrace.config import PerturbConfig, ScoreConfig
 from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
@@ -91,11 +91,11 @@ def build_sweep_context(
     seed: int = 0,
     device: torch.device | None = None,
     store: RunStore | None = None,
-    execution: ExecutionConfig | None = None,
 ) -> SweepContext:
-    """Select the parameters, estimate the Fisher if needed, and pick the executor.
+    """Select the parameters, estimate the Fisher if needed, and build the caches beside it.
 
-    ``execution``: where blocks are computed (Ray workers); default this process only.
+    Blocks are computed in this process unless the caller attaches an executor (the BGO
+    orchestration attaches Ray workers: :func:`bgotrace.dist.ray_executor.ray_executor_for`).
 
     The Fisher sample and the Fisher step's N come from the whole ``cache``; the sweep
     visits ``units`` (a subset view implementing :class:`TokenSource`), or the whole cache.
@@ -123,46 +123,8 @@ def build_sweep_context(
         n_units=len(cache),
         fisher=fisher,
         store=store,
-        block_executor=_ray_executor(
-            model,
-            sweep_model,
-            cache,
-            units,
-            score_cfg,
-            execution or ExecutionConfig(),
-            pad_id,
-            device,
-            trunk_cache,
-        ),
         trunk_cache=trunk_cache,
         sensitivity=sensitivity,
-    )
-
-
-def _ray_executor(
-    model: torch.nn.Module,
-    sweep_model: torch.nn.Module,
-    cache: TokenCache,
-    units: TokenSource | None,
-    score_cfg: ScoreConfig,
-    execution: ExecutionConfig,
-    pad_id: int,
-    device: torch.device,
-    trunk_cache: TrunkCache | None,
-) -> BlockExecutor | None:
-    if execution.workers == 0:
-        return None
-    from bgotrace.dist.ray_executor import RayExecutor, RayOptions
-
-    # A subset view of the units has no directory of its own: its blocks are shipped.
-    return RayExecutor(
-        sweep_model,
-        cache if units is None else units,
-        RayOptions.of(execution, score_cfg.batch_size, pad_id, device),
-        cache_root=cache.root if units is None else None,
-        manifest=cache.manifest,
-        perturb_model=None if model is sweep_model else model,
-        trunk=trunk_cache,
     )
 
 
