@@ -410,7 +410,7 @@ class ScoreConfig:
     normalize_damping: float = _help(
         "λ of --normalize damped: divide by ‖∇L(z)‖ + λ·median‖∇L‖, so units the model has "
         "learned best (tiny gradients) are not inflated into hubs.",
-        1.0,
+        3.0,  # the one λ meeting issue 15's demo check (benchmarks/RESULTS.md, issue 15)
     )
     batch_size: int = _help("Units per forward pass.", 16)
     dtype: str = _help(

@@ -1,0 +1,208 @@
+"""Which ``--normalize`` holds on memorised data and keeps the ``cpu``-scale gains (issue 15).
+
+    python benchmarks/normalise_protocol.py demo                      # ~5 min on one core
+    bgotrace bench build --out /tmp/bench-cpu --bench-preset cpu --preset test --epochs 8
+    python benchmarks/normalise_protocol.py bench --bench /tmp/bench-cpu \\
+        --model /tmp/bench-cpu/model --split validation               # then --split test
+
+BGO's raw scores are computed once per query set (``--normalize none``) and s(z) = ‖∇L(z)‖
+once per corpus; every normalisation is then the raw score divided by its divisor, exactly
+as the pipeline divides (``bgotrace.perturb.sensitivity``), so the settings differ in the
+divisor only. Settings: none, sensitivity, damped λ ∈ {0.1, 0.3, 1, 3}.
+
+``demo``: the shipped demo model and corpus; prompt ``"WORD, n."``, completion = the entry's
+definition, for Devil's Dictionary entries ``WORD, n. …`` under 160 characters shuffled with
+``random.Random(4)``: the first 24 (issue 15's check) are the validation split, the next 24
+the test split. Printed per split: entries ranked first, MRR (95% bootstrap CI), and the
+largest number of top-5s one unrelated unit appears in.
+``bench``: fact MRR / recall@10, source precision@10 and hub share with their 95% CIs on one
+split of a benchmark (``bgotrace eval``'s metrics, on the same scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from results_log import publish
+
+from bgotrace.config import ScoreConfig
+from bgotrace.eval.metrics import bootstrap_ci
+from bgotrace.perturb.params import select_parameters
+from bgotrace.perturb.sensitivity import cached_sensitivity, damped, score_divisors
+
+SETTINGS: dict[str, Callable[[np.ndarray], np.ndarray | None]] = {
+    "none": lambda s: None,
+    "sensitivity": lambda s: s,
+    **{f"damped λ={lam:g}": (lambda s, lam=lam: damped(s, lam)) for lam in (0.1, 0.3, 1.0, 3.0)},
+}
+"""Each setting's divisor basis from s(z) (None: raw scores), as ``unit_normalizers`` builds it."""
+
+
+def normalise(raw: np.ndarray, s: np.ndarray, setting: str) -> np.ndarray:
+    basis = SETTINGS[setting](s)
+    return raw if basis is None else raw / score_divisors(basis)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_entries(n: int) -> list[dict]:
+    """The Devil's Dictionary entries of issue 15's check, in its shuffled order."""
+    from bgotrace.demo import demo_corpus_path
+
+    rows = [json.loads(line) for line in demo_corpus_path().open(encoding="utf-8")]
+    entries = [
+        r
+        for r in rows
+        if r["source"] == "devils-dictionary"
+        and r["text"].startswith(f"{r['id']}, n.")
+        and len(r["text"]) < 160
+    ]
+    random.Random(4).shuffle(entries)
+    return entries[:n]
+
+
+def demo_raw_scores(n: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Raw BGO scores (n queries, units), s(z), each unit's doc id, each query's entry."""
+    from bgotrace.config import (
+        AttributeConfig,
+        CorpusSpec,
+        ExecutionConfig,
+        ModelSpec,
+        OutputSpec,
+        QuerySpec,
+    )
+    from bgotrace.demo import DEMO_MAX_LENGTH, demo_corpus_path, demo_model_path
+    from bgotrace.modeling.loading import load_model_and_tokenizer
+    from bgotrace.pipeline import load_inputs, run_attribution
+    from bgotrace.query import Query
+
+    entries = demo_entries(n)
+    queries = [Query(e["id"], f"{e['id']}, n.", e["text"][len(e["id"]) + 4 :]) for e in entries]
+    model, tok = load_model_and_tokenizer(demo_model_path(), device="cpu")
+    cfg = AttributeConfig(
+        model=ModelSpec(path=str(demo_model_path())),
+        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH),
+        query=QuerySpec(prompt="unused", completion="unused"),
+        scoring=ScoreConfig(normalize="none"),
+        execution=ExecutionConfig(device="cpu"),
+        output=OutputSpec(top_tokens=0),
+    )
+    inputs = load_inputs(cfg, model=model, tokenizer=tok, queries=queries)
+    result = run_attribution(cfg, inputs)
+    table = result.scores.pivot(index="query_id", columns="unit_index", values="score")
+    raw = table.loc[[q.query_id for q in queries]].to_numpy()
+    names = select_parameters(model, cfg.perturb.params)
+    s = cached_sensitivity(model, inputs.cache, names, reduce="sum", device=torch.device("cpu"))
+    one = result.scores[result.scores["query_id"] == queries[0].query_id]
+    docs = one.sort_values("unit_index")["doc_id"].astype(str).tolist()
+    np.savez("/tmp/normalise_protocol_demo.npz", raw=raw, s=s, docs=docs)  # for re-analysis
+    return raw, s, docs, [q.query_id for q in queries]
+
+
+def demo_metrics(scores: np.ndarray, docs: Sequence[str], wanted: Sequence[str]) -> dict:
+    """Entries ranked first, MRR with its CI, max top-5s of one unrelated unit."""
+    docs_arr = np.asarray(docs)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    pairs = list(zip(order, wanted, strict=True))
+    rr = [1.0 / (1 + int(np.flatnonzero(docs_arr[o] == w)[0])) for o, w in pairs]
+    hubs = np.zeros(len(docs), dtype=int)
+    for o, w in pairs:
+        top = o[:5]
+        hubs[top[docs_arr[top] != w]] += 1
+    mrr = bootstrap_ci(rr)
+    return {"first": sum(r == 1.0 for r in rr), "n": len(rr), "mrr": mrr, "hub": int(hubs.max())}
+
+
+def run_demo(record: bool, n: int) -> None:
+    raw, s, docs, wanted = demo_raw_scores(n)
+    lines = [
+        "\n### `--normalize` on the memorised demo model (issue 15's check; validation = its 24 "
+        "entries, test = the next 24)\n",
+        "`python benchmarks/normalise_protocol.py demo`; unit s(z) = ‖∇L(z)‖ over all "
+        "parameters, reduce=sum; MRR with a 95% bootstrap CI over the entries.\n",
+        "| setting | val: entry first | val: MRR | val: max top-5s of one unrelated unit "
+        + ("| test: entry first | test: MRR | test: max top-5s |" if n > 24 else "|"),
+        "|---|---:|---:|---:|" + ("---:|---:|---:|" if n > 24 else ""),
+    ]
+    for name in SETTINGS:
+        cells = []
+        for part in (slice(0, 24), slice(24, 48))[: (n + 23) // 24]:
+            m = demo_metrics(normalise(raw[part], s, name), docs, wanted[part])
+            mrr = m["mrr"]
+            cells += [f"{m['first']}/{m['n']}", f"{mrr.mean:.3f} [{mrr.lo:.3f}, {mrr.hi:.3f}]"]
+            cells.append(str(m["hub"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    publish(lines, record=record)
+
+
+# --------------------------------------------------------------------------- bench
+
+BENCH_METRICS = ("mrr", "recall@10", "precision@10", "hub_share")
+FAMILIES = ["fact", "source", "hubs"]
+
+
+def run_bench(bench_dir: str, model_dir: str, split: str, record: bool) -> None:
+    from bgotrace.eval import runner as r
+    from bgotrace.eval.collect import Collector
+    from bgotrace.eval.families import FamilySettings, run_families
+
+    opts = r.EvalOptions(method_options={"bgo": {"normalize": "none"}})
+    bench = r.load_benchmark(bench_dir)
+    records = r.select_queries(bench, split, None)
+    eligible, _ = r.eligible_queries(records, FAMILIES, split)
+    loaded = r._load(bench, model_dir, records, opts)
+    scores, seconds = r.score_methods(r.build_methods(["bgo"], FAMILIES, opts), loaded.ctx,
+                                      loaded.queries)  # fmt: skip
+    model = loaded.ctx.model
+    names = select_parameters(model, opts.params)
+    s = cached_sensitivity(model, loaded.ctx.cache, names, reduce="sum", device=torch.device("cpu"))
+    settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds, False)
+    lines = [
+        f"\n### `--normalize` on `{bench_dir}` ({split} split, {len(records)} queries)\n",
+        f"`python benchmarks/normalise_protocol.py bench --bench {bench_dir} --model {model_dir} "
+        f"--split {split}`; BGO defaults otherwise (Adam lr 1e-4, K = 10, reduce=sum); "
+        f"scoring took {seconds['bgo']['score_s']:.0f} s. Means with 95% CIs.\n",
+        "| setting | fact MRR | fact recall@10 | source precision@10 | hub share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in SETTINGS:
+        collector = Collector(loaded.query_ids)
+        run_families(FAMILIES, eligible, loaded, {"bgo": normalise(scores["bgo"], s, name)},
+                     settings, collector)  # fmt: skip
+        table = collector.table().set_index("metric")
+        cells = [_cell(table, m) for m in BENCH_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    publish(lines, record=record)
+
+
+def _cell(table, metric: str) -> str:
+    row = table.loc[metric]
+    return f"{row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("demo", "bench"))
+    parser.add_argument("--bench")
+    parser.add_argument("--model")
+    parser.add_argument("--split", default="validation", choices=("validation", "test"))
+    parser.add_argument("--entries", type=int, default=48, help="demo: 24 = validation only")
+    parser.add_argument("--no-record", action="store_true", help="print only (smoke runs)")
+    args = parser.parse_args()
+    from bgotrace.runtime.progress import set_progress
+
+    set_progress(False)
+    if args.what == "demo":
+        run_demo(not args.no_record, args.entries)
+    else:
+        run_bench(args.bench, args.model, args.split, not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
