@@ -1,6 +1,6 @@
 """Which ``--normalize`` holds on memorised data and keeps the ``cpu``-scale gains (issue 15).
 
-    python benchmarks/normalise_protocol.py demo                      # ~5 min on one core
+    python benchmarks/normalise_protocol.py demo --entries 24         # ~15 min, loaded 2 cores
     bgotrace bench build --out /tmp/bench-cpu --bench-preset cpu --preset test --epochs 8
     python benchmarks/normalise_protocol.py bench --bench /tmp/bench-cpu \\
         --model /tmp/bench-cpu/model --split validation               # then --split test
@@ -14,7 +14,8 @@ divisor only. Settings: none, sensitivity, damped λ ∈ {0.1, 0.3, 1, 3}.
 definition, for Devil's Dictionary entries ``WORD, n. …`` under 160 characters shuffled with
 ``random.Random(4)``: the first 24 (issue 15's check) are the validation split, the next 24
 the test split. Printed per split: entries ranked first, MRR (95% bootstrap CI), and the
-largest number of top-5s one unrelated unit appears in.
+largest number of top-5s one unrelated unit appears in. The raw scores, s(z) and unit documents
+are also saved to /tmp/normalise_protocol_demo.npz for re-analysis.
 ``bench``: fact MRR / recall@10, source precision@10 and hub share with their 95% CIs on one
 split of a benchmark (``bgotrace eval``'s metrics, on the same scores).
 """

@@ -243,3 +243,5 @@ def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_d
     slow = _slow_norms(model, cache, [n for n, _ in model.named_parameters()])
     np.testing.assert_allclose(default, raw / slow, rtol=1e-4)
     assert bgotrace.config.ScoreConfig().normalize == "sensitivity"  # the shipped default
+    lam = bgotrace.config.ScoreConfig().normalize_damping  # --normalize damped, default λ
+    np.testing.assert_allclose(run("damped"), raw / (slow + lam * np.median(slow)), rtol=1e-4)
