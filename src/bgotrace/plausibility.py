@@ -21,6 +21,7 @@ queries have no continuation to compare); their loss and greedy match are still 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -53,6 +54,13 @@ class QueryCheck:
         return asdict(self)
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the key/value cache: ``cache`` (transformers 5) or
+    ``past_key_values`` (4.x; deprecated in 5)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_continuation_loss(model: torch.nn.Module, prefix: torch.Tensor, n: int) -> float:
     """Mean NLL of ``n`` greedily decoded tokens after ``prefix`` (1, T).
@@ -74,7 +82,7 @@ def greedy_continuation_loss(model: torch.nn.Module, prefix: torch.Tensor, n: in
         cache = getattr(out, "past_key_values", None)  # None: the model reads it all again
         out = model(
             input_ids=ids if cache is None else best, attention_mask=torch.ones_like(ids),
-            past_key_values=cache, use_cache=cache is not None,
+            use_cache=cache is not None, **{_cache_kwarg(model): cache},
         )  # fmt: skip
     return total / n
 
