@@ -245,3 +245,18 @@ def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_d
     assert bgotrace.config.ScoreConfig().normalize == "sensitivity"  # the shipped default
     lam = bgotrace.config.ScoreConfig().normalize_damping  # --normalize damped, default λ
     np.testing.assert_allclose(run("damped"), raw / (slow + lam * np.median(slow)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_moe_blocks_ghost_norms_match_the_loop(setup, cache, arch):
+    """MoE blocks run their routers and shared experts on flattened tokens (B·T, D): the
+    ghost norms view them per unit again; what they do not cover comes from the loop."""
+    from tests.test_split_forward import build
+
+    model = build(arch, vocab=len(setup[1]))
+    names = [n for n, _ in model.named_parameters() if ".layers.2." in n]
+    uncovered = ghost_norms.plan_for(model, names).uncovered
+    # only the fused experts (3-D tensors) and routers that are no nn.Linear use the loop
+    assert uncovered and all(".experts." in n or ".mlp.gate." in n for n in uncovered)
+    fast, _ = unit_gradient_norms(model, cache, names, torch.device("cpu"), batch_size=4)
+    np.testing.assert_allclose(fast, _slow_norms(model, cache, names), rtol=1e-4)

@@ -121,9 +121,14 @@ def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, -1, t.shape[-1]).float()
 
 
-def _factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) -> dict[str, Factor]:
-    """The outer-product factors of each parameter of a linear-like call."""
-    batch = grad.shape[0]
+def _factors(
+    call: _Call, grad: torch.Tensor, names: dict[str, str], batch: int
+) -> dict[str, Factor]:
+    """The outer-product factors of each parameter of a linear-like call.
+
+    ``batch``: units in the batch; a call on flattened tokens (B·T, ·), as MoE blocks make
+    for their routers and shared experts, is viewed per unit again (B, T, ·).
+    """
     x, delta = _flat(call.inputs, batch), _flat(grad, batch)
     module, kind = call.module, _kind(call.module)
     out: dict[str, Factor] = {}
@@ -139,7 +144,7 @@ def _factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) -> dict[str
     return {names[k]: f for k, f in out.items() if k in names}
 
 
-def _norm_layer_factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) -> dict:
+def _norm_layer_factors(call: _Call, grad: torch.Tensor, names: dict[str, str], batch: int) -> dict:
     """Per-unit gradients of a normalisation layer's own parameters by vmap over units."""
     module = call.module
     params = {k: p.detach() for k, p in module.named_parameters(recurse=False) if k in names}
@@ -150,7 +155,9 @@ def _norm_layer_factors(call: _Call, grad: torch.Tensor, names: dict[str, str]) 
 
         return vjp(f, params)[1](d[None])[0]
 
-    per_unit = vmap(one)(call.inputs, grad.to(call.inputs.dtype))  # name → (B, *shape)
+    inputs = call.inputs.reshape(batch, -1, *call.inputs.shape[1:])  # per unit, also flattened
+    grads = grad.to(call.inputs.dtype).reshape(batch, -1, *grad.shape[1:])
+    per_unit = vmap(one)(inputs, grads)  # name → (B, *shape)
     out = {}
     for k, g in per_unit.items():  # a (B, 1, P) left factor with a unit right factor
         flat = g.reshape(g.shape[0], 1, -1).float()
@@ -212,7 +219,7 @@ def batch_squared_norms(
             continue
         names = plan.modules[call.module]
         build = _norm_layer_factors if _kind(call.module) == "norm" else _factors
-        for name, factor in build(call, grad, names).items():
+        for name, factor in build(call, grad, names, input_ids.shape[0]).items():
             factors[name].append(factor)
     total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
     for parts in factors.values():
