@@ -413,10 +413,12 @@ class ScoreConfig:
         3.0,  # the one λ meeting issue 15's demo check (benchmarks/RESULTS.md, issue 15)
     )
     batch_size: int = _help("Units per forward pass.", 16)
+    # auto: a half-precision model (--model-dtype) is swept as loaded, never copied to float32.
     dtype: str = _help(
-        "Sweep dtype: float32 | bfloat16 | float16 (losses stay float32).",
-        "float32",
-        choices=tuple(DTYPES),
+        "Sweep dtype: auto (the model's own, --model-dtype) | float32 | bfloat16 | float16 "
+        "(losses stay float32).",
+        "auto",
+        choices=("auto", *DTYPES),
     )
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)

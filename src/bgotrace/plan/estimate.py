@@ -101,6 +101,11 @@ def _corpus_tokens(config: AttributeConfig) -> int | None:
         return None
 
 
+def sweep_dtype(config: AttributeConfig) -> str:
+    """The dtype the sweep runs in: ``--dtype``, or with ``auto`` the model's own."""
+    return config.model.dtype if config.scoring.dtype == "auto" else config.scoring.dtype
+
+
 def run_shape(
     config: AttributeConfig, model: ModelShape, n_queries: int | None, device: str
 ) -> RunShape:
@@ -109,7 +114,7 @@ def run_shape(
     per_sweep = config.scoring.queries_per_sweep
     return RunShape(
         model_bytes=DTYPES[config.model.dtype].itemsize,
-        sweep_bytes=DTYPES[config.scoring.dtype].itemsize,
+        sweep_bytes=DTYPES[sweep_dtype(config)].itemsize,
         optimizer=config.perturb.optimizer,
         queries_per_sweep=min(per_sweep, n_queries) if n_queries else per_sweep,
         states_per_query=max(states, 1),

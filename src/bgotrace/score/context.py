@@ -151,7 +151,9 @@ def _trunk_cache(
 
 
 def sweep_model_in(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
-    """The base model in the sweep dtype; a copy only when the dtype differs."""
+    """The base model in the sweep dtype (``auto``: its own); a copy only when that differs."""
+    if dtype_name == "auto":
+        return model
     dtype = resolve_dtype(dtype_name)
     own = next(model.parameters()).dtype
     if own == dtype:
