@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import bgotrace
+from bgotrace import bgo as bgo_module
 from bgotrace.baselines import MethodContext, get_attributor
 from bgotrace.bgo import resolve_method
 from bgotrace.cache import TokenCache
@@ -208,13 +209,13 @@ def test_every_option_reaches_every_perturbation_method(
 
 def test_execution_options_reach_the_sweep_context(model, tok, tmp_path, monkeypatch):
     seen = []
-    real = context_module.build_sweep_context
+    real = bgo_module.ray_executor_for
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
+    def spy(ctx, cache, execution):
+        seen.append((ctx, execution))
+        return real(ctx, cache, execution)
 
-    monkeypatch.setattr("bgotrace.bgo.build_sweep_context", spy)
+    monkeypatch.setattr(bgo_module, "ray_executor_for", spy)
     execution = {"block_attempts": 5, "ray_timeout": 7.0, "cpus_per_worker": 2.0}
     attribute(model, tok, tmp_path / "c", "untrac-inv", execution=execution)
     ctx = MethodContext(model, tok, TokenCache(tmp_path / "c"), batch_size=4)
@@ -222,9 +223,9 @@ def test_execution_options_reach_the_sweep_context(model, tok, tmp_path, monkeyp
     method.prepare(ctx)
     method.score([encode_query(QUERIES[0], tok, 64)])
     assert len(seen) == 2
-    for kwargs in seen:
-        assert kwargs["execution"] == ExecutionConfig(**execution)
-        assert kwargs["perturb_cfg"].steps == 2 and kwargs["score_cfg"].score == "ascent"
+    for sweep, given in seen:
+        assert given == ExecutionConfig(**execution)
+        assert sweep.perturb_cfg.steps == 2 and sweep.score_cfg.score == "ascent"
 
 
 # --------------------------------------------------------------------------- refusals

@@ -31,8 +31,8 @@ from bgotrace.bgo import SweepInputs, perturbation_method, run_bgo
 from bgotrace.config import ExecutionConfig, PerturbConfig, ScoreConfig, build_section
 from bgotrace.errors import ConfigError
 from bgotrace.perturb.params import select_parameters
-from bgotrace.prefilter.candidates import CandidatePlan, plan_from_scores
 from bgotrace.query import EncodedQuery
+from bgotrace.ranking.candidates import CandidatePlan, plan_from_scores
 from bgotrace.score.store import RunStore
 from bgotrace.spans import group_size_for
 
