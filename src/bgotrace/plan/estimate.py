@@ -16,6 +16,7 @@ import torch
 
 from bgotrace.config import AttributeConfig
 from bgotrace.devices import DTYPES, device_memory_bytes, host_memory_bytes
+from bgotrace.errors import ConfigError
 from bgotrace.modeling.loading import inject_adapter_layers
 from bgotrace.perturb.steps import ASCENT, DESCENT
 from bgotrace.plan.memory import RUNTIME_BYTES, RunShape, Stage, stages
@@ -80,8 +81,6 @@ def device_type(name: str) -> str:
 def _memory_of(kind: str, device: str) -> int:
     if kind == "cuda":
         if not torch.cuda.is_available():
-            from bgotrace.errors import ConfigError
-
             raise ConfigError(
                 f"--device {device} has no GPU here to measure: pass --device-memory SIZE "
                 "(e.g. 80GiB) to plan for one."

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from bgotrace.baselines import available_methods, get_attributor
 from bgotrace.candidates_spec import CandidateSpec, check_prefilter
 from bgotrace.config import ScoreConfig
 from bgotrace.prefilter.candidates import CandidatePlan, plan_from_scores
@@ -27,9 +28,6 @@ class Prefilter:
     """A cheap method (BM25, repsim, a gradient index…) prepared for one model and corpus."""
 
     def __init__(self, name: str, ctx: MethodContext) -> None:
-        # imported here: the bgo method (in the baselines) reranks through this module
-        from bgotrace.baselines import available_methods, get_attributor
-
         check_prefilter(name, available_methods())
         self.name = name
         started = time.perf_counter()
