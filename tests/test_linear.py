@@ -309,3 +309,31 @@ def test_query_linearity_of_a_bgo_run(tokenizer, tiny_documents, tmp_path, size)
         return
     assert diag["n_sample"] == min(size, len(cache))
     assert diag["spearman"] > 0.99 and diag["top10_overlap"] == 1.0
+
+
+def test_every_bgo_run_reports_its_linearity_in_the_summary_and_report(
+    tokenizer, tiny_documents, tmp_path
+):
+    """summary.json carries the first-order check per query (a tiny step: the finite steps
+    change nothing, so it agrees), the report shows it, and linearity_sample 0 turns it off."""
+    import json
+
+    import bgotrace
+
+    model = tiny_gpt2(tokenizer, seed=9)
+    config = {
+        "corpus": {"max_length": 16},
+        "perturb": {"optimizer": "sgd", "lr": LR_TINY, "steps": 2},
+        "scoring": {"normalize": "none"},
+    }
+
+    def run(out, **scoring):
+        cfg = {**config, "scoring": {**config["scoring"], **scoring}}
+        bgotrace.attribute(model, tokenizer, tiny_documents, prompt=QUERY.prompt,
+                           completion=QUERY.completion, config=cfg, out=out)  # fmt: skip
+        return json.loads((out / "summary.json").read_text())["queries"][0]["linearity"]
+
+    on = run(tmp_path / "on")
+    assert on["n_sample"] > 0 and on["spearman"] > 0.99 and on["top10_overlap"] == 1.0
+    assert "first-order check: Spearman" in (tmp_path / "on" / "report.html").read_text()
+    assert run(tmp_path / "off", linearity_sample=0) is None

@@ -44,7 +44,7 @@ from bgotrace.query import EncodedQuery
 from bgotrace.ranking.tokens import top_token_changes, top_units
 from bgotrace.score.context import SweepContext, build_sweep_context
 from bgotrace.score.engine import QueryLosses, check_split_once, score_group
-from bgotrace.score.linear import linear_group, linear_unit_scores
+from bgotrace.score.linear import linear_group, linear_unit_scores, query_linearity
 from bgotrace.score.store import RunStore
 from bgotrace.score.subset import SubsetUnits, scatter
 from bgotrace.spans import group_size_for
@@ -217,6 +217,9 @@ class QueryScores:
     """The ``--lr auto`` search (None with a fixed lr)."""
     top_tokens: list[dict[str, Any]]
     """Per-token loss changes of the top units (:func:`top_token_changes` rows)."""
+    linearity: dict[str, Any] | None = None
+    """Agreement of the scores with their first-order control on a unit sample
+    (:func:`bgotrace.score.linear.query_linearity`); None when off or not applicable."""
 
 
 @dataclass
@@ -358,11 +361,26 @@ def _finish_group(
         out.append(
             QueryScores(
                 r.query, scores, r.losses, r.counts, candidate, r.trajectories, r.calibration,
-                tokens,
+                tokens, _linearity(ctx, method, r, scores, candidate),
             )
         )  # fmt: skip
         r.states = {}  # a reference left elsewhere (the loop's last item) holds no state
     return out
+
+
+def _linearity(
+    ctx: SweepContext,
+    method: PerturbationMethod,
+    losses: QueryLosses,
+    scores: np.ndarray,
+    candidate: np.ndarray | None,
+) -> dict[str, Any] | None:
+    """Did the finite steps change the answer? Spearman and top-10 overlap of the scores with
+    the first-order control on a unit sample, while the group's states are still alive. Off
+    for ``bgo-linear`` itself and for reranked groups (their scores cover the candidates)."""
+    if method.name == "bgo-linear" or candidate is not None:
+        return None
+    return query_linearity(ctx, losses, scores)
 
 
 def _top_tokens_of(

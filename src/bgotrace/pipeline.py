@@ -33,6 +33,7 @@ from bgotrace.corpus import (
     Document,
 )
 from bgotrace.corpus.bos import resolve_bos
+from bgotrace.devices import set_tf32
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
 from bgotrace.plan.fit import check_memory
@@ -131,6 +132,7 @@ def run_attribution(
 ) -> AttributionResult:
     """Score, rank and (when ``config.output.out`` is set) write a run directory."""
     seed_everything(config.seed)
+    set_tf32(next(inputs.model.parameters()).device, config.execution.tf32)
     started = time.time()
     config = resolve_method(config)  # untrac-inv's pinned score is what config.yaml records
     writers = selected_writers(config.output.formats)  # an unknown one fails before the sweep
@@ -169,6 +171,7 @@ def _run_bgo(
         **run.details,
         "loss_trajectories": [q.trajectories for q in run.queries],
         "calibrations": [q.calibration for q in run.queries],
+        "linearities": [q.linearity for q in run.queries],
     }
     top_tokens = [row for q in run.queries for row in q.top_tokens]
     return _assemble(config, inputs, per_query, top_tokens), details
@@ -248,6 +251,7 @@ def _summary(
 ) -> dict:
     trajectories = details.pop("loss_trajectories", [{}] * len(inputs.queries))
     calibrations = details.pop("calibrations", [None] * len(inputs.queries))
+    linearities = details.pop("linearities", [None] * len(inputs.queries))
     checks = [check_query(inputs.model, q) for q in inputs.queries]  # would it write them?
     tops = _top_unit_ids(result.scores, 5)
     return {
@@ -269,11 +273,12 @@ def _summary(
                     "n_loss_tokens": q.n_loss_tokens,
                     "loss_trajectories": traj,
                     "calibration": cal,
+                    "linearity": lin,
                     "model_check": check.to_dict(),
                     "top_units": tops.get(q.query.query_id, []),
                 }
-                for q, traj, cal, check in zip(
-                    inputs.queries, trajectories, calibrations, checks, strict=True
+                for q, traj, cal, lin, check in zip(
+                    inputs.queries, trajectories, calibrations, linearities, checks, strict=True
                 )
             ],
             inputs.queries,

@@ -120,10 +120,22 @@ def _query_view(
         "descent": _first_last(traj.get("descent")),
         "ascent": _first_last(traj.get("ascent")),
         "calibration_text": calibration_text(query.get("calibration")),
+        "linearity_text": linearity_text(query.get("linearity")),
         "figures": _figures(result, query, [u["score"] for u in units])
         if index < MAX_FIGURE_QUERIES
         else {},
     }
+
+
+def linearity_text(linearity: Any) -> str:
+    """One line from a query's first-order check (empty when it was not computed)."""
+    if not isinstance(linearity, dict) or linearity.get("spearman") is None:
+        return ""
+    return (
+        f"Spearman {linearity['spearman']:.3f}, top-10 overlap "
+        f"{linearity['top10_overlap']:.2f} with the first-order control ∇L(z;θ0)·(θ−−θ+) on "
+        f"{linearity['n_sample']} sampled units (1.0 and 1.0: the finite steps changed nothing)"
+    )
 
 
 def calibration_text(calibration: Any) -> str:
