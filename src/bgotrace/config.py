@@ -500,6 +500,11 @@ class ExecutionConfig:
     ray_timeout: float = _help(
         "Seconds to wait for the cluster to start the workers (or restart a dead one).", 120.0
     )
+    tf32: bool = _help(
+        "TF32 for float32 matmuls on CUDA (products at a 10-bit mantissa, float32 sums; several "
+        "times float32's throughput on Ampere and later); --no-tf32 for full float32.",
+        True,
+    )
     device_memory: str | None = _help(
         "Memory the run must fit in, e.g. 80GiB or 24GB (checked by the memory plan before the "
         "model loads; bgotrace.plan). Unset: the GPU's total, or the host's available memory "

@@ -65,6 +65,7 @@ class RayOptions:
     timeout: float
     batch_size: int
     pad_id: int
+    tf32: bool = True
 
     @classmethod
     def of(
@@ -76,7 +77,7 @@ class RayOptions:
         return cls(
             workers=cfg.workers, address=cfg.ray_address, cpus_per_worker=cfg.cpus_per_worker,
             gpus_per_worker=gpus, ship_cache=cfg.ship_cache, block_attempts=cfg.block_attempts,
-            timeout=cfg.ray_timeout, batch_size=batch_size, pad_id=pad_id,
+            timeout=cfg.ray_timeout, batch_size=batch_size, pad_id=pad_id, tf32=cfg.tf32,
         )  # fmt: skip
 
     @property
@@ -134,6 +135,7 @@ class RayExecutor:
             pad_id=o.pad_id,
             device="cuda" if o.gpus_per_worker > 0 else "cpu",
             threads=max(1, int(o.cpus_per_worker)),
+            tf32=o.tf32,
             trunk=self.trunk,
         )
         actor = ray.remote(SweepWorker).options(

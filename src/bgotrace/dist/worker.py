@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bgotrace.config import PerturbConfig
-from bgotrace.devices import resolve_device
+from bgotrace.devices import resolve_device, set_tf32
 from bgotrace.dist.trunk import TrunkSource, open_trunk_at
 from bgotrace.dist.units import UnitSlice, open_cache_at
 from bgotrace.perturb.steps import PerturbedState, perturb
@@ -47,6 +47,8 @@ class WorkerSetup:
     """Torch threads: the CPUs Ray reserved for this worker."""
     trunk: TrunkSource | None = None
     """The driver's trunk cache (None: none; the workers compute the trunk)."""
+    tf32: bool = True
+    """TF32 for float32 matmuls on a CUDA worker (``--no-tf32``: off), as on the driver."""
 
 
 class SweepWorker:
@@ -61,6 +63,7 @@ class SweepWorker:
         torch.set_num_threads(setup.threads)  # as many threads as Ray gave this actor CPUs
         self.setup = setup
         self.device = resolve_device(setup.device)
+        set_tf32(self.device, setup.tf32)
         self.model = model.to(self.device).eval()
         # The perturbation's dtype (float32) when the sweep runs in another one.
         self.perturb_model = self.model if perturb_model is None else perturb_model.to(self.device)
