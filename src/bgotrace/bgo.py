@@ -38,7 +38,8 @@ from transformers import PreTrainedTokenizerBase
 from bgotrace.cache import TokenCache
 from bgotrace.config import AttributeConfig, ExecutionConfig, PerturbConfig, ScoreConfig
 from bgotrace.dist.ray_executor import ray_executor_for
-from bgotrace.errors import ConfigError
+from bgotrace.errors import ConfigError, InputError
+from bgotrace.modeling.split import log_once
 from bgotrace.perturb.sensitivity import normalized, score_divisors
 from bgotrace.query import EncodedQuery
 from bgotrace.ranking.tokens import top_token_changes, top_units
@@ -380,7 +381,11 @@ def _linearity(
     for ``bgo-linear`` itself and for reranked groups (their scores cover the candidates)."""
     if method.name == "bgo-linear" or candidate is not None:
         return None
-    return query_linearity(ctx, losses, scores)
+    try:
+        return query_linearity(ctx, losses, scores)
+    except InputError as err:  # no forward mode through this model (e.g. fused MoE experts)
+        log_once("first-order check skipped: %s", str(err).split(" (")[0])
+        return None
 
 
 def _top_tokens_of(
