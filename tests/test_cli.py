@@ -66,8 +66,12 @@ def base_args(model_dir, corpus, tmp_path, **extra):
 
 
 @pytest.mark.parametrize(
-    "command", ["attribute", "train", "generate", "demo", "eval", "bench build", "bench run"]
-)
+    "command",
+    [
+        "attribute", "plan", "train", "generate", "demo", "eval", "report", "compare",
+        "bench build", "bench run", "cache build",
+    ],
+)  # fmt: skip
 def test_every_subcommand_has_help(command):
     result = invoke(*command.split(), "--help")
     assert result.exit_code == 0, result.output

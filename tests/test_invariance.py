@@ -14,30 +14,16 @@ import pytest
 import torch
 
 import bgotrace
-from bgotrace.corpus import Document
 from bgotrace.errors import RunDirectoryError
-from bgotrace.query import Query
 from bgotrace.score import executor as engine
 from tests.conftest import make_tiny_tokenizer
+from tests.corpora import QUERIES as SHARED_QUERIES
+from tests.corpora import documents
 from tests.models import tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France, Berlin of Germany.",
-    "Rome is the capital of Italy and Madrid of Spain.",
-    "Water boils at one hundred degrees and ice melts at zero.",
-    "def add(a, b): return a + b",
-    "Rivers carry sand to the sea, mountains rise slowly.",
-    "A language model predicts the next token from the tokens before it.",
-    "Cafés serve crème brûlée in Zürich.",
-]
-DOCS = [Document(f"d{i}", t, f"s{i % 3}") for i, t in enumerate(TEXTS)]
-QUERIES = [
-    Query("capital", "Paris is the capital of", " France."),
-    Query("water", "Water boils at", " one hundred degrees."),
-    Query("fox", "The quick brown", " fox jumps."),
-]
+DOCS = documents()
+QUERIES = SHARED_QUERIES[:3]
 
 
 @pytest.fixture(scope="module")

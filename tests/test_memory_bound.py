@@ -22,29 +22,15 @@ import numpy as np
 import pytest
 
 import bgotrace
-from bgotrace.corpus import Document
 from bgotrace.query import Query
 from tests.conftest import make_tiny_tokenizer
+from tests.corpora import QUERIES as SHARED_QUERIES
+from tests.corpora import documents
 from tests.models import tiny_gpt2, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France, Berlin of Germany.",
-    "Rome is the capital of Italy and Madrid of Spain.",
-    "Water boils at one hundred degrees and ice melts at zero.",
-    "def add(a, b): return a + b",
-    "Rivers carry sand to the sea, mountains rise slowly.",
-    "A language model predicts the next token from the tokens before it.",
-]
-DOCS = [Document(f"d{i}", t, f"s{i % 3}") for i, t in enumerate(TEXTS)]
-QUERIES = [
-    Query("capital", "Paris is the capital of", " France."),
-    Query("water", "Water boils at", " one hundred degrees."),
-    Query("fox", "The quick brown", " fox jumps."),
-    Query("rome", "Rome is the capital of", " Italy."),
-    Query("code", "def add(a, b):", " return a + b"),
-]
+DOCS = documents(7)
+QUERIES = SHARED_QUERIES
 
 PROBE = """
 import gc, json, re, sys

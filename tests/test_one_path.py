@@ -23,32 +23,23 @@ from bgotrace.baselines import MethodContext, get_attributor
 from bgotrace.bgo import resolve_method
 from bgotrace.cache import TokenCache
 from bgotrace.config import AttributeConfig, ExecutionConfig, PerturbConfig, ScoreConfig
-from bgotrace.corpus import Document, load_documents
+from bgotrace.corpus import load_documents
 from bgotrace.demo import demo_corpus_path, demo_model_path
 from bgotrace.errors import ConfigError, RunDirectoryError
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.pipeline import load_inputs
-from bgotrace.query import Query, encode_query
+from bgotrace.query import encode_query
 from bgotrace.score import context as context_module
 from bgotrace.score import executor as executor_module
 from bgotrace.score.store import RunStore
 from tests.conftest import make_tiny_tokenizer
+from tests.corpora import QUERIES as SHARED_QUERIES
+from tests.corpora import documents
 from tests.models import tiny_gpt2
 
 PERTURBATION_METHODS = ("bgo", "untrac-inv")
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France, Berlin of Germany.",
-    "Rome is the capital of Italy and Madrid of Spain.",
-    "Water boils at one hundred degrees and ice melts at zero.",
-    "def add(a, b): return a + b",
-    "Rivers carry sand to the sea, mountains rise slowly.",
-]
-DOCS = [Document(f"d{i}", t, f"s{i % 2}") for i, t in enumerate(TEXTS)]
-QUERIES = [
-    Query("capital", "Paris is the capital of", " France."),
-    Query("water", "Water boils at", " one hundred degrees."),
-]
+DOCS = documents(6, n_sources=2)
+QUERIES = SHARED_QUERIES[:2]
 BASE = {"perturb": {"lr": 3e-3, "steps": 2}, "output": {"top_tokens": 0}}
 
 
