@@ -113,7 +113,14 @@ def config(
     return {
         "corpus": {"max_length": unit_length, "cache_dir": str(cache)},
         "perturb": {"params": params},  # defaults otherwise: Adam, K = 10 steps each way
-        "scoring": {"batch_size": BATCH, "queries_per_sweep": 16, **scoring},
+        # the first-order diagnostic (issue 15) off: a fixed ~1.5 x 256 / n_units of a corpus
+        # pass per query, measured apart from the engine's amortization
+        "scoring": {
+            "batch_size": BATCH,
+            "queries_per_sweep": 16,
+            "linearity_sample": 0,
+            **scoring,
+        },
         "output": {"top_tokens": 3},
     }
 
