@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from results_log import publish
 
+from bgotrace.cli.demo import demo_config
 from bgotrace.config import ScoreConfig
 from bgotrace.eval.metrics import bootstrap_ci
 from bgotrace.perturb.params import select_parameters
@@ -70,15 +71,8 @@ def demo_entries(n: int) -> list[dict]:
 
 def demo_raw_scores(n: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Raw BGO scores (n queries, units), s(z), each unit's doc id, each query's entry."""
-    from bgotrace.config import (
-        AttributeConfig,
-        CorpusSpec,
-        ExecutionConfig,
-        ModelSpec,
-        OutputSpec,
-        QuerySpec,
-    )
-    from bgotrace.demo import DEMO_MAX_LENGTH, demo_corpus_path, demo_model_path
+    from bgotrace.config import OutputSpec, QuerySpec
+    from bgotrace.demo import demo_model_path
     from bgotrace.modeling.loading import load_model_and_tokenizer
     from bgotrace.pipeline import load_inputs, run_attribution
     from bgotrace.query import Query
@@ -86,12 +80,9 @@ def demo_raw_scores(n: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str
     entries = demo_entries(n)
     queries = [Query(e["id"], f"{e['id']}, n.", e["text"][len(e["id"]) + 4 :]) for e in entries]
     model, tok = load_model_and_tokenizer(demo_model_path(), device="cpu")
-    cfg = AttributeConfig(
-        model=ModelSpec(path=str(demo_model_path())),
-        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH),
-        query=QuerySpec(prompt="unused", completion="unused"),
+    cfg = demo_config(
+        QuerySpec(prompt="unused", completion="unused"),
         scoring=ScoreConfig(normalize="none"),
-        execution=ExecutionConfig(device="cpu"),
         output=OutputSpec(top_tokens=0),
     )
     inputs = load_inputs(cfg, model=model, tokenizer=tok, queries=queries)

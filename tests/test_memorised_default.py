@@ -21,16 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+from bgotrace.cli.demo import demo_config
 from bgotrace.config import (
-    AttributeConfig,
-    CorpusSpec,
-    ExecutionConfig,
-    ModelSpec,
     OutputSpec,
     QuerySpec,
     ScoreConfig,
 )
-from bgotrace.demo import DEMO_MAX_LENGTH, demo_corpus_path, demo_model_path
+from bgotrace.demo import demo_corpus_path, demo_model_path
 from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.sensitivity import normalized, unit_normalizers
@@ -60,12 +57,9 @@ def _queries() -> list[Query]:
 def raw():
     """Raw scores (6, units), the unit table, and a divisor maker for a ScoreConfig."""
     model, tok = load_model_and_tokenizer(demo_model_path(), device="cpu")
-    cfg = AttributeConfig(
-        model=ModelSpec(path=str(demo_model_path())),
-        corpus=CorpusSpec(path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH),
-        query=QuerySpec(prompt="unused", completion="unused"),
+    cfg = demo_config(
+        QuerySpec(prompt="unused", completion="unused"),
         scoring=ScoreConfig(normalize="none"),
-        execution=ExecutionConfig(device="cpu"),
         output=OutputSpec(top_tokens=0),  # the ranking is all these tests read
     )
     inputs = load_inputs(cfg, model=model, tokenizer=tok, queries=_queries())

@@ -21,6 +21,7 @@ from bgotrace.config import (
     ModelSpec,
     OutputSpec,
     QuerySpec,
+    ScoreConfig,
 )
 from bgotrace.demo import DEMO_MAX_LENGTH, DEMO_PROMPTS, demo_corpus_path, demo_model_path
 from bgotrace.generate import generate_completion
@@ -28,6 +29,27 @@ from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.pipeline import load_inputs, run_attribution
 from bgotrace.report.console import print_result
 from bgotrace.runtime.progress import set_progress
+
+
+def demo_config(
+    query: QuerySpec,
+    *,
+    output: OutputSpec | None = None,
+    scoring: ScoreConfig | None = None,
+    cache_dir: str | None = None,
+) -> AttributeConfig:
+    """A run of the shipped demo model over its own corpus (CPU, the demo's unit length); the
+    demo command, the memorised-regime test and the normalisation protocol share it."""
+    return AttributeConfig(
+        model=ModelSpec(path=str(demo_model_path())),
+        corpus=CorpusSpec(
+            path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH, cache_dir=cache_dir
+        ),
+        query=query,
+        scoring=scoring or ScoreConfig(),
+        output=output or OutputSpec(),
+        execution=ExecutionConfig(device="cpu"),
+    )
 
 
 def demo(
@@ -47,14 +69,10 @@ def demo(
     completion = generate_completion(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
     console.print(f"[bold]prompt[/bold]     {escape(prompt)}")
     console.print(f"[bold]completion[/bold] {escape(completion)}")
-    config = AttributeConfig(
-        model=ModelSpec(path=str(demo_model_path())),
-        corpus=CorpusSpec(
-            path=str(demo_corpus_path()), max_length=DEMO_MAX_LENGTH, cache_dir=f"{out}-cache"
-        ),
-        query=QuerySpec(prompt=prompt, completion=completion),
+    config = demo_config(
+        QuerySpec(prompt=prompt, completion=completion),
         output=OutputSpec(out=out, top_k=10),
-        execution=ExecutionConfig(device="cpu"),
+        cache_dir=f"{out}-cache",
     )
     inputs = load_inputs(config, model=model, tokenizer=tokenizer)
     result = run_attribution(config, inputs, overwrite=overwrite)
