@@ -41,6 +41,9 @@ SETTINGS: dict[str, Callable[[np.ndarray], np.ndarray | None]] = {
     "none": lambda s: None,
     "sensitivity": lambda s: s,
     **{f"damped λ={lam:g}": (lambda s, lam=lam: damped(s, lam)) for lam in (0.1, 0.3, 1.0, 3.0)},
+    # the geometric mean of s and its median: a unit's divisor moves as √s, so a tiny-gradient
+    # unit is inflated √ as much as under `sensitivity` (a candidate, not a shipped setting)
+    "geometric √(s·median)": lambda s: np.sqrt(s * np.nanmedian(s)),
 }
 """Each setting's divisor basis from s(z) (None: raw scores), as ``unit_normalizers`` builds it."""
 
@@ -139,7 +142,9 @@ BENCH_METRICS = ("mrr", "recall@10", "precision@10", "hub_share")
 FAMILIES = ["fact", "source", "hubs"]
 
 
-def run_bench(bench_dir: str, model_dir: str, split: str, record: bool) -> None:
+def run_bench(
+    bench_dir: str, model_dir: str, split: str, record: bool, saved: str | None = None
+) -> None:
     from bgotrace.eval import runner as r
     from bgotrace.eval.collect import Collector
     from bgotrace.eval.families import FamilySettings, run_families
@@ -149,28 +154,53 @@ def run_bench(bench_dir: str, model_dir: str, split: str, record: bool) -> None:
     records = r.select_queries(bench, split, None)
     eligible, _ = r.eligible_queries(records, FAMILIES, split)
     loaded = r._load(bench, model_dir, records, opts)
-    scores, seconds = r.score_methods(r.build_methods(["bgo"], FAMILIES, opts), loaded.ctx,
-                                      loaded.queries)  # fmt: skip
-    model = loaded.ctx.model
-    names = select_parameters(model, opts.params)
-    s = cached_sensitivity(model, loaded.ctx.cache, names, reduce="sum", device=torch.device("cpu"))
+    path = saved or f"/tmp/normalise_protocol_{split}.npz"
+    if saved:  # raw scores of an earlier run: re-analyse without scoring again
+        kept = np.load(saved)
+        raw, s, score_s = kept["raw"], kept["s"], float(kept["score_s"])
+    else:
+        scores, seconds = r.score_methods(r.build_methods(["bgo"], FAMILIES, opts), loaded.ctx,
+                                          loaded.queries)  # fmt: skip
+        model = loaded.ctx.model
+        names = select_parameters(model, opts.params)
+        s = cached_sensitivity(
+            model, loaded.ctx.cache, names, reduce="sum", device=torch.device("cpu")
+        )
+        raw, score_s = scores["bgo"], float(seconds["bgo"]["score_s"])
+        np.savez(path, raw=raw, s=s, score_s=score_s)  # for re-analysis (--saved)
     settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds, False)
     lines = [
         f"\n### `--normalize` on `{bench_dir}` ({split} split, {len(records)} queries)\n",
         f"`python benchmarks/normalise_protocol.py bench --bench {bench_dir} --model {model_dir} "
         f"--split {split}`; BGO defaults otherwise (Adam lr 1e-4, K = 10, reduce=sum); "
-        f"scoring took {seconds['bgo']['score_s']:.0f} s. Means with 95% CIs.\n",
-        "| setting | fact MRR | fact recall@10 | source precision@10 | hub share |",
-        "|---|---:|---:|---:|---:|",
+        f"scoring took {score_s:.0f} s. Means with 95% CIs; Δ: the paired difference "
+        "from `sensitivity` over the same queries (95% bootstrap CI).\n",
+        "| setting | fact MRR | fact recall@10 | source precision@10 | hub share "
+        "| Δ fact MRR | Δ source P@10 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    per_query = {}
     for name in SETTINGS:
         collector = Collector(loaded.query_ids)
-        run_families(FAMILIES, eligible, loaded, {"bgo": normalise(scores["bgo"], s, name)},
+        run_families(FAMILIES, eligible, loaded, {"bgo": normalise(raw, s, name)},
                      settings, collector)  # fmt: skip
         table = collector.table().set_index("metric")
+        per_query[name] = collector.per_query()
         cells = [_cell(table, m) for m in BENCH_METRICS]
+        cells += [_paired(per_query[name], per_query["sensitivity"], m)
+                  for m in ("mrr", "precision@10")] if name != "none" else ["", ""]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     publish(lines, record=record)
+
+
+def _paired(mine, reference, metric: str) -> str:
+    """Mean paired difference of ``metric`` (this setting − sensitivity), 95% bootstrap CI."""
+    family = "fact" if metric == "mrr" else "source"
+    a, b = (t[(t["metric"] == metric) & (t["family"] == family)].set_index("query_id")["value"]
+            for t in (mine, reference))  # fmt: skip
+    both = a.index.intersection(b.index)
+    diff = bootstrap_ci((a[both] - b[both]).to_numpy())
+    return f"{diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]"
 
 
 def _cell(table, metric: str) -> str:
@@ -186,6 +216,7 @@ def main() -> None:
     parser.add_argument("--split", default="validation", choices=("validation", "test"))
     parser.add_argument("--entries", type=int, default=48, help="demo: 24 = validation only")
     parser.add_argument("--no-record", action="store_true", help="print only (smoke runs)")
+    parser.add_argument("--saved", help="bench: re-analyse the raw scores an earlier run saved")
     args = parser.parse_args()
     from bgotrace.runtime.progress import set_progress
 
@@ -193,7 +224,7 @@ def main() -> None:
     if args.what == "demo":
         run_demo(not args.no_record, args.entries)
     else:
-        run_bench(args.bench, args.model, args.split, not args.no_record)
+        run_bench(args.bench, args.model, args.split, not args.no_record, args.saved)
 
 
 if __name__ == "__main__":
