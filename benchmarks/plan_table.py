@@ -7,7 +7,7 @@ otherwise (Adam, bidirectional score, batch 16, 256-token units, sensitivity nor
 and again at ``--batch-size 8``::
 
     python benchmarks/plan_table.py            # prints a markdown table
-    python benchmarks/plan_table.py --record   # and appends it to benchmarks/RESULTS.md
+    python benchmarks/plan_table.py --record   # and writes it to benchmarks/RESULTS.md
 
 Every number is an ESTIMATE of the formulas in ``bgotrace.plan.memory``; the times assume
 the throughputs stated there.
@@ -92,19 +92,36 @@ HEADER = (
 )
 
 
+TITLE = "## Memory plan: 1B–8B models on an 80 GiB GPU (issue 14)"
+
+
+def record(table: str, results: Path) -> None:
+    """Replace the table under :data:`TITLE` in ``results`` (append the section if absent)."""
+    text = results.read_text(encoding="utf-8")
+    if TITLE not in text:
+        command = "python benchmarks/plan_table.py --record"
+        text += (f"\n{TITLE}\n\n`{command}` (estimates, no GPU; formulas in "
+                 f"`bgotrace.plan.memory`)\n\n{table}\n")  # fmt: skip
+    else:
+        head, tail = text.split(TITLE, 1)
+        start = tail.index("\n| model |") + 1
+        end = start
+        while end < len(tail) and tail.startswith("|", end):
+            end = tail.index("\n", end) + 1
+        text = head + TITLE + tail[:start] + table + "\n" + tail[end:]
+    results.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--record", action="store_true", help="Append to RESULTS.md.")
+    parser.add_argument(
+        "--record", action="store_true", help="Write the table into RESULTS.md (replaced)."
+    )
     args = parser.parse_args()
     table = HEADER + "\n" + "\n".join(rows(80 * GIB))
     print(table)
     if args.record:
-        results = Path(__file__).with_name("RESULTS.md")
-        command = "python benchmarks/plan_table.py --record"
-        with results.open("a", encoding="utf-8") as f:
-            f.write(f"\n## Memory plan: 1B–8B models on an 80 GiB GPU (issue 14)\n\n"
-                    f"`{command}` (estimates, no GPU; formulas in `bgotrace.plan.memory`)\n\n"
-                    f"{table}\n")  # fmt: skip
+        record(table, Path(__file__).with_name("RESULTS.md"))
     sys.stdout.flush()
 
 

@@ -8,9 +8,10 @@ width, a heads, V vocabulary, L blocks):
 - load:          N·b_m                                   (host too: weights pass through it)
 - normaliser:    N·b_m + sweep copy + activations(B, T) through the L' blocks a backward
                  crosses + the output gradients the ghost norms record,
-                 O = L'·B·T·(3h + 1.5·I) + B·T·V elements in b_m, their float32 copies with
-                 the inputs' (O + L'·B·T·(3h + I))·4 below float32, + U·b_m for the U selected
-                 parameters they do not cover (one unit at a time; ``perturb.ghost_norms``)
+                 O = L'·B·T·(3h + 1.5·I) + B·T·V elements in b_m (kept in b_m with the inputs;
+                 below float32 a chunk of units is upcast at a time:
+                 ``ghost_norms.upcast_transient_bytes(B, T, V + h)``), + U·b_m for the U
+                 selected parameters they do not cover (one unit at a time)
 - perturbation:  N·b_m + sweep copy + (Q−1)·S·P·b_w (the group's earlier states)
                  + P·b_w (working copy) + moments + gradients + θ+ (on the device on CPU,
                  in host memory on a GPU) + activations(1, T) through L' blocks + update chunk
@@ -40,6 +41,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from bgotrace.perturb.ghost_norms import upcast_transient_bytes
 from bgotrace.perturb.lowp import update_transient_bytes
 from bgotrace.plan.shape import ModelShape
 
@@ -181,13 +183,12 @@ def _normaliser(m: ModelShape, run: RunShape) -> Stage:
     b, bt = run.model_bytes, run.batch_size * run.unit_length
     layers = m.backward_layers
     outputs = layers * bt * (3 * m.hidden + 3 * m.intermediate // 2) + bt * m.vocab
-    inputs = layers * bt * (3 * m.hidden + m.intermediate)
+    upcast = upcast_transient_bytes(run.batch_size, run.unit_length, m.vocab + m.hidden)
     device = {
         **_weights(m, run),
         "activations (batch)": train_activations(m, run, run.batch_size, layers),
         "output gradients": outputs * b,
-        # the ghost norms read inputs and output gradients in float32: copies below float32
-        "float32 copies": 0 if b == 4 else (outputs + inputs) * 4,
+        "float32 chunk": 0 if b == 4 else upcast,  # the ghost norms' upcast units
         "gradient (per-unit loop)": m.uncovered_selected * b,
     }
     hours = _hours(6.0 * m.n_params, run, run.model_bytes)
