@@ -332,8 +332,7 @@ def _rerank_group(
         ctx, units=view, block_executor=None, store=_group_store(ctx.store, plan, g)
     )
     check_split_once(sub)
-    lengths = ctx.units.lengths
-    return [scatter(r, view.indices, lengths) for r in method.score_group(sub, 0, group)]
+    return [scatter(r, view.indices, ctx.units) for r in method.score_group(sub, 0, group)]
 
 
 def _group_store(store: RunStore | None, plan: CandidateGroups, g: int) -> RunStore | None:

@@ -27,52 +27,16 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from bgotrace.corpus.bos import would_double_bos
-from bgotrace.errors import InputError
+from bgotrace.corpus.conversations import UNIT_LOSSES, RenderedConversation, Renderer
+from bgotrace.corpus.documents import Document
+from bgotrace.corpus.messages import ROLES as ROLES  # re-exported: checked in corpus
+from bgotrace.corpus.messages import Message as Message
+from bgotrace.corpus.messages import parse_messages as parse_messages
+from bgotrace.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
-"""Roles a message may have (the ones common chat templates know)."""
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
-
-
-@dataclass(frozen=True)
-class Message:
-    """One turn of a conversation."""
-
-    role: str
-    """system | user | assistant | tool."""
-    content: str
-    """The turn's text (not empty)."""
-
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-def parse_messages(raw: Any, where: str) -> tuple[Message, ...]:
-    """Checked messages from JSON data; ``where`` names the record in errors.
-
-    The last message must be an assistant turn (the text to attribute or to continue
-    from is decided by the caller; a query needs its answer there).
-    """
-    if not isinstance(raw, list) or not raw:
-        raise InputError(f"{where}: messages must be a non-empty list of {{role, content}}.")
-    return tuple(_message(item, f"{where} message {i + 1}") for i, item in enumerate(raw))
-
-
-def _message(item: Any, where: str) -> Message:
-    if not isinstance(item, dict):
-        raise InputError(f"{where} is not an object: give each message a role and a content.")
-    role, content = item.get("role"), item.get("content")
-    if not isinstance(role, str):
-        raise InputError(f"{where} has no string 'role': use one of {', '.join(ROLES)}.")
-    if role not in ROLES:
-        raise InputError(f"{where} has the unknown role {role!r}: use one of {', '.join(ROLES)}.")
-    if not isinstance(content, str):
-        raise InputError(f"{where} has no string 'content': give the turn's text as a string.")
-    if not content.strip():
-        raise InputError(f"{where} ({role}) has an empty content: give the turn's text.")
-    return Message(role, content)
 
 
 def check_answer_last(messages: Sequence[Message], where: str) -> None:
@@ -212,6 +176,46 @@ def assistant_mask(
         _check_prefix(end, full, where, f"the turns up to message {i + 1}", strict=False)
         mask[len(start) : len(end)] = [True] * (len(end) - len(start))
     return mask
+
+
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], unit_loss: str, where: str
+) -> RenderedConversation:
+    """An SFT record's conversation as its template renders it, with its turns and the loss
+    mask of ``unit_loss`` (``assistant``: every assistant turn, as SFT trains; ``all``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{where} is a conversation, but the tokenizer has no chat template to render it: "
+            "set tokenizer.chat_template = '<jinja template>' and save it (save_pretrained), "
+            "or store the corpus as plain text."
+        )
+    full = render_ids(tokenizer, messages, where, generation_prompt=False)
+    ends = []
+    for i in range(1, len(messages)):  # turn i ends where the conversation up to it ends
+        prefix = render_ids(tokenizer, messages[:i], where, generation_prompt=False)
+        _check_prefix(prefix, full, where, f"the turns up to message {i}", strict=False)
+        ends.append(len(prefix))
+    text = str(_apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False))
+    if unit_loss == "all":
+        mask = [True] * len(full)
+    else:
+        mask = assistant_mask(tokenizer, messages, full, where)
+    roles = tuple(m.role for m in messages)
+    return RenderedConversation(text, full, mask, [*ends, len(full)], roles)
+
+
+def conversation_renderer(tokenizer: PreTrainedTokenizerBase, unit_loss: str) -> Renderer:
+    """What the chunker calls on each SFT record (:mod:`bgotrace.corpus.chunking`)."""
+    if unit_loss not in UNIT_LOSSES:
+        raise ConfigError(f"--unit-loss={unit_loss!r} is unknown: use one of {UNIT_LOSSES}.")
+
+    def render(doc: Document) -> RenderedConversation:
+        assert doc.messages is not None
+        return render_conversation(
+            tokenizer, doc.messages, unit_loss, f"Corpus record {doc.doc_id!r}"
+        )
+
+    return render
 
 
 def load_messages_file(path: str | Path) -> tuple[Message, ...]:

@@ -26,6 +26,7 @@ import yaml
 from bgotrace.candidates_spec import check_prefilter, parse_candidates
 from bgotrace.config_values import checked_value, checked_values
 from bgotrace.corpus.bos import BOS_MODES
+from bgotrace.corpus.conversations import UNIT_LOSSES
 from bgotrace.devices import DEVICES, DTYPES, parse_size
 from bgotrace.errors import ConfigError
 from bgotrace.variants import get_variant, variants_help
@@ -174,6 +175,12 @@ class CorpusSpec:
         "Llama) | always | never.",
         "auto",
         choices=BOS_MODES,
+    )
+    unit_loss: str = _help(
+        "What an SFT conversation unit's loss covers: assistant (its assistant turns, as SFT "
+        "trained them) | all. Plain-text units always take every token.",
+        "assistant",
+        choices=UNIT_LOSSES,
     )
     cache_dir: str | None = _help(
         "Token cache directory (default: .bgotrace-cache/<corpus name>-<key of corpus content, "

@@ -112,7 +112,9 @@ def load_inputs(
     encoded = [encode_query(q, tokenizer, context, bos_id) for q in queries]
     # Resolved into the config, so config.yaml and summary.json replay the same units.
     spec.max_length = spec.unit_length(context)
-    chunking = ChunkingConfig(max_length=spec.max_length, stride=spec.stride, bos_id=bos_id)
+    chunking = ChunkingConfig(
+        max_length=spec.max_length, stride=spec.stride, bos_id=bos_id, unit_loss=spec.unit_loss
+    )
     label = None if in_memory else Path(spec.path.split("::")[0]).name
     cache = get_token_cache(
         corpus, tokenizer, chunking, spec.cache_dir, label=label, rebuild=rebuild_cache,
@@ -183,7 +185,7 @@ def _run_method(config: AttributeConfig, inputs: Inputs) -> tuple[AttributionRes
     ctx = _method_context(config, inputs)
     method.prepare(ctx)
     scores = method.score(inputs.queries)  # (n_queries, n_units)
-    n_tokens = np.maximum(inputs.cache.lengths.astype(np.int64) - 1, 0)
+    n_tokens = inputs.cache.loss_counts  # predicted tokens in each unit's loss
     per_query = [
         unit_scores(inputs.cache.units, q.query.query_id, scores[i], n_tokens)
         for i, q in enumerate(inputs.queries)
@@ -317,5 +319,7 @@ def in_memory_cache_dir(
     ``spec.max_length`` is taken as resolved (unset: the default length).
     """
     bos_id = resolve_bos(tokenizer, spec.bos)
-    chunking = ChunkingConfig(max_length=spec.unit_length(None), stride=spec.stride, bos_id=bos_id)
+    chunking = ChunkingConfig(
+        spec.unit_length(None), spec.stride, bos_id=bos_id, unit_loss=spec.unit_loss
+    )
     return default_cache_dir(requested_manifest(documents, tokenizer, chunking))

@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from bgotrace.baselines.base import Attributor, MethodContext, register
 from bgotrace.baselines.projection import GaussianProjection
+from bgotrace.cache.batching import unit_labels
 from bgotrace.errors import ConfigError
 from bgotrace.modeling.losses import forward_logits, mean_loss
 from bgotrace.perturb.fisher import cached_fisher
@@ -106,10 +107,12 @@ def flat_grad(
     return torch.cat([g.reshape(-1).float() for g in grads])
 
 
-def unit_ids(ctx: MethodContext, i: int) -> torch.Tensor:
-    """Token ids (1, L) of unit i; a unit's loss covers all its tokens."""
+def unit_ids(ctx: MethodContext, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels (1, L) of unit i; the labels are IGNORE outside its loss (an SFT
+    conversation's loss mask), else its tokens."""
     ids = torch.as_tensor(ctx.cache.unit_tokens(i).astype(np.int64), device=ctx.torch_device)
-    return ids[None]
+    labels = torch.as_tensor(unit_labels(ctx.cache, i), device=ctx.torch_device)
+    return ids[None], labels[None]
 
 
 class GradientAttributor(Attributor):
@@ -173,8 +176,8 @@ class GradientAttributor(Attributor):
             for start in range(0, n, block):
                 stop = min(start + block, n)
                 for row, i in enumerate(range(start, stop)):
-                    ids = unit_ids(ctx, i)
-                    buffer[row] = flat_grad(ctx.model, params, ids, ids)
+                    ids, labels = unit_ids(ctx, i)
+                    buffer[row] = flat_grad(ctx.model, params, ids, labels)
                     advance(1)
                 features[start:stop] = self.featurize(buffer[: stop - start]).cpu()
         return features

@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 from bgotrace.baselines.base import Attributor, MethodContext, register
 from bgotrace.cache import TokenCache
+from bgotrace.cache.batching import unit_labels
 from bgotrace.errors import ConfigError
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import IGNORE, forward_logits, token_losses
@@ -83,7 +84,8 @@ class EKFACOptions:
 
 
 class UnitDataset(Dataset):
-    """Cache units as ``{"input_ids", "labels"}`` (L,) items; a unit's loss covers all tokens."""
+    """Cache units as ``{"input_ids", "labels"}`` (L,) items; a unit's loss covers its tokens
+    (an SFT conversation's: its loss mask's)."""
 
     def __init__(self, cache: TokenCache) -> None:
         self.cache = cache
@@ -93,7 +95,7 @@ class UnitDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = torch.as_tensor(self.cache.unit_tokens(i).astype(np.int64))
-        return {"input_ids": ids, "labels": ids}
+        return {"input_ids": ids, "labels": torch.as_tensor(unit_labels(self.cache, i))}
 
 
 class QueryDataset(Dataset):

@@ -3,6 +3,11 @@
 Sorting a block's units by length before batching keeps padding (wasted compute)
 small; right padding plus the attention mask leaves every real token's loss
 unchanged, which is what makes scores independent of the batch size.
+
+:func:`collate` is where every consumer's labels are made: a unit's loss mask (an SFT
+conversation's assistant tokens, :mod:`bgotrace.corpus.conversations`) turns the tokens
+outside its loss into IGNORE there, so the sweep, the normaliser and the baselines all take
+a unit's loss over the same tokens.
 """
 
 from __future__ import annotations
@@ -16,12 +21,46 @@ from bgotrace.modeling.losses import IGNORE
 
 
 class TokenSource(Protocol):
-    """What batching needs from a token cache."""
+    """What batching needs from a token cache.
+
+    A source may also have ``unit_loss_mask(i)`` (``(length,)`` bool or None: every token)
+    and ``loss_counts`` (``(n_units,)`` predicted tokens in each loss); one without them
+    holds plain text only (:func:`unit_loss_mask`, :func:`loss_counts`).
+    """
 
     @property
     def lengths(self) -> np.ndarray: ...
 
     def unit_tokens(self, i: int) -> np.ndarray: ...
+
+
+class UnitTokens(Protocol):
+    """A source of units' tokens (all :func:`unit_labels` needs)."""
+
+    def unit_tokens(self, i: int) -> np.ndarray: ...
+
+
+def unit_loss_mask(units: UnitTokens, i: int) -> np.ndarray | None:
+    """Unit ``i``'s loss mask, ``(length,)`` bool; None where every token is in the loss."""
+    method = getattr(units, "unit_loss_mask", None)
+    return None if method is None else method(i)
+
+
+def loss_counts(units: TokenSource) -> np.ndarray:
+    """Predicted tokens in each unit's loss, ``(n_units,)`` int64 (plain text: length - 1)."""
+    counts = getattr(units, "loss_counts", None)
+    if counts is not None:
+        return np.asarray(counts, dtype=np.int64)
+    return np.maximum(units.lengths.astype(np.int64) - 1, 0)
+
+
+def unit_labels(units: UnitTokens, i: int) -> np.ndarray:
+    """Labels ``(length,)`` int64 of unit ``i`` alone: its tokens, IGNORE outside its loss."""
+    labels = units.unit_tokens(i).astype(np.int64)
+    mask = unit_loss_mask(units, i)
+    if mask is not None:
+        labels[~mask] = IGNORE
+    return labels
 
 
 def length_buckets(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -43,8 +82,23 @@ def collate(
         mask[row, : len(seq)] = 1
     input_ids = _to_device(torch.from_numpy(ids), device)
     attention_mask = _to_device(torch.from_numpy(mask), device)
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    in_loss = _loss_rows(units, batch, width)  # (B, T) bool, None: every real token
+    if in_loss is None:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    else:
+        labels = input_ids.masked_fill(~_to_device(torch.from_numpy(in_loss), device), IGNORE)
     return input_ids, attention_mask, labels
+
+
+def _loss_rows(units: TokenSource, batch: np.ndarray, width: int) -> np.ndarray | None:
+    """``(B, width)`` bool: real tokens in their unit's loss (None: all real tokens are)."""
+    masks = [unit_loss_mask(units, int(i)) for i in batch]
+    if all(m is None for m in masks):
+        return None
+    out = np.zeros((len(batch), width), dtype=bool)
+    for row, (i, m) in enumerate(zip(batch, masks, strict=True)):
+        out[row, : units.lengths[int(i)]] = True if m is None else m
+    return out
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

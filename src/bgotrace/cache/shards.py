@@ -5,6 +5,11 @@ Layout inside a cache directory::
     units.parquet                   one row per unit (see token_cache); a row group per batch
     shards/tokens-00000.bin         uint32 tokens of the shard's units, back to back
     shards/documents-00000.parquet  doc_id, source, text of the documents with units in it
+    shards/masks-00000.bin          uint8 per token beside tokens-00000.bin: 1 where the
+                                    token's prediction is in its unit's loss (only in shards
+                                    holding SFT conversations; a shard without one: all 1)
+    turns.parquet                   one row per conversation unit: the turns it covers and
+                                    its loss tokens (only in caches of SFT corpora)
 
 A shard ends at a document boundary, so each document's units and text sit in one shard and
 a shard exceeds its bound only by its last document. Documents that gave no unit are not
@@ -24,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkedBatch
+from bgotrace.corpus.conversations import UnitTurns
 
 SHARD_DIR = "shards"
 DEFAULT_SHARD_TOKENS = 64 * 2**20
@@ -43,11 +49,29 @@ UNIT_SCHEMA = pa.schema(
 DOCUMENT_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("source", pa.string()), ("text", pa.large_string())]
 )
+TURNS_FILE = "turns.parquet"
+TURN_SCHEMA = pa.schema(
+    [
+        ("unit", pa.int64()),
+        ("turn_first", pa.int32()),
+        ("turn_starts", pa.list_(pa.int32())),
+        ("turn_roles", pa.list_(pa.string())),
+        ("n_loss", pa.int64()),
+    ]
+)
+"""Conversation units only: unit index, first turn, where each covered turn starts in the
+unit and its role (:class:`~bgotrace.corpus.conversations.UnitTurns`), and the predicted
+tokens in its loss."""
 
 
 def shard_names(index: int) -> tuple[str, str]:
     """Paths (relative to the cache root) of shard ``index``'s tokens and documents."""
     return f"{SHARD_DIR}/tokens-{index:05d}.bin", f"{SHARD_DIR}/documents-{index:05d}.parquet"
+
+
+def mask_name(index: int) -> str:
+    """Path (relative to the cache root) of shard ``index``'s loss mask."""
+    return f"{SHARD_DIR}/masks-{index:05d}.bin"
 
 
 class ShardWriter:
@@ -61,7 +85,9 @@ class ShardWriter:
         self.n_units = self.n_tokens = 0
         self.max_token_id = -1
         self._tokens: Any = None  # binary file of the open shard
+        self._masks: Any = None  # its loss-mask file, once a conversation reaches it
         self._documents: pq.ParquetWriter | None = None
+        self._turns: pq.ParquetWriter | None = None
 
     def append(self, batch: ChunkedBatch) -> None:
         """Write a batch's units, starting a new shard before a document that would overflow."""
@@ -78,11 +104,18 @@ class ShardWriter:
         """Finish the files; the shard entries for the manifest."""
         self._close_shard()
         self.units.close()
+        if self._turns is not None:
+            self._turns.close()
         return self.shards
+
+    @property
+    def has_turns(self) -> bool:
+        """Whether a conversation unit was written (``turns.parquet`` exists)."""
+        return self._turns is not None
 
     def abort(self) -> None:
         """Close open files after an error (the caller deletes the directory)."""
-        for handle in (self._tokens, self._documents, self.units):
+        for handle in (self._tokens, self._masks, self._documents, self.units, self._turns):
             if handle is not None:
                 handle.close()
 
@@ -104,7 +137,10 @@ class ShardWriter:
         """Append the units of documents ``docs`` (indices into the batch) to the open shard."""
         lo, hi = (int(i) for i in np.searchsorted(batch.doc_index, [docs[0], docs[-1] + 1]))
         unit_ends = np.cumsum(batch.lengths)
-        tokens = batch.tokens[(int(unit_ends[lo - 1]) if lo else 0) : int(unit_ends[hi - 1])]
+        span = slice(int(unit_ends[lo - 1]) if lo else 0, int(unit_ends[hi - 1]))
+        tokens = batch.tokens[span]
+        self._write_masks(batch, span)
+        self._write_turns(batch, lo, hi)
         self._tokens.write(tokens.tobytes())
         self.units.write_table(self._unit_rows(batch, lo, hi))
         assert self._documents is not None
@@ -116,6 +152,46 @@ class ShardWriter:
         self.n_tokens += len(tokens)
         self.n_units += hi - lo
         self.max_token_id = max(self.max_token_id, int(tokens.max()))
+
+    def _write_masks(self, batch: ChunkedBatch, span: slice) -> None:
+        """The loss mask of tokens ``span``; a shard's mask file starts with its first masked
+        batch (the tokens before it in the shard: all in the loss)."""
+        if batch.loss_mask is None and self._masks is None:
+            return
+        if self._masks is None:
+            entry = self.shards[-1]
+            entry["masks"] = mask_name(len(self.shards) - 1)
+            self._masks = (self.root / entry["masks"]).open("wb")
+            self._masks.write(np.ones(entry["n_tokens"], np.uint8).tobytes())
+        n = span.stop - span.start
+        mask = np.ones(n, bool) if batch.loss_mask is None else batch.loss_mask[span]
+        self._masks.write(mask.astype(np.uint8).tobytes())
+
+    def _write_turns(self, batch: ChunkedBatch, lo: int, hi: int) -> None:
+        """Rows of ``turns.parquet`` for the conversation units among units ``lo:hi``."""
+        turns = batch.turns[lo:hi] if batch.turns is not None else []
+        rows = [(i, t) for i, t in enumerate(turns) if t is not None]
+        if not rows:
+            return
+        assert batch.loss_mask is not None
+        ends = np.cumsum(batch.lengths)
+        n_loss = [
+            int(batch.loss_mask[ends[lo + i] - batch.lengths[lo + i] + 1 : ends[lo + i]].sum())
+            for i, _ in rows
+        ]
+        table = pa.table(
+            {
+                "unit": pa.array([self.n_units + i for i, _ in rows], pa.int64()),
+                "turn_first": pa.array([t.first for _, t in rows], pa.int32()),
+                "turn_starts": pa.array([list(t.starts) for _, t in rows], TURN_SCHEMA[2].type),
+                "turn_roles": pa.array([list(t.roles) for _, t in rows], TURN_SCHEMA[3].type),
+                "n_loss": pa.array(n_loss, pa.int64()),
+            },
+            schema=TURN_SCHEMA,
+        )
+        if self._turns is None:
+            self._turns = pq.ParquetWriter(self.root / TURNS_FILE, TURN_SCHEMA)
+        self._turns.write_table(table)
 
     def _unit_rows(self, batch: ChunkedBatch, lo: int, hi: int) -> pa.Table:
         lengths = batch.lengths[lo:hi]
@@ -147,11 +223,10 @@ class ShardWriter:
         )  # fmt: skip
 
     def _close_shard(self) -> None:
-        if self._tokens is not None:
-            self._tokens.close()
-        if self._documents is not None:
-            self._documents.close()
-        self._tokens = self._documents = None
+        for handle in (self._tokens, self._masks, self._documents):
+            if handle is not None:
+                handle.close()
+        self._tokens = self._masks = self._documents = None
 
 
 def _document_rows(batch: ChunkedBatch, docs: np.ndarray) -> pa.Table:
@@ -202,11 +277,24 @@ def document_starts(path: Path) -> np.ndarray:
     return out
 
 
-def open_tokens(path: Path) -> np.ndarray:
-    """Memory-map a token file read-only; numpy cannot map an empty file."""
+def open_tokens(path: Path, dtype: Any = TOKEN_DTYPE) -> np.ndarray:
+    """Memory-map a token (or mask) file read-only; numpy cannot map an empty file."""
     if path.stat().st_size == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def read_turns(path: Path) -> tuple[dict[int, UnitTurns], dict[int, int]]:
+    """The turns of each conversation unit and its loss tokens, by unit index."""
+    table = pq.read_table(path).to_pydict()
+    turns, n_loss = {}, {}
+    for unit, first, starts, roles, count in zip(
+        table["unit"], table["turn_first"], table["turn_starts"], table["turn_roles"],
+        table["n_loss"], strict=True,
+    ):  # fmt: skip
+        turns[unit] = UnitTurns(first, tuple(starts), tuple(roles))
+        n_loss[unit] = count
+    return turns, n_loss
 
 
 class ShardTexts:

@@ -6,6 +6,8 @@ Layout of a cache directory (format 2; :mod:`bgotrace.cache.shards`)::
     shards/            tokens-NNNNN.bin (flat uint32) and documents-NNNNN.parquet (texts for
                        snippets), each shard at most ``shard_tokens`` tokens
     manifest.json      format version, fingerprints, chunking, counts, shards, created_at
+    turns.parquet      SFT corpora only: the turns of each conversation unit (its loss mask
+                       sits beside its tokens in shards/masks-NNNNN.bin)
 
 The corpus is read as a stream (:class:`~bgotrace.corpus.sources.CorpusFiles`) or given as a
 list of documents, tokenized in batches and appended shard by shard, so building holds one
@@ -57,14 +59,18 @@ from bgotrace.cache.locking import exclusive
 from bgotrace.cache.shards import (
     DEFAULT_SHARD_TOKENS,
     SHARD_DIR,
+    TURNS_FILE,
     UNITS_FILE,
     ShardTexts,
     ShardWriter,
     document_starts,
     open_tokens,
+    read_turns,
     unit_columns,
 )
+from bgotrace.chat import conversation_renderer
 from bgotrace.corpus.chunking import TOKEN_DTYPE, ChunkingConfig, iter_chunked_batches
+from bgotrace.corpus.conversations import UnitTurns
 from bgotrace.corpus.documents import CorpusHasher, Document, corpus_fingerprint
 from bgotrace.corpus.sources import CorpusFiles
 from bgotrace.errors import CacheMismatchError, ConfigError, InputError
@@ -78,7 +84,7 @@ FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 LEGACY_FILES = ("tokens.bin", "documents.parquet")
 """Files of a format-1 cache, replaced by a rebuild like the rest of it."""
-CACHE_FILES = (UNITS_FILE, MANIFEST_FILE, SHARD_DIR, *LEGACY_FILES)
+CACHE_FILES = (UNITS_FILE, MANIFEST_FILE, SHARD_DIR, TURNS_FILE, *LEGACY_FILES)
 DERIVED_DIRS = ("fisher", "kronfluence", "sensitivity", "trunk")
 """Artefacts computed from a cache's units and kept beside it (keyed by its manifest);
 a rebuild replaces them together with the cache."""
@@ -111,6 +117,10 @@ class TokenCache:
         _require_format(self.root, self.manifest)
         self.shards: list[dict[str, Any]] = list(self.manifest.get("shards", []))
         self.shard_tokens = [open_tokens(self.root / s["tokens"]) for s in self.shards]
+        self.shard_masks = [
+            open_tokens(self.root / s["masks"], np.uint8) if "masks" in s else None
+            for s in self.shards
+        ]  # conversations' loss masks (None: every token of the shard is in the loss)
         # Only the numbers a sweep needs are read at open (16 bytes a unit); the unit table
         # with its id strings is read when first asked for (ranking, reports).
         self._starts, self._lengths = unit_columns(self.root / UNITS_FILE, ("start", "length"))
@@ -121,13 +131,53 @@ class TokenCache:
         self._units: pd.DataFrame | None = None
         self._texts: ShardTexts | None = None
         self._char_spans: tuple[np.ndarray, ...] | None = None
+        self._turns: tuple[dict[int, UnitTurns], dict[int, int]] | None = None
 
     @property
     def units(self) -> pd.DataFrame:
-        """unit_id, doc_id, source, start, length, char_start, char_end (read on first use)."""
+        """unit_id, doc_id, source, start, length, char_start, char_end (read on first use);
+        in a cache of an SFT corpus also ``turns``: the turns a unit covers, ``"first-last"``
+        (0-based, "" for a plain-text unit)."""
         if self._units is None:
             self._units = pd.read_parquet(self.root / UNITS_FILE)
+            if self.has_turns:
+                self._units["turns"] = [
+                    "" if t is None else f"{t.first}-{t.last}"
+                    for t in map(self.unit_turns, range(len(self)))
+                ]
         return self._units
+
+    @property
+    def has_turns(self) -> bool:
+        """Whether the cache holds SFT conversation units."""
+        return (self.root / TURNS_FILE).is_file()
+
+    def unit_turns(self, i: int) -> UnitTurns | None:
+        """The turns conversation unit ``i`` covers (None: a plain-text unit)."""
+        return self._turn_table()[0].get(i)
+
+    def _turn_table(self) -> tuple[dict[int, UnitTurns], dict[int, int]]:
+        if self._turns is None:
+            self._turns = read_turns(self.root / TURNS_FILE) if self.has_turns else ({}, {})
+        return self._turns
+
+    def unit_loss_mask(self, i: int) -> np.ndarray | None:
+        """Per token of unit ``i``: whether its prediction is in the unit's loss, ``(length,)``
+        bool; None where every token is (plain text)."""
+        masks = self.shard_masks[self._shard[i]] if self.shard_masks else None
+        if masks is None:
+            return None
+        start = self._local[i]
+        return masks[start : start + self._lengths[i]].astype(bool)
+
+    @property
+    def loss_counts(self) -> np.ndarray:
+        """Predicted tokens in each unit's loss, ``(n_units,)`` int64: ``length - 1`` for plain
+        text, a conversation unit's masked tokens (what the sweep's count gives)."""
+        counts = np.maximum(self._lengths.astype(np.int64) - 1, 0)
+        for unit, n in self._turn_table()[1].items():
+            counts[unit] = n
+        return counts
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -496,10 +546,11 @@ def _write_contents(
     hasher = CorpusHasher()
     writer = ShardWriter(tmp, shard_tokens)
     total, measure = _progress_total(documents)
+    render = conversation_renderer(tokenizer, chunking.unit_loss)
     try:
         with progress_task("Tokenizing", total, enabled=progress) as advance:
             stream = _hashed(_stream(documents), hasher)
-            for batch in iter_chunked_batches(stream, tokenizer, chunking):
+            for batch in iter_chunked_batches(stream, tokenizer, chunking, render=render):
                 writer.append(batch)
                 advance(measure(batch.documents))
         shards = writer.close()

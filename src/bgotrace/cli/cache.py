@@ -114,7 +114,8 @@ def build_cache(
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     spec.max_length = spec.unit_length(_context(config))
-    chunking = ChunkingConfig(spec.max_length, spec.stride, bos_id=resolve_bos(tokenizer, spec.bos))
+    bos_id = resolve_bos(tokenizer, spec.bos)
+    chunking = ChunkingConfig(spec.max_length, spec.stride, bos_id=bos_id, unit_loss=spec.unit_loss)
     cache = get_token_cache(
         files, tokenizer, chunking, spec.cache_dir, rebuild=rebuild,
         verify=spec.verify_cache, shard_tokens=spec.shard_tokens,

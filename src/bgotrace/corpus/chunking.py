@@ -4,18 +4,32 @@ A document of ``n`` tokens (EOS included) becomes windows ``[s_k, min(s_k + L, n
 ``s_k = k * (L - stride)``, stopping at the first window that reaches the end. Consecutive
 windows of a document therefore overlap by exactly ``stride`` tokens, and no window lies fully
 inside the one before it.
+
+An SFT conversation (a document with ``messages``) is rendered by its chat template and cut
+at turn boundaries instead (:mod:`bgotrace.corpus.conversations`): its special tokens come
+from the template (no EOS appended; the BOS only in front of a window that continues a
+conversation), and its units carry a per-token loss mask and the turns they cover.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from bgotrace.corpus.conversations import (
+    UNIT_LOSSES,
+    RenderedConversation,
+    Renderer,
+    UnitTurns,
+    turn_windows,
+    unit_turns,
+)
 from bgotrace.corpus.documents import Document
 from bgotrace.errors import ConfigError, InputError
 
@@ -42,8 +56,16 @@ class ChunkingConfig:
     bos_id: int | None = None
     """Token put in front of every unit (``--bos``, :mod:`bgotrace.corpus.bos`); the window
     then holds ``max_length - 1`` document tokens. None: no BOS."""
+    unit_loss: str = "assistant"
+    """What an SFT conversation unit's loss covers: ``assistant`` (its assistant tokens, as
+    SFT trained them) or ``all``; plain-text units always take every token."""
 
     def __post_init__(self) -> None:
+        if self.unit_loss not in UNIT_LOSSES:
+            raise ConfigError(
+                f"unit_loss must be one of {', '.join(UNIT_LOSSES)}, got {self.unit_loss!r}: "
+                "pass --unit-loss assistant or all."
+            )
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
             raise ConfigError(f"max_length must be an integer, got {self.max_length!r}.")
         if isinstance(self.stride, bool) or not isinstance(self.stride, int):
@@ -70,13 +92,15 @@ class ChunkingConfig:
         return self.max_length - (self.bos_id is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings, as stored in a cache manifest (``bos_id`` only when set, so
-        caches made before ``--bos`` existed stay valid)."""
+        """JSON-ready settings, as stored in a cache manifest (``bos_id`` only when set and
+        ``unit_loss`` only when not the default, so older caches stay valid)."""
         out: dict[str, Any] = {
             "max_length": self.max_length, "stride": self.stride, "append_eos": self.append_eos
         }  # fmt: skip
         if self.bos_id is not None:
             out["bos_id"] = self.bos_id
+        if self.unit_loss != "assistant":
+            out["unit_loss"] = self.unit_loss
         return out
 
 
@@ -94,6 +118,8 @@ class Unit:
     """Start of the span of the document text covered by the window's tokens."""
     char_end: int
     """End (exclusive) of that span; the EOS token covers no characters."""
+    loss_mask: list[bool] | None = None
+    """Per token: whether its prediction is in the unit's loss (None: every token)."""
 
 
 def window_bounds(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int]]:
@@ -110,12 +136,17 @@ def window_bounds(n_tokens: int, max_length: int, stride: int) -> list[tuple[int
 
 
 def tokenize_and_chunk(
-    documents: Iterable[Document], tokenizer: Any, chunking: ChunkingConfig
+    documents: Iterable[Document],
+    tokenizer: Any,
+    chunking: ChunkingConfig,
+    render: Renderer | None = None,
 ) -> list[Unit]:
-    """All units of ``documents`` in document order; units with < 2 tokens are dropped."""
-    return [
-        unit for _, units in iter_unit_batches(documents, tokenizer, chunking) for unit in units
-    ]
+    """All units of ``documents`` in document order; units with < 2 tokens are dropped.
+
+    ``render``: how conversations are rendered (:func:`bgotrace.chat.conversation_renderer`).
+    """
+    batches = iter_unit_batches(documents, tokenizer, chunking, render=render)
+    return [unit for _, units in batches for unit in units]
 
 
 def iter_unit_batches(
@@ -123,9 +154,10 @@ def iter_unit_batches(
     tokenizer: Any,
     chunking: ChunkingConfig,
     batch_docs: int = TOKENIZE_BATCH_DOCS,
+    render: Renderer | None = None,
 ) -> Iterator[tuple[int, list[Unit]]]:
     """Yield ``(documents done in this batch, their units)``; lets callers show progress."""
-    for batch in iter_chunked_batches(documents, tokenizer, chunking, batch_docs):
+    for batch in iter_chunked_batches(documents, tokenizer, chunking, batch_docs, render):
         yield len(batch.documents), batch.units()
 
 
@@ -147,6 +179,11 @@ class ChunkedBatch:
     """``(n_units,)`` int64: start of the document text the unit covers."""
     char_end: np.ndarray
     """``(n_units,)`` int64: end (exclusive) of that text; an EOS covers none."""
+    loss_mask: np.ndarray | None = None
+    """``(n_tokens,)`` bool beside ``tokens``: whether a token's prediction is in its unit's
+    loss. None: every token (a batch of plain texts)."""
+    turns: list[UnitTurns | None] | None = None
+    """Per unit: the conversation turns it covers (None: a plain-text unit, or all are)."""
 
     def unit_ids(self) -> list[str]:
         ids = [self.documents[d].doc_id for d in self.doc_index.tolist()]
@@ -155,8 +192,17 @@ class ChunkedBatch:
     def units(self) -> list[Unit]:
         """The same units as :class:`Unit` objects (lists, for callers that want them)."""
         ends = np.cumsum(self.lengths)
+        mask = self.loss_mask
         return [
-            Unit(unit_id, doc.doc_id, doc.source, self.tokens[end - n : end].tolist(), s, e)
+            Unit(
+                unit_id,
+                doc.doc_id,
+                doc.source,
+                self.tokens[end - n : end].tolist(),
+                s,
+                e,
+                None if mask is None else mask[end - n : end].tolist(),
+            )
             for unit_id, doc, n, end, s, e in zip(
                 self.unit_ids(),
                 (self.documents[d] for d in self.doc_index.tolist()),
@@ -174,31 +220,62 @@ def iter_chunked_batches(
     tokenizer: Any,
     chunking: ChunkingConfig,
     batch_docs: int = TOKENIZE_BATCH_DOCS,
+    render: Renderer | None = None,
 ) -> Iterator[ChunkedBatch]:
     """Tokenize ``batch_docs`` documents per call (in the tokenizers library's threads) and
     cut them into windows with array operations; documents are read as they are needed.
 
     ``encode_batch`` releases the GIL, so the next batch is encoded in a helper thread while
-    this one is turned into arrays and cut: the Python side overlaps the encoding.
+    this one is turned into arrays and cut: the Python side overlaps the encoding. A
+    conversation is rendered by ``render`` first and its rendered text encoded (with the
+    offsets that map units back to text), which must give the template's own tokens.
     """
     backend = fast_backend(tokenizer)
     eos_id = tokenizer.eos_token_id if chunking.append_eos else None
     iterator = iter(documents)
-    pending: tuple[list[Document], Future[Any]] | None = None
+    pending: tuple[_Pending, Future[Any]] | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         while True:
-            batch = list(itertools.islice(iterator, batch_docs))
+            batch = _rendered(list(itertools.islice(iterator, batch_docs)), render)
             encoding = (
-                pool.submit(backend.encode_batch, [d.text for d in batch], add_special_tokens=False)
-                if batch
+                pool.submit(backend.encode_batch, [d.text for d in batch.docs],
+                            add_special_tokens=False)
+                if batch.docs
                 else None
-            )
+            )  # fmt: skip
             if pending is not None:
-                docs, encoded = pending
-                yield _chunk_batch(docs, *encoding_arrays(encoded.result()), eos_id, chunking)
+                done, encoded = pending
+                arrays = encoding_arrays(encoded.result())
+                yield _chunk_any(done, *arrays, eos_id, chunking)
             if encoding is None:
                 return
             pending = (batch, encoding)
+
+
+@dataclass
+class _Pending:
+    """A batch of documents (conversations with their rendered text) and their renderings."""
+
+    docs: list[Document]
+    rendered: list[RenderedConversation | None]
+
+
+def _rendered(docs: list[Document], render: Renderer | None) -> _Pending:
+    out = _Pending([], [])
+    for doc in docs:
+        if doc.messages is None:
+            out.docs.append(doc)
+            out.rendered.append(None)
+            continue
+        if render is None:
+            raise InputError(
+                f"Corpus document {doc.doc_id} is a conversation, and this caller cannot "
+                "render chat templates: store the corpus as plain text."
+            )
+        rendered = render(doc)
+        out.docs.append(dataclasses.replace(doc, text=rendered.text))
+        out.rendered.append(rendered)
+    return out
 
 
 def fast_backend(tokenizer: Any) -> Any:
@@ -313,3 +390,106 @@ def _char_spans(
     first = np.minimum.reduceat(padded[:, 0], bounds)[::2]
     last = np.maximum.reduceat(padded[:, 1], bounds)[::2]
     return first, last
+
+
+def _chunk_any(
+    batch: _Pending,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    n_text: np.ndarray,
+    eos_id: int | None,
+    chunking: ChunkingConfig,
+) -> ChunkedBatch:
+    """:func:`_chunk_batch` for plain texts (unchanged), runs of them and conversations cut
+    apart and joined again where a batch holds conversations."""
+    docs = batch.docs
+    if all(r is None for r in batch.rendered):
+        return _chunk_batch(docs, ids, offsets, n_text, eos_id, chunking)
+    first = np.cumsum(n_text) - n_text  # (n_docs,) first token of each doc in ``ids``
+    parts, at = [], 0
+    for plain, run in itertools.groupby(batch.rendered, key=lambda r: r is None):
+        group = list(run)
+        lo, hi = at, at + len(group)
+        tokens = slice(int(first[lo]), int(first[hi - 1] + n_text[hi - 1]))
+        if plain:
+            parts.append(_chunk_batch(docs[lo:hi], ids[tokens], offsets[tokens],
+                                      n_text[lo:hi], eos_id, chunking))  # fmt: skip
+        else:
+            for i, rendered in zip(range(lo, hi), group, strict=True):
+                span = slice(int(first[i]), int(first[i] + n_text[i]))
+                parts.append(_chunk_conversation(docs[i], rendered, ids[span], offsets[span],
+                                                 chunking))  # fmt: skip
+        at = hi
+    return _concat(docs, parts)
+
+
+def _chunk_conversation(
+    doc: Document,
+    rendered: RenderedConversation | None,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    chunking: ChunkingConfig,
+) -> ChunkedBatch:
+    """Turn-aligned units of one rendered conversation (one-document batch)."""
+    assert rendered is not None
+    if ids.tolist() != list(rendered.ids):
+        raise InputError(
+            f"Corpus document {doc.doc_id}: its chat-rendered text tokenizes to other tokens "
+            "than apply_chat_template gives, so units cannot be mapped back to the text: "
+            "use a tokenizer whose template output re-tokenizes to the same ids."
+        )
+    mask = np.asarray(rendered.loss_mask, dtype=bool)  # (n,)
+    windows = turn_windows(rendered.turn_ends, chunking.text_length, chunking.stride)
+    parts = [
+        (k, *_conversation_unit(rendered, ids, mask, start, end, chunking.bos_id))
+        for k, (start, end) in enumerate(windows)
+    ]
+    kept = [p for p in parts if len(p[1]) >= MIN_UNIT_TOKENS and p[2][1:].any()]
+    spans = [offsets[start:end] for start, end in (windows[p[0]] for p in kept)]
+    return ChunkedBatch(
+        documents=[doc],
+        tokens=np.concatenate([p[1] for p in kept] or [np.zeros(0, TOKEN_DTYPE)]),
+        lengths=np.array([len(p[1]) for p in kept], dtype=np.int64),
+        doc_index=np.zeros(len(kept), np.int64),
+        window=np.array([p[0] for p in kept], dtype=np.int64),
+        char_start=np.array([span[:, 0].min() for span in spans], dtype=np.int64),
+        char_end=np.array([span[:, 1].max() for span in spans], dtype=np.int64),
+        loss_mask=np.concatenate([p[2] for p in kept] or [np.zeros(0, np.bool_)]),
+        turns=[p[3] for p in kept],
+    )
+
+
+def _conversation_unit(
+    rendered: RenderedConversation,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    start: int,
+    end: int,
+    bos_id: int | None,
+) -> tuple[np.ndarray, np.ndarray, UnitTurns]:
+    """Tokens (uint32), loss mask (bool) and turns of window ``[start, end)``: a window that
+    continues a conversation gets the BOS in front (as plain units do), the first has the
+    template's own."""
+    bos = [bos_id] if start > 0 and bos_id is not None else []
+    tokens = np.array(bos + ids[start:end].tolist(), dtype=TOKEN_DTYPE)
+    unit_mask = np.concatenate([np.zeros(len(bos), np.bool_), mask[start:end]])
+    return tokens, unit_mask, unit_turns(rendered, start, end, len(bos))
+
+
+def _concat(docs: list[Document], parts: Sequence[ChunkedBatch]) -> ChunkedBatch:
+    """One batch of ``docs`` from batches of consecutive runs of them, in order."""
+    first_doc = np.cumsum([0] + [len(p.documents) for p in parts])[:-1]
+    join = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    masks = [np.ones(len(p.tokens), bool) if p.loss_mask is None else p.loss_mask for p in parts]
+    turns = [t for p in parts for t in (p.turns or [None] * len(p.lengths))]
+    return ChunkedBatch(
+        documents=docs,
+        tokens=join("tokens").astype(TOKEN_DTYPE),
+        lengths=join("lengths").astype(np.int64),
+        doc_index=np.concatenate([p.doc_index + f for p, f in zip(parts, first_doc, strict=True)]),
+        window=join("window").astype(np.int64),
+        char_start=join("char_start").astype(np.int64),
+        char_end=join("char_end").astype(np.int64),
+        loss_mask=np.concatenate(masks),
+        turns=turns,
+    )

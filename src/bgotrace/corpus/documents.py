@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bgotrace.corpus.messages import Message, check_has_assistant, messages_json, parse_messages
 from bgotrace.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,13 @@ DEFAULT_SOURCE = "default"
 
 HASH_ID_CHARS = 16
 """Hex characters of ``sha1(text)`` used as the id of a document without one."""
+
+MESSAGES_FIELD = "messages"
+"""Field of an SFT record holding its conversation (a list of ``{role, content}``)."""
+PROMPT_FIELD, COMPLETION_FIELD = "prompt", "completion"
+"""Fields of an SFT record in prompt/completion form: strings (a user turn and the
+assistant's answer) or lists of messages (the conversation before and the answer)."""
+CONVERSATION_FIELDS = (MESSAGES_FIELD, PROMPT_FIELD, COMPLETION_FIELD)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,9 @@ class Document:
     """The full text; chunks keep character spans into it for snippets."""
     source: str
     """Given source, sub-folder name of a `.txt` corpus, or ``"default"``."""
+    messages: tuple[Message, ...] | None = None
+    """The conversation of an SFT record (None: plain text). ``text`` is then its canonical
+    JSON until the chat template renders it (:mod:`bgotrace.chat`), at tokenization."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,14 @@ def iter_documents_of(
     ids = _IdAllocator(origin)
     n_documents = n_empty = 0
     for where, record in located:
-        text, given_id, source = _read_record(record, fields, origin, where)
+        messages = _conversation(record, f"Corpus {origin} {where}")
+        text, given_id, source = _read_record(record, fields, origin, where, messages)
         if not text.strip():
             n_empty += 1
             continue
         doc_id = ids.given(given_id, where) if given_id is not None else ids.hashed(text, where)
         n_documents += 1
-        yield Document(doc_id=doc_id, text=text, source=source)
+        yield Document(doc_id=doc_id, text=text, source=source, messages=messages)
     if n_empty:
         log.warning("Skipped %d empty or whitespace-only document(s) in %s.", n_empty, origin)
     if not n_documents:
@@ -100,8 +112,57 @@ def iter_documents_of(
         )
 
 
+def _conversation(record: Mapping[str, Any] | str, where: str) -> tuple[Message, ...] | None:
+    """The checked conversation of an SFT record (None: a plain-text record).
+
+    ``messages`` wins over ``prompt``/``completion``, which win over the text field.
+    """
+    if not isinstance(record, Mapping):
+        return None
+    if _present(record.get(MESSAGES_FIELD)):
+        messages = parse_messages(_listed(record[MESSAGES_FIELD]), where)
+    elif _present(record.get(PROMPT_FIELD)) or _present(record.get(COMPLETION_FIELD)):
+        messages = _prompt_completion(record, where)
+    else:
+        return None
+    check_has_assistant(messages, where)
+    return messages
+
+
+def _prompt_completion(record: Mapping[str, Any], where: str) -> tuple[Message, ...]:
+    """``prompt``/``completion`` as strings (a user turn, the answer) or message lists."""
+    parts = []
+    for name, role in ((PROMPT_FIELD, "user"), (COMPLETION_FIELD, "assistant")):
+        value = _listed(record.get(name))
+        if not _present(value):
+            raise InputError(
+                f"{where} has a {PROMPT_FIELD!r} or {COMPLETION_FIELD!r} field but no {name!r}: "
+                "give both (the user's turn and the assistant's answer) or a 'messages' list."
+            )
+        parts.append(value if isinstance(value, list) else [{"role": role, "content": value}])
+    return parse_messages(parts[0] + parts[1], where)
+
+
+def _present(value: Any) -> bool:
+    """Null, NaN and empty-list cells of a table column count as absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (hasattr(value, "__len__") and not isinstance(value, str) and len(value) == 0)
+
+
+def _listed(value: Any) -> Any:
+    """A list column read through numpy (pandas, datasets) as a list of plain values."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return value.tolist()
+    return value
+
+
 def _read_record(
-    record: Mapping[str, Any] | str, fields: CorpusFields, origin: str, where: str
+    record: Mapping[str, Any] | str,
+    fields: CorpusFields,
+    origin: str,
+    where: str,
+    messages: tuple[Message, ...] | None = None,
 ) -> tuple[str, str | None, str]:
     """Return ``(text, given id or None, source)`` of one record, or raise a pointed error."""
     if isinstance(record, str):
@@ -111,11 +172,14 @@ def _read_record(
             f"Corpus {origin} {where} is a {type(record).__name__}, not a record with a "
             f"{fields.text_field!r} field: store one object per document."
         )
+    if messages is not None:
+        record = {**record, fields.text_field: messages_json(messages)}
     if fields.text_field not in record:
         have = ", ".join(map(str, record.keys())) or "none"
         raise InputError(
             f"Corpus {origin} {where} has no {fields.text_field!r} field (fields: {have}): "
-            "pass --text-field with the name of the field that holds the text."
+            "pass --text-field with the name of the field that holds the text (or give an "
+            "SFT record a 'messages' list)."
         )
     text = record[fields.text_field]
     if not isinstance(text, str):
@@ -212,7 +276,7 @@ class CorpusHasher:
         self.n_documents = 0
 
     def add(self, doc: Document) -> None:
-        for part in (doc.doc_id, doc.source, doc.text):
+        for part in (doc.doc_id, doc.source, doc.text):  # a conversation's text: its JSON
             data = part.encode("utf-8")
             self._digest.update(len(data).to_bytes(8, "little"))
             self._digest.update(data)

@@ -10,6 +10,9 @@ Supported inputs (detected from the path):
 * a Hugging Face ``datasets`` dataset saved with ``save_to_disk``; for a ``DatasetDict`` the
   ``train`` split is used, or the one named by a ``path::split`` suffix.
 
+A record (row) of any of them may be an SFT conversation instead of a text: a ``messages``
+list of ``{role, content}``, or ``prompt``/``completion`` (:mod:`bgotrace.corpus.documents`).
+
 Every error names the file and the record (line or row) and says how to fix it.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bgotrace.corpus.documents import (
+    CONVERSATION_FIELDS,
     DEFAULT_FIELDS,
     DEFAULT_SOURCE,
     CorpusFields,
@@ -225,12 +229,14 @@ def _parquet_rows(path: Path, fields: CorpusFields) -> Iterator[dict[str, Any]]:
 
 
 def _field_names(fields: CorpusFields) -> list[str]:
-    return [fields.text_field, fields.id_field, fields.source_field]
+    names = [fields.text_field, fields.id_field, fields.source_field, *CONVERSATION_FIELDS]
+    return list(dict.fromkeys(names))
 
 
 def _require_text_column(path: Path, names: list[str], fields: CorpusFields) -> None:
-    """A table without the text column fails at its first row; say so before reading it."""
-    if fields.text_field not in names:
+    """A table without the text column (nor an SFT conversation's) fails at its first row;
+    say so before reading it."""
+    if fields.text_field not in names and not set(CONVERSATION_FIELDS) & set(names):
         raise InputError(
             f"Corpus {path} row 1 has no {fields.text_field!r} field (fields: "
             f"{', '.join(names) or 'none'}): pass --text-field with the name of the field "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgotrace.cache.batching import TokenSource
+from bgotrace.cache.batching import TokenSource, unit_loss_mask
 from bgotrace.score.executor import Block
 
 SHIP_MODES = ("auto", "always", "never")
@@ -34,6 +34,8 @@ class UnitSlice:
     indices: np.ndarray
     """Corpus unit (token-cache index) of each unit, (n_units,) int64: where a trunk cache
     finds its rows (:meth:`bgotrace.cache.trunk_cache.TrunkCache.for_units`)."""
+    masks: np.ndarray | None = None
+    """Loss mask beside ``tokens``, (n_tokens,) bool (SFT conversations); None: every token."""
 
     @property
     def lengths(self) -> np.ndarray:
@@ -41,6 +43,11 @@ class UnitSlice:
 
     def unit_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.starts[i] : self.starts[i] + self.unit_lengths[i]]
+
+    def unit_loss_mask(self, i: int) -> np.ndarray | None:
+        if self.masks is None:
+            return None
+        return self.masks[self.starts[i] : self.starts[i] + self.unit_lengths[i]]
 
     @classmethod
     def of_block(cls, units: TokenSource, block: Block) -> UnitSlice:
@@ -56,7 +63,13 @@ class UnitSlice:
         view = getattr(units, "indices", None)
         span = np.arange(block.start, block.stop, dtype=np.int64)
         indices = span if view is None else np.asarray(view, dtype=np.int64)[span]
-        return cls(tokens=tokens, starts=starts, unit_lengths=lengths, indices=indices)
+        masks = [unit_loss_mask(units, int(i)) for i in span]
+        joined = None
+        if any(m is not None for m in masks):
+            joined = np.concatenate(
+                [np.ones(n, bool) if m is None else m for m, n in zip(masks, lengths, strict=True)]
+            )
+        return cls(tokens, starts, lengths, indices, joined)
 
     def local_block(self, block: Block) -> Block:
         """The same block indexed into this slice (units 0..n)."""

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 
 from bgotrace.cache import TokenCache
+from bgotrace.cache.batching import unit_labels
 from bgotrace.errors import ConfigError
 from bgotrace.eval.metrics import TailPatchSummary, lds_over_queries, tail_patch_summary
 from bgotrace.eval.reference_form import REFERENCE_LR, fresh_adamw_step
@@ -112,13 +113,18 @@ def completion_logprob(
 
 
 def unit_gradient(
-    model: torch.nn.Module, token_ids: np.ndarray, names: Sequence[str]
+    model: torch.nn.Module,
+    token_ids: np.ndarray,
+    names: Sequence[str],
+    labels: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Gradient of the unit's mean token NLL (as in training) w.r.t. the named parameters."""
+    """Gradient of the unit's mean token NLL (as in training) w.r.t. the named parameters;
+    ``labels`` (IGNORE outside the loss) default to the tokens."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=device)[None]  # (1, T)
+    targets = ids if labels is None else torch.as_tensor(labels, device=device)[None]
     with torch.enable_grad(), grads_only_for(model, names) as params:
-        loss = mean_loss(forward_logits(model, ids), ids)
+        loss = mean_loss(forward_logits(model, ids), targets)
         grads = torch.autograd.grad(loss, params)
     return dict(zip(names, grads, strict=True))
 
@@ -206,7 +212,8 @@ class TailPatcher:
 
     def _patched(self, unit: int) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
-        grads = unit_gradient(self.model, self.cache.unit_tokens(unit), self.names)
+        labels = unit_labels(self.cache, unit)
+        grads = unit_gradient(self.model, self.cache.unit_tokens(unit), self.names, labels)
         self.n_steps += 1
         if self.config.optimizer == "adamw-fresh":  # the reference scripts' step
             return fresh_adamw_step(params, grads, self.config.step_lr)

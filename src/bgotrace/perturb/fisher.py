@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bgotrace.cache.batching import unit_labels
 from bgotrace.cache.locking import exclusive
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, mean_loss
@@ -85,7 +86,8 @@ def estimate_fisher(
     with grads_only_for(model, names) as params:
         for i in progress_bar(indices.tolist(), "Fisher"):
             ids = torch.as_tensor(units.unit_tokens(i).astype(np.int64), device=device)[None]
-            loss = mean_loss(forward_logits(model, ids), ids)
+            labels = torch.as_tensor(unit_labels(units, i), device=device)[None]
+            loss = mean_loss(forward_logits(model, ids), labels)
             grads = torch.autograd.grad(loss, params)
             for n, g in zip(names, grads, strict=True):
                 acc[n] += g.detach().float() ** 2

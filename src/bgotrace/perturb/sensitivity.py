@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from bgotrace.cache.batching import collate, length_buckets
+from bgotrace.cache.batching import collate, length_buckets, loss_counts, unit_labels
 from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, token_losses
 from bgotrace.perturb.ghost_norms import GhostPlan, batch_squared_norms, plan_for
@@ -85,7 +85,8 @@ def unit_gradient_norms_loop(
     with grads_only_for(model, names) as params:
         for k, i in enumerate(progress_bar(indices, "Sensitivity (per unit)")):
             ids = torch.as_tensor(units.unit_tokens(int(i)).astype(np.int64), device=device)[None]
-            total = token_losses(forward_logits(model, ids), ids).sum()  # summed NLL of z
+            labels = torch.as_tensor(unit_labels(units, int(i)), device=device)[None]
+            total = token_losses(forward_logits(model, ids), labels).sum()  # summed NLL of z
             grads = torch.autograd.grad(total, params)
             norms[k] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
     return norms
@@ -112,7 +113,7 @@ def unit_gradient_norms(
     if plan.uncovered:
         log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
         squares += unit_gradient_norms_loop(model, units, plan.uncovered, device, indices) ** 2
-    return np.sqrt(squares), units.lengths[indices].astype(np.int64) - 1
+    return np.sqrt(squares), loss_counts(units)[indices]
 
 
 def _ghost_squares(

@@ -57,6 +57,8 @@ def unit_scores(
             "char_end": units["char_end"].to_numpy(),
         }
     )
+    if "turns" in units:  # an SFT corpus: the turns each unit covers ("first-last")
+        frame.insert(frame.columns.get_loc("source") + 1, "turns", units["turns"].to_numpy())
     for state, loss in sorted((losses or {}).items()):
         frame[f"loss_{state}"] = loss
     if candidate is not None:

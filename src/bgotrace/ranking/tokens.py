@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from bgotrace.cache.batching import TokenSource
+from bgotrace.cache.batching import TokenSource, unit_loss_mask
 from bgotrace.score.engine import QueryLosses
 from bgotrace.score.sweep import unit_token_losses
 from bgotrace.variants import score_losses
@@ -54,6 +54,8 @@ def top_token_changes(
     ``token_scores[t]`` belongs to ``tokens[t + 1]`` (the first token is not predicted);
     for ``reduce=sum`` the unit's score is the sum of its token scores divided by
     ``normalizer`` (the unit's entry of ``divisors`` under ``--normalize sensitivity``, else 1).
+    A unit of an SFT conversation also has its turns (:func:`_turn_fields`); its tokens
+    outside the loss score 0.
     """
     names = sorted(result.states)
     rows = []
@@ -63,6 +65,9 @@ def top_token_changes(
             model, units, index, [result.states[n] for n in names], device=device
         )
         token_scores = score_losses(variant, dict(zip(names, per_state, strict=True)))
+        mask = unit_loss_mask(units, index)
+        if mask is not None:
+            token_scores = np.where(mask[1:], token_scores, 0.0)
         ids = units.unit_tokens(index).tolist()
         rows.append(
             {
@@ -73,6 +78,23 @@ def top_token_changes(
                 "normalizer": 1.0 if divisors is None else float(divisors[index]),
                 "tokens": [tokenizer.decode([t]) for t in ids],
                 "token_scores": [round(float(s), 6) for s in token_scores],
+                **_turn_fields(units, index, mask),
             }
         )
     return rows
+
+
+def _turn_fields(units: TokenSource, index: int, mask: np.ndarray | None) -> dict[str, Any]:
+    """A conversation unit's ``turns`` ([first, last], 0-based), and per token its turn,
+    role and whether its prediction is in the loss (``token_in_loss``); {} for plain text."""
+    turns_of = getattr(units, "unit_turns", None)
+    turns = turns_of(index) if turns_of is not None else None
+    if turns is None or mask is None:
+        return {}
+    positions = range(len(mask))
+    return {
+        "turns": [turns.first, turns.last],
+        "token_turns": [turns.turn_at(p) for p in positions],
+        "token_roles": [turns.role_at(p) for p in positions],
+        "token_in_loss": [bool(m) for m in mask],
+    }

@@ -32,7 +32,7 @@ from scipy.stats import spearmanr
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bgotrace.cache.batching import TokenSource, collate, length_buckets
+from bgotrace.cache.batching import TokenSource, collate, length_buckets, loss_counts
 from bgotrace.errors import InputError
 from bgotrace.modeling.split import log_once, state_token_losses, trunk
 from bgotrace.perturb.sensitivity import score_divisors
@@ -310,7 +310,7 @@ def linear_group(ctx: SweepContext, g: int, group: Sequence[EncodedQuery]) -> li
         for q in range(len(group))
     ]
     scores = group_linear_scores(ctx, states)  # (n_queries, n_swept)
-    counts = np.maximum(ctx.units.lengths.astype(np.int64) - 1, 0)  # the sweep's count
+    counts = loss_counts(ctx.units)  # the sweep's count
     return [
         QueryLosses(
             query=query,

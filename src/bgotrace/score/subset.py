@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from bgotrace.cache.batching import TokenSource
+from bgotrace.cache.batching import TokenSource, loss_counts, unit_loss_mask
 from bgotrace.score.engine import QueryLosses
 
 
@@ -37,19 +37,26 @@ class SubsetUnits:
     def unit_tokens(self, i: int) -> np.ndarray:
         return self.source.unit_tokens(int(self.indices[i]))
 
+    def unit_loss_mask(self, i: int) -> np.ndarray | None:
+        return unit_loss_mask(self.source, int(self.indices[i]))
 
-def scatter(result: QueryLosses, indices: np.ndarray, lengths: np.ndarray) -> QueryLosses:
+    @property
+    def loss_counts(self) -> np.ndarray:
+        return loss_counts(self.source)[self.indices]
+
+
+def scatter(result: QueryLosses, indices: np.ndarray, units: TokenSource) -> QueryLosses:
     """Losses of the swept ``indices`` placed in corpus-sized arrays (NaN elsewhere).
 
-    Token counts of the units not swept are their predicted tokens (length - 1), which is
-    what the sweep would have counted.
+    Token counts of the units not swept are their predicted tokens in the loss (length - 1
+    for plain text), which is what the sweep would have counted.
     """
-    n = len(lengths)
+    n = len(units.lengths)
     losses = {}
     for state, values in result.losses.items():
         full = np.full(n, np.nan, dtype=np.float64)
         full[indices] = values
         losses[state] = full
-    counts = np.maximum(lengths.astype(np.int64) - 1, 0)
+    counts = loss_counts(units).copy()
     counts[indices] = result.counts
     return dataclasses.replace(result, losses=losses, counts=counts)
