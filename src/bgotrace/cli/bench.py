@@ -22,6 +22,8 @@ from rich.console import Console
 
 from bgotrace.bench.build import PRESETS as BENCH_PRESETS
 from bgotrace.bench.build import BenchConfig
+from bgotrace.bench.chat_build import CHAT_PRESETS, ChatBenchConfig, build_chat_bench, is_chat_bench
+from bgotrace.bench.chat_eval import run_chat_bench
 from bgotrace.bench.runner import (
     DEFAULT_FACT_REPEATS,
     QUICK_SEEDS,
@@ -77,7 +79,8 @@ def build(
     bench_preset: Annotated[
         str | None,
         typer.Option(
-            help=f"Benchmark: {', '.join(BENCH_PRESETS)} (default: default, tiny with --quick).",
+            help=f"Benchmark: {', '.join([*BENCH_PRESETS, 'chat'])} (default: default, tiny "
+            "with --quick; chat: the chat benchmark, its test sizes with --quick).",
             show_default=False,
         ),
     ] = None,
@@ -115,6 +118,17 @@ def build(
     """Build the benchmark (real texts + planted facts + queries) and train its base model."""
     name = bench_preset or ("tiny" if quick else "default")
     paths = _source_paths(source_path)
+    if name in CHAT_PRESETS:
+        chat = {"model_preset": preset, "pretrain_epochs": epochs}
+        overrides = {k: v for k, v in chat.items() if v is not None} | {"seed": seed}
+        chat_config = ChatBenchConfig.preset(
+            "chat-test" if quick else name,
+            **overrides,
+            **({"source_paths": paths} if paths else {}),
+        )
+        manifest = build_chat_bench(chat_config, out, overwrite=overwrite, progress=not quiet)
+        Console(stderr=True).print(f"chat benchmark built: [bold]{out}[/] {manifest['counts']}")
+        return
     bench_config = BenchConfig.preset(name, seed=seed, **({"source_paths": paths} if paths else {}))
     train_config = _train_config(preset, epochs, seed, quick, device)
     result = build_bench(
@@ -154,6 +168,16 @@ def run(
     options = merge_flags(parse_options(option or []), device=device, progress=not quiet)
     if quick:
         options = quick_options(options)
+    if is_chat_bench(bench):
+        results = run_chat_bench(
+            bench, out, methods=split_list(methods, "methods"),
+            metrics=split_list(metrics, "metrics"), split=split, options=options,
+            overwrite=overwrite, command=shlex.join(["bgotrace", *sys.argv[1:]]),
+        )  # fmt: skip
+        for variant, result in results.items():
+            typer.echo(f"# {variant} fine-tune\n")
+            print_result(result)
+        return
     default_seeds = QUICK_SEEDS if quick else (0, 1, 2)
     result = run_bench(
         bench, out, model_dir=model, methods=split_list(methods, "methods"),
