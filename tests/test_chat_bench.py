@@ -19,6 +19,7 @@ from bgotrace.bench.chat_eval import sft_documents
 from bgotrace.bench.chat_sft import CHAT_TEMPLATE, add_chat_template, render_records, sft_batch
 from bgotrace.bench.facts import ATTRIBUTES
 from bgotrace.cache import get_token_cache
+from bgotrace.cache.batching import unit_labels
 from bgotrace.chat import Message
 from bgotrace.cli.main import app
 from bgotrace.corpus import ChunkingConfig
@@ -199,13 +200,15 @@ def test_units_are_the_tokens_the_fine_tune_trained_on(tmp_path: Path, chat_toke
         for i in range(3)
     ]  # fmt: skip
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    documents = sft_documents(tmp_path, chat_tokenizer)
-    chunking = ChunkingConfig(max_length=128, append_eos=False)
+    documents = sft_documents(tmp_path)
+    chunking = ChunkingConfig(max_length=128)
     cache = get_token_cache(documents, chat_tokenizer, chunking, tmp_path / "c", progress=False)
     chats = render_records(chat_tokenizer, records)
     assert len(cache) == 3
     for i, chat in enumerate(chats):
-        assert cache.unit_tokens(i).tolist() == chat.input_ids
+        assert cache.unit_tokens(i).tolist() == chat.input_ids  # one BOS, no EOS added
+        labels = unit_labels(cache, i)
+        assert (labels >= 0).tolist() == chat.loss_mask  # the unit's loss: the SFT's
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -264,7 +267,9 @@ def test_quick_eval_runs_bgo_bm25_and_graddot_on_both_fine_tunes(
         scores = np.load(out / variant / "scores.npz")
         n_sft = len((built / "sft.jsonl").read_text().splitlines())
         assert scores["scores/bgo"].shape[1] == n_sft  # ranked: the SFT conversations
-    assert "## lora fine-tune (params adapter" in (out / "results.md").read_text()
+    assert (
+        "## lora fine-tune (params adapter; unit loss assistant" in (out / "results.md").read_text()
+    )
     bad = CliRunner().invoke(app, [*args[:9], "--methods", "bm25", "--metrics", "lds",
                                    "--overwrite"])  # fmt: skip
     assert bad.exit_code != 0 and "not available on a chat benchmark" in bad.output

@@ -9,10 +9,10 @@ precision@10 (the persona), tail-patch; leave-k-out and LDS would retrain the SF
 not offered. Results go to ``<out>/<variant>/`` in the evaluation's format
 (:mod:`bgotrace.eval.report`), and ``<out>/results.md`` holds both side by side.
 
-**Units.** Each SFT conversation is one unit: its text rendered with the chat template and
-tokenized as the fine-tune saw it (one BOS from the template, no EOS added). The unit loss
-of the methods covers all its tokens (system, user and assistant turns): the token cache
-of plain documents has no loss masks (fine-tuning itself had assistant-only masks).
+**Units.** Each SFT conversation is one unit (an SFT corpus, :mod:`bgotrace.corpus`):
+rendered with the chat template and tokenized as the fine-tune saw it (one BOS from the
+template, no EOS added), its loss on the assistant tokens only, as fine-tuning had it
+(``unit_loss="all"``: every token).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from bgotrace.baselines import MethodContext
 from bgotrace.bench.chat_build import VARIANTS, load_chat_manifest
 from bgotrace.cache import get_token_cache, tokenizer_fingerprint
 from bgotrace.cache.fingerprint import canonical_json, sha256_text
-from bgotrace.chat import parse_messages
-from bgotrace.corpus import ChunkingConfig, Document
+from bgotrace.corpus import ChunkingConfig, Document, documents_from_records
 from bgotrace.errors import ConfigError, InputError
 from bgotrace.eval.benchmark import Benchmark
 from bgotrace.eval.collect import Collector
@@ -61,15 +60,10 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def sft_documents(root: Path, tokenizer: Any) -> list[Document]:
-    """The SFT conversations as documents: the chat template's text, the persona as source."""
-    documents = []
-    for record in _read_jsonl(root / "sft.jsonl"):
-        where = f"SFT record {record['id']!r}"
-        messages = [m.to_dict() for m in parse_messages(record["messages"], where)]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        documents.append(Document(record["id"], str(text), record["source"]))
-    return documents
+def sft_documents(root: Path) -> list[Document]:
+    """The SFT conversations as corpus documents (the persona as source): the token cache
+    renders them with the chat template and keeps their assistant-only loss masks."""
+    return documents_from_records(_read_jsonl(root / "sft.jsonl"))
 
 
 def _check_metrics(metrics: Sequence[str]) -> list[str]:
@@ -98,7 +92,9 @@ def _variant_options(
     return dataclasses.replace(opts, params=params, method_options=per_method)
 
 
-def _load(root: Path, variant: str, records: list[dict], opts: EvalOptions) -> EvalInputs:
+def _load(
+    root: Path, variant: str, records: list[dict], opts: EvalOptions, unit_loss: str
+) -> EvalInputs:
     """The fine-tune, the token cache of the SFT conversations, the encoded queries."""
     model_dir, adapter = (
         (root / "base", root / "lora") if variant == "lora" else (root / variant, None)
@@ -107,8 +103,8 @@ def _load(root: Path, variant: str, records: list[dict], opts: EvalOptions) -> E
         model_dir, adapter=adapter, merge_adapter=False, device=opts.device
     )
     limit = context_length(model)
-    documents = sft_documents(root, tokenizer)
-    chunking = ChunkingConfig(max_length=limit or 1 << 20, append_eos=False)
+    documents = sft_documents(root)
+    chunking = ChunkingConfig(max_length=limit or 1 << 20, unit_loss=unit_loss)
     key = sha256_text(tokenizer_fingerprint(tokenizer), canonical_json(chunking.to_dict()))
     cache = get_token_cache(documents, tokenizer, chunking, root / ".cache" / f"tokens-{key[:12]}",
                             progress=False)  # fmt: skip
@@ -153,8 +149,10 @@ def evaluate_variant(
     split: str,
     options: EvalOptions,
     command: str,
+    unit_loss: str = "assistant",
 ) -> EvalResult:
-    """Every method × metric on one fine-tune over the queries of ``split``."""
+    """Every method × metric on one fine-tune over the queries of ``split``; ``unit_loss``:
+    what a unit's loss covers (``assistant``, as fine-tuned, or ``all`` of its tokens)."""
     started = time.perf_counter()
     manifest = load_chat_manifest(root)
     names = check_names(methods, ["fact"])[0], _check_metrics(metrics)
@@ -164,7 +162,7 @@ def evaluate_variant(
     records = select_queries(bench, split, opts.max_queries)
     eligible, notes = eligible_queries(records, names[1], split)
     attributors = build_methods(names[0], names[1], opts)
-    loaded = _load(root, variant, records, opts)
+    loaded = _load(root, variant, records, opts, unit_loss)
     scores, method_seconds = score_methods(attributors, loaded.ctx, loaded.queries)
     collector = Collector(loaded.query_ids)
     settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds)
@@ -172,7 +170,7 @@ def evaluate_variant(
     wall = {"methods": method_seconds, "metrics": metric_seconds,
             "total": round(time.perf_counter() - started, 3)}  # fmt: skip
     record = _record(root, manifest, variant, loaded, opts, names, split, eligible, notes, wall)
-    record["command"] = command
+    record["command"], record["unit_loss"] = command, unit_loss
     return EvalResult(collector.table(), collector.per_query(), scores, collector.query_ids, record)
 
 
@@ -187,6 +185,7 @@ def run_chat_bench(
     options: EvalOptions | Mapping[str, Any] | None = None,
     overwrite: bool = False,
     command: str | None = None,
+    unit_loss: str = "assistant",
 ) -> dict[str, EvalResult]:
     """Evaluate both fine-tunes; ``<out>/<variant>/`` per fine-tune, ``<out>/results.md``."""
     root, out = Path(bench_dir), Path(out)
@@ -199,7 +198,7 @@ def run_chat_bench(
     results = {}
     for variant in variants:
         result = evaluate_variant(root, variant, methods, metrics, split=split, options=opts,
-                                  command=command)  # fmt: skip
+                                  command=command, unit_loss=unit_loss)  # fmt: skip
         result.out = write_outputs(out / variant, result, overwrite=True)
         results[variant] = result
     (out / "results.md").write_text(side_by_side(results, command), encoding="utf-8")
@@ -211,8 +210,9 @@ def side_by_side(results: Mapping[str, EvalResult], command: str) -> str:
     parts = ["# Chat benchmark results\n", f"- command: `{command}`\n"]
     for variant, result in results.items():
         rec = result.record
-        parts.append(f"## {variant} fine-tune (params {rec['model']['params']}; split "
-                     f"{rec['split']}; queries {rec['queries']})\n")  # fmt: skip
+        what = f"params {rec['model']['params']}; unit loss {rec['unit_loss']}"
+        parts.append(f"## {variant} fine-tune ({what}; split {rec['split']}; "
+                     f"queries {rec['queries']})\n")  # fmt: skip
         for family in CHAT_METRICS:
             if (result.table["family"] == family).any():
                 parts.append(f"### {family}\n\n{family_table(result.table, family)}")
