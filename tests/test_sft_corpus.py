@@ -419,3 +419,23 @@ def test_unit_length_documents_roles_in_rendered_text(chatml_tok):
     rendered = render_conversation(chatml_tok, doc.messages or (), "assistant", "d")
     assert rendered.text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
     assert rendered.roles == ("user", "assistant") and rendered.turn_ends[-1] == len(rendered.ids)
+
+
+def test_trainer_labels_equal_the_scorers(tmp_path, llama_tok):
+    """SFT fine-tuning (``bgotrace.train``) takes the loss on the tokens the sweep scores."""
+    from bgotrace.chat import conversation_renderer
+    from bgotrace.corpus import tokenize_and_chunk
+    from bgotrace.train.trainer import batch_tensors
+
+    cache = build(tmp_path, llama_tok, RECORDS, max_length=24)
+    chunking = ChunkingConfig(24, bos_id=llama_tok.bos_token_id)
+    docs = load_documents(tmp_path / "c.jsonl")
+    units = tokenize_and_chunk(
+        docs, llama_tok, chunking, conversation_renderer(llama_tok, "assistant")
+    )
+    assert [u.unit_id for u in units] == list(cache.units["unit_id"])
+    order = np.argsort(cache.lengths, kind="stable")  # collate takes any order
+    trained = batch_tensors([units[i] for i in order], pad_id=0)["labels"]
+    _, _, scored = collate(cache, order, 0, CPU)
+    assert torch.equal(trained, scored)
+    assert (trained == -100).sum() > (scored.shape[0] * scored.shape[1] - cache.lengths.sum())

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bgotrace.chat import conversation_renderer
 from bgotrace.corpus import ChunkingConfig, Document, Unit, corpus_fingerprint, tokenize_and_chunk
 from bgotrace.devices import resolve_device
 from bgotrace.errors import ConfigError, InputError, NonFiniteLossError, RunDirectoryError
@@ -131,7 +132,10 @@ def train_model(
     started = time.perf_counter()
     _seed_everything(config.seed)
     tokenizer = _tokenizer_for(documents, config, tokenizer)
-    units = tokenize_and_chunk(documents, tokenizer, config.chunking())
+    chunking = config.chunking()  # SFT conversations: their assistant tokens are the loss
+    units = tokenize_and_chunk(
+        documents, tokenizer, chunking, conversation_renderer(tokenizer, chunking.unit_loss)
+    )
     mask = keep_mask(units, keep)
     model = build_model(config.model_preset(), tokenizer)
     model.to(resolve_device(config.device))  # type: ignore[arg-type]  # @wraps hides self
@@ -323,7 +327,8 @@ def data_order(n_units: int, epochs: int, seed: int, mask: np.ndarray) -> list[n
 
 
 def batch_tensors(batch: Sequence[Unit], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding), (B, T)."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding and, in
+    a unit of an SFT conversation, outside its loss mask: the assistant tokens), (B, T)."""
     width = max(len(u.token_ids) for u in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -332,6 +337,10 @@ def batch_tensors(batch: Sequence[Unit], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[row, : len(unit.token_ids)] = 1
     # EOS doubles as padding, so labels come from the mask, never from the token id.
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for row, unit in enumerate(batch):
+        if unit.loss_mask is not None:
+            outside = ~torch.tensor(unit.loss_mask, dtype=torch.bool)
+            labels[row, : len(unit.token_ids)].masked_fill_(outside, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
