@@ -72,6 +72,7 @@ def attribute(
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             merge_adapter=cfg.perturb.params != "adapter",  # --params adapter: kept unmerged
+            attn_implementation=cfg.model.attn_implementation,
         )
     if tokenizer is None:
         raise InputError("A loaded model needs its tokenizer: pass tokenizer=... as well.")

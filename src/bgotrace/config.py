@@ -27,7 +27,7 @@ from bgotrace.candidates_spec import check_prefilter, parse_candidates
 from bgotrace.config_values import checked_value, checked_values
 from bgotrace.corpus.bos import BOS_MODES
 from bgotrace.corpus.conversations import UNIT_LOSSES
-from bgotrace.devices import DEVICES, DTYPES, parse_size
+from bgotrace.devices import ATTENTION_KERNELS, DEVICES, DTYPES, parse_size
 from bgotrace.errors import ConfigError
 from bgotrace.variants import get_variant, variants_help
 
@@ -149,6 +149,12 @@ class ModelSpec:
         flag="--model-dtype",  # --dtype is the sweep's (scoring.dtype)
     )
     trust_remote_code: bool = _help("Run code shipped with the checkpoint (off by default).", False)
+    attn_implementation: str = _help(
+        "Attention kernel: auto (sdpa where the architecture has it, else eager) | sdpa | "
+        "eager | flash_attention_2 (CUDA, half precision, the flash-attn package).",
+        "auto",
+        choices=ATTENTION_KERNELS,
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -420,6 +426,11 @@ class ScoreConfig:
         3.0,  # the one λ meeting issue 15's demo check (benchmarks/RESULTS.md, issue 15)
     )
     batch_size: int = _help("Units per forward pass.", 16)
+    batch_tokens: int = _help(
+        "Padded tokens per forward pass (units × the longest): short units go in large "
+        "batches, long ones in small; replaces --batch-size's unit count. 0: off.",
+        0,
+    )
     # auto: a half-precision model (--model-dtype) is swept as loaded, never copied to float32.
     dtype: str = _help(
         "Sweep dtype: auto (the model's own, --model-dtype) | float32 | bfloat16 | float16 "
@@ -465,6 +476,7 @@ class ScoreConfig:
         for name in ("batch_size", "block_units", "queries_per_sweep"):
             _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")
         _at_least(self.linearity_sample, 0, "--linearity-sample")
+        _at_least(self.batch_tokens, 0, "--batch-tokens")
         if self.candidates is not None:
             parse_candidates(self.candidates)
             check_prefilter(self.prefilter, METHODS)
@@ -585,6 +597,11 @@ class AttributeConfig:
             raise ConfigError(
                 "--candidates sweeps a subset of units in this process, and Ray workers reopen "
                 "the whole token cache: drop --workers or --candidates."
+            )
+        if self.method == "bgo-linear" and self.model.attn_implementation == "flash_attention_2":
+            raise ConfigError(
+                "--method bgo-linear differentiates in forward mode, which flash_attention_2 "
+                "has no formulas for: pass --attn-implementation sdpa (or auto, or eager)."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")
+"""Values of ``--attn-implementation`` (chosen at load: :mod:`bgotrace.modeling.loading`)."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:

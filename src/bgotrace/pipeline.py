@@ -105,6 +105,7 @@ def load_inputs(
             dtype=config.model.dtype,
             trust_remote_code=config.model.trust_remote_code,
             merge_adapter=config.perturb.params != "adapter",  # --params adapter: kept unmerged
+            attn_implementation=config.model.attn_implementation,
         )
     model.eval()  # scores must not depend on dropout masks
     context = context_length(model)

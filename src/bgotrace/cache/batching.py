@@ -63,10 +63,28 @@ def unit_labels(units: UnitTokens, i: int) -> np.ndarray:
     return labels
 
 
-def length_buckets(indices: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Split ``indices`` into batches of ≤ batch_size units of similar length."""
+def length_buckets(
+    indices: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Split ``indices`` into batches of units of similar length: ≤ ``batch_size`` units each,
+    or with ``batch_tokens`` (``--batch-tokens``; 0/None: off) ≤ that many padded tokens each
+    (units × the longest), whatever the number of units (see :func:`token_batches`)."""
     order = indices[np.argsort(lengths[indices], kind="stable")]
+    if batch_tokens:
+        return token_batches(order, lengths, batch_tokens)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def token_batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Consecutive runs of ``order`` (sorted by length, shortest first) holding at most
+    ``batch_tokens`` padded tokens, B × the run's longest unit: short units go in large
+    batches, long ones in small; a unit longer than the budget is a batch alone."""
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):  # order[end - 1] is the longest of [start, end)
+        if end - start > 1 and (end - start) * int(lengths[order[end - 1]]) > batch_tokens:
+            batches.append(order[start : end - 1])
+            start = end - 1
+    return [*batches, order[start:]] if len(order) else []
 
 
 def collate(

@@ -2,6 +2,13 @@
 
 Weights are read with safetensors only, and remote code runs only when the user
 asks for it: a corpus audit should never execute code shipped with a checkpoint.
+
+The attention kernel is chosen here, explicitly (``--attn-implementation``, see
+:func:`attention_for`): ``auto`` is PyTorch's SDPA where the architecture has it (fused
+kernels on a GPU, no (T × T) probabilities kept by inference) and eager attention where it
+does not. Forward-mode AD (``bgo-linear`` and the linearity diagnostic) runs through either:
+under SDPA it selects the math backend itself (:func:`bgotrace.score.linear.forward_ad_attention`);
+``flash_attention_2`` has no forward-mode formulas, so there those are skipped or refused.
 """
 
 from __future__ import annotations
@@ -13,17 +20,78 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import is_flash_attn_2_available
 
-from bgotrace.devices import resolve_device, resolve_dtype
-from bgotrace.errors import ModelLoadError, first_line
+from bgotrace.devices import ATTENTION_KERNELS, resolve_device, resolve_dtype
+from bgotrace.errors import ConfigError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
+
+
+def _causal_lm_class(config: PretrainedConfig) -> type | None:
+    """The transformers class AutoModelForCausalLM builds for ``config`` (None: remote code or
+    an architecture that is not a causal LM; the loader reports the latter)."""
+    try:
+        found = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def attention_for(config: PretrainedConfig, requested: str, device: str, dtype: str) -> str | None:
+    """The ``attn_implementation`` to load ``config``'s model with.
+
+    ``auto``: ``sdpa`` where the architecture supports it, else ``eager`` (None for remote
+    code: its own default). An explicit kernel the architecture, the installed packages, the
+    device or the dtype cannot run is a :class:`ConfigError` naming the fix.
+    """
+    cls = _causal_lm_class(config)
+    name = type(config).__name__.removesuffix("Config")
+    if requested == "auto":
+        if cls is None:
+            return None
+        return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    if requested not in ATTENTION_KERNELS:
+        raise ConfigError(
+            f"--attn-implementation {requested} is unknown: use one of "
+            f"{', '.join(ATTENTION_KERNELS)}."
+        )
+    supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+    if cls is not None and requested in supported and not getattr(cls, supported[requested], 0):
+        raise ConfigError(
+            f"{name} models have no {requested} attention in this transformers: pass "
+            "--attn-implementation eager (or auto)."
+        )
+    if requested == "flash_attention_2":
+        _check_flash_attention(device, dtype)
+    return requested
+
+
+def _check_flash_attention(device: str, dtype: str) -> None:
+    if not is_flash_attn_2_available():
+        raise ConfigError(
+            "--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA "
+            "GPU, and flash-attn is not importable here: pip install flash-attn, or pass "
+            "--attn-implementation sdpa (or auto)."
+        )
+    if resolve_device(device).type != "cuda":
+        raise ConfigError(
+            f"--attn-implementation flash_attention_2 runs on CUDA GPUs only, not --device "
+            f"{device}: pass --device cuda, or --attn-implementation sdpa (or auto)."
+        )
+    if dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"--attn-implementation flash_attention_2 runs in bfloat16 or float16 only, not "
+            f"{dtype}: pass --model-dtype bfloat16, or --attn-implementation sdpa (or auto)."
+        )
 
 
 def _check_model_dir(path: Path) -> None:
@@ -78,7 +146,9 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerB
     return tokenizer
 
 
-def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+def _load_causal_lm(
+    path: Path, dtype: str, device: str, attention: str, trust_remote_code: bool
+) -> PreTrainedModel:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -87,13 +157,16 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> 
             f"{path}/config.json is unreadable ({reason}): re-save the model with "
             "save_pretrained, or upgrade transformers if the architecture is new."
         ) from None
+    kernel = attention_for(config, attention, device, dtype)
+    log.info("attention: %s (--attn-implementation %s)", kernel or "the model's own", attention)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
-            dtype=dtype,
+            dtype=resolve_dtype(dtype),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            **({"attn_implementation": kernel} if kernel else {}),
         )
     except ValueError as err:
         raise ModelLoadError(
@@ -116,6 +189,7 @@ def load_model_and_tokenizer(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    attn_implementation: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode on ``device``.
 
@@ -123,12 +197,14 @@ def load_model_and_tokenizer(
     perturbation sees one plain model whose parameters it can select by name. With
     ``merge_adapter=False`` (``--params adapter``) the adapter stays unmerged: the model
     is the base with PEFT's layers injected, whose adapter weights (``lora_A``/``lora_B``)
-    are parameters of their own beside the frozen base.
+    are parameters of their own beside the frozen base. ``attn_implementation``: the
+    attention kernel (:func:`attention_for`; the loaded model's
+    ``config._attn_implementation`` reports it).
     """
     path = Path(path)
     _check_model_dir(path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
-    model = _load_causal_lm(path, resolve_dtype(dtype), trust_remote_code)
+    model = _load_causal_lm(path, dtype, device, attn_implementation, trust_remote_code)
     if adapter is not None:
         model = _merge_adapter(model, Path(adapter), merge_adapter)
     model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers types .to oddly

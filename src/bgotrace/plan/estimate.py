@@ -105,20 +105,29 @@ def sweep_dtype(config: AttributeConfig) -> str:
     return config.model.dtype if config.scoring.dtype == "auto" else config.scoring.dtype
 
 
+def batch_units(config: AttributeConfig, unit_length: int) -> int:
+    """Units per batch of ``unit_length``-token units: ``--batch-size``, or as many as
+    ``--batch-tokens`` holds (one at least; shorter units make larger batches of no more
+    padded tokens, and less attention, so the full-length batch is the peak)."""
+    tokens = config.scoring.batch_tokens
+    return max(1, tokens // unit_length) if tokens else config.scoring.batch_size
+
+
 def run_shape(
     config: AttributeConfig, model: ModelShape, n_queries: int | None, device: str
 ) -> RunShape:
     """The options of ``config`` the plan depends on; Q is at most the number of queries."""
     states = sum(d in get_variant(config.scoring.score).states for d in (ASCENT, DESCENT))
     per_sweep = config.scoring.queries_per_sweep
+    length = config.corpus.unit_length(model.context)
     return RunShape(
         model_bytes=DTYPES[config.model.dtype].itemsize,
         sweep_bytes=DTYPES[sweep_dtype(config)].itemsize,
         optimizer=config.perturb.optimizer,
         queries_per_sweep=min(per_sweep, n_queries) if n_queries else per_sweep,
         states_per_query=max(states, 1),
-        batch_size=config.scoring.batch_size,
-        unit_length=config.corpus.unit_length(model.context),
+        batch_size=batch_units(config, length),
+        unit_length=length,
         normalize=config.scoring.normalize != "none",
         device_type=device,
         corpus_tokens=_corpus_tokens(config),

@@ -49,9 +49,13 @@ def _alternatives(config: AttributeConfig, plan: Plan) -> Iterator[tuple[str, At
         ("scoring", "queries_per_sweep", n, f"--queries-per-sweep {n}")
         for n in sorted({max(1, q // 2**k) for k in range(1, 6)} - {q}, reverse=True)
     ]
+    tokens = config.scoring.batch_tokens  # when set, it sizes the batches, not --batch-size
+    name, now, least = (
+        ("batch_tokens", tokens, plan.run.unit_length) if tokens else ("batch_size", b, 1)
+    )
     changes += [
-        ("scoring", "batch_size", n, f"--batch-size {n}")
-        for n in sorted({max(1, b // 2**k) for k in range(1, 5)} - {b}, reverse=True)
+        ("scoring", name, n, f"--{name.replace('_', '-')} {n}")
+        for n in sorted({max(least, now // 2**k) for k in range(1, 5)} - {now}, reverse=True)
     ]
     changes += [
         ("perturb", "params", f"last:{n}", f"--params last:{n}")

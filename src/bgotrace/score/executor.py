@@ -43,13 +43,14 @@ def compute_block(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    batch_tokens: int | None = None,
     trunk_rows: TrunkRows | None = None,
 ) -> BlockResult:
     """Loss sums of one block under every state (what each executor runs)."""
     indices = np.arange(block.start, block.stop)
     sums, counts = unit_loss_sums(
         model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device,
-        trunk_rows=trunk_rows,
+        batch_tokens=batch_tokens, trunk_rows=trunk_rows,
     )  # fmt: skip
     return block, sums, counts
 
@@ -71,11 +72,13 @@ class LocalExecutor:
     device: torch.device
     trunk_rows: TrunkRows | None = None
     """Stored trunk outputs of the swept units (None: compute the trunk)."""
+    batch_tokens: int | None = None
+    """Padded tokens per batch instead of ``batch_size`` units (``--batch-tokens``)."""
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         for block in blocks:
             yield compute_block(
                 self.model, self.units, block, states,
                 batch_size=self.batch_size, pad_id=self.pad_id, device=self.device,
-                trunk_rows=self.trunk_rows,
+                batch_tokens=self.batch_tokens, trunk_rows=self.trunk_rows,
             )  # fmt: skip

@@ -108,7 +108,7 @@ def _unit_jvps(
     except NotImplementedError as err:  # e.g. a flash-attention-2 model
         raise InputError(
             f"Forward-mode differentiation is not available through this model ({err}): load "
-            'it with attn_implementation="eager" or "sdpa" to use bgo-linear.'
+            "it with --attn-implementation sdpa (or eager) to use bgo-linear."
         ) from err
     return tangent.float()
 
@@ -122,6 +122,7 @@ def linear_sums(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    batch_tokens: int | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """∇(summed NLL of z)·Δ per direction and unit (n_dirs, len(indices)), and token counts.
@@ -141,7 +142,7 @@ def linear_sums(
     sums = np.zeros((len(directions), len(indices)), dtype=np.float64)
     counts = np.zeros(len(indices), dtype=np.int64)
     with torch.no_grad(), forward_ad_attention():
-        for batch in length_buckets(indices, units.lengths, batch_size):
+        for batch in length_buckets(indices, units.lengths, batch_size, batch_tokens):
             input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
             cols = [position[int(u)] for u in batch]
             counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
@@ -163,6 +164,7 @@ def linear_scores(
     batch_size: int = 16,
     pad_id: int = 0,
     device: torch.device | None = None,
+    batch_tokens: int | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> np.ndarray:
     """∇L(z; θ0)·Δ in nats for each direction Δ and unit (n_directions, n_units), float64.
@@ -176,7 +178,8 @@ def linear_scores(
     device = device or next(model.parameters()).device
     sums, counts = linear_sums(
         model, units, indices, directions,
-        batch_size=batch_size, pad_id=pad_id, device=device, advance=advance,
+        batch_size=batch_size, pad_id=pad_id, device=device, batch_tokens=batch_tokens,
+        advance=advance,
     )  # fmt: skip
     return reduce_sums(sums, counts[None, :], reduce)
 
@@ -192,6 +195,7 @@ def variant_linear_scores(
     batch_size: int = 16,
     pad_id: int = 0,
     device: torch.device | None = None,
+    batch_tokens: int | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> np.ndarray:
     """``bgo-linear`` scores (n_queries, n_units) in nats: the first-order control of the
@@ -204,8 +208,8 @@ def variant_linear_scores(
     per_query = [tangents(variant, s, base) for s in states]
     flat = [d for t in per_query for d in t.values()]
     rows = linear_scores(
-        model, units, flat, indices=indices, reduce=reduce,
-        batch_size=batch_size, pad_id=pad_id, device=device, advance=advance,
+        model, units, flat, indices=indices, reduce=reduce, batch_size=batch_size,
+        pad_id=pad_id, device=device, batch_tokens=batch_tokens, advance=advance,
     )  # fmt: skip
     out, k = [], 0
     for t in per_query:
@@ -245,6 +249,7 @@ def linearity_diagnostic(
     batch_size: int = 16,
     pad_id: int = 0,
     device: torch.device | None = None,
+    batch_tokens: int | None = None,
 ) -> dict[str, Any]:
     """How far one query's exact BGO scores are from their first-order control.
 
@@ -261,7 +266,7 @@ def linearity_diagnostic(
     chosen = sample_units(np.flatnonzero(np.isfinite(exact)), sample, seed)
     linear = variant_linear_scores(
         model, units, [states], variant=variant, indices=chosen, reduce=reduce,
-        batch_size=batch_size, pad_id=pad_id, device=device,
+        batch_size=batch_size, pad_id=pad_id, device=device, batch_tokens=batch_tokens,
     )[0]  # fmt: skip
     if divisors is not None:
         linear = linear / divisors[chosen]
@@ -276,7 +281,8 @@ def group_linear_scores(ctx: SweepContext, states: Sequence[Mapping[str, Overrid
     with progress_task("Linear scores (forward mode)", total=ctx.n_swept) as advance:
         return variant_linear_scores(
             ctx.model, ctx.units, states, variant=cfg.score, reduce=cfg.reduce,
-            batch_size=cfg.batch_size, pad_id=ctx.pad_id, device=ctx.device, advance=advance,
+            batch_size=cfg.batch_size, pad_id=ctx.pad_id, device=ctx.device,
+            batch_tokens=cfg.batch_tokens, advance=advance,
         )  # fmt: skip
 
 
@@ -294,7 +300,7 @@ def query_linearity(
     return linearity_diagnostic(
         ctx.model, ctx.units, losses.states, exact, variant=cfg.score, reduce=cfg.reduce,
         divisors=divisors, sample=size, seed=seed, batch_size=cfg.batch_size,
-        pad_id=ctx.pad_id, device=ctx.device,
+        pad_id=ctx.pad_id, device=ctx.device, batch_tokens=cfg.batch_tokens,
     )  # fmt: skip
 
 

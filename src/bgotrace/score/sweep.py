@@ -55,14 +55,17 @@ def unit_loss_sums(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    batch_tokens: int | None = None,
     trunk_rows: TrunkRows | None = None,
     advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed token NLL of each unit under each state, and each unit's token count.
 
     Returns ``sums`` (n_states, len(indices)) float64 and ``counts`` (len(indices),),
-    both in the order of ``indices``. With ``trunk_rows`` (a trunk cache of the same
-    split) the trunk is read from disk instead of computed.
+    both in the order of ``indices``. Batches hold ``batch_size`` units, or with
+    ``batch_tokens`` at most that many padded tokens (:func:`length_buckets`). With
+    ``trunk_rows`` (a trunk cache of the same split) the trunk is read from disk instead of
+    computed.
     """
     start = states_split(model, states)
     if trunk_rows is not None and trunk_rows.split != start:
@@ -74,7 +77,7 @@ def unit_loss_sums(
     # instead of one per state and batch (each copy would stall a GPU's queue).
     sums = torch.zeros((len(states), len(indices)), dtype=torch.float64, device=device)
     counts = torch.zeros(len(indices), dtype=torch.int64, device=device)
-    for batch in length_buckets(indices, units.lengths, batch_size):
+    for batch in length_buckets(indices, units.lengths, batch_size, batch_tokens):
         input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
         cols = torch.tensor([position[int(u)] for u in batch], device=device)
         counts[cols] = (labels[:, 1:] != -100).sum(dim=1)
