@@ -273,3 +273,23 @@ def test_quick_eval_runs_bgo_bm25_and_graddot_on_both_fine_tunes(
     bad = CliRunner().invoke(app, [*args[:9], "--methods", "bm25", "--metrics", "lds",
                                    "--overwrite"])  # fmt: skip
     assert bad.exit_code != 0 and "not available on a chat benchmark" in bad.output
+
+
+@pytest.mark.slow
+def test_quick_eval_runs_all_ten_methods_on_both_fine_tunes(built: Path, tmp_path: Path) -> None:
+    """Every method (LoRA: adapter weights, TrackStar on the adapter's AdamW moments)."""
+    from bgotrace.baselines import available_methods
+    from bgotrace.bench.chat_eval import run_chat_bench
+
+    results = run_chat_bench(built, tmp_path / "all", split="all", command="test",
+                             options={"tail_patch": {"ks": (1,)}})  # fmt: skip
+    for variant, result in results.items():
+        table = result.table
+        for method in available_methods():
+            rows = table[(table["method"] == method) & (table["metric"] == "mrr")]
+            assert len(rows) == 1 and np.isfinite(rows["mean"].iloc[0]), (variant, method)
+        assert result.scores["trackstar"].shape == result.scores["bgo"].shape
+    options = results["lora"].record["options"]
+    assert options["params"] == "adapter"
+    state = options["method_options"]["trackstar"]["optimizer_state"]
+    assert state == str(built / "lora" / "optimizer_state.safetensors")
