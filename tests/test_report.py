@@ -241,3 +241,69 @@ def test_report_and_compare_have_help(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def conversation_result() -> AttributionResult:
+    """A run over an SFT corpus: a conversation unit (turns 0-1) above a plain one."""
+    units = pd.DataFrame(
+        {
+            "unit_id": ["chat#0", "plain#0"],
+            "doc_id": ["chat", "plain"],
+            "source": ["sft", "web"],
+            "turns": ["0-1", ""],
+            "char_start": 0,
+            "char_end": 10,
+        }
+    )
+    scores = unit_scores(units, "q", np.array([1.0, -1.0]), np.array([3, 4]))
+    chat = {
+        "query_id": "q", "unit_id": "chat#0", "rank": 1, "score": 1.0, "normalizer": 1.0,
+        "tokens": ["<|user|>", "<b>Hi</b>", "<|assistant|>", "Paris", "."],
+        "token_scores": [0.0, 0.0, 0.25, -0.5],  # token t + 1 predicted
+        "turns": [0, 1], "token_turns": [0, 0, 1, 1, 1],
+        "token_roles": ["user", "user", "assistant", "assistant", "assistant"],
+        "token_in_loss": [False, False, False, True, True],
+    }  # fmt: skip
+    plain = {
+        "query_id": "q", "unit_id": "plain#0", "rank": 2, "score": -1.0, "normalizer": 1.0,
+        "tokens": ["Water", " boils"], "token_scores": [0.125],
+    }  # fmt: skip
+    summary = {
+        "method": "bgo",
+        "config": {
+            "output": {"top_k": 2, "top_tokens": 2},
+            "scoring": {"score": "bidirectional", "reduce": "sum"},
+            "perturb": {"optimizer": "adam", "lr": 1e-4, "steps": 10},
+        },
+        "corpus": {"n_units": 2, "n_documents": 2},
+        "queries": [{"query_id": "q", "prompt": "P", "completion": " C."}],
+    }
+    return AttributionResult(
+        scores=scores,
+        documents=aggregate(scores, "doc_id"),
+        sources=aggregate(scores, "source"),
+        top_tokens=[chat, plain],
+        summary=summary,
+    )
+
+
+def test_conversation_units_show_their_turns_and_colour_the_loss_only():
+    html = render_report(conversation_result())
+    assert "<b>Hi</b>" not in html and "&lt;b&gt;Hi&lt;/b&gt;" in html  # escaped
+    row = re.search(r'<tr class="unit" data-unit-id="chat#0">.*?</tr>', html, re.S).group(0)
+    turns = re.findall(r'<div class="turn (\w+)"><span class="role">(\w+) · turn (\d)</span>', row)
+    assert turns == [("user", "user", "0"), ("assistant", "assistant", "1")]
+    assert "turns 0-1" in row
+    cells = re.findall(r'<span style="background: ([^"]+)" title="([^"]+)">([^<]*)</span>', row)
+    colours = {text: colour for colour, _, text in cells}
+    # The user turn and the assistant header are outside the loss: never coloured.
+    for text in ("&lt;|user|&gt;", "&lt;b&gt;Hi&lt;/b&gt;", "&lt;|assistant|&gt;"):
+        assert colours[text] == "transparent", text
+    assert colours["Paris"].startswith("rgba(40,160,60") and colours["."].startswith(
+        "rgba(210,50,50"
+    )  # support green, opposition red: scaled over the assistant tokens only
+    assert colours["."].endswith(",0.600)")  # the largest |score| in the loss: full colour
+    # The scale is the 0.95 quantile of |score| over the loss tokens (0.25, 0.5): 0.4875.
+    assert colours["Paris"] == f"rgba(40,160,60,{0.25 / 0.4875 * 0.6:.3f})"
+    plain = re.search(r'<tr class="unit" data-unit-id="plain#0">.*?</tr>', html, re.S).group(0)
+    assert 'class="turn' not in plain and "turns" not in plain  # plain text as before

@@ -406,6 +406,8 @@ def test_attribute_on_an_sft_corpus_end_to_end(chat_model_dir, tmp_path):
         assert {r for r, m in zip(row["token_roles"], row["token_in_loss"], strict=True) if m} == {
             "assistant"
         }
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert '<div class="turn assistant"><span class="role">assistant · turn' in report
     everything = _attribute(chat_model_dir, corpus, tmp_path / "all", "--unit-loss", "all")
     assert everything.exit_code == 0, everything.output
     again = pd.read_parquet(tmp_path / "all" / "scores.parquet").set_index("unit_id")

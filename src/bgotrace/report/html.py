@@ -42,28 +42,54 @@ def _colour(score: float, scale: float) -> str:
 
 
 def _token_cells(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Each token with its colour; an SFT conversation unit's tokens outside its loss
+    (``token_in_loss``: the non-assistant turns) stay uncoloured and out of the scale."""
     scores = [0.0, *row["token_scores"]]  # the first token is not predicted
+    in_loss = row.get("token_in_loss") or [True] * len(scores)
+    coloured = [s for s, m in zip(scores, in_loss, strict=True) if m] or [0.0]
     # A high quantile, not the max: the first predicted tokens of a unit often carry a
     # large change that would leave every other token uncoloured.
-    scale = float(np.quantile(np.abs(scores), 0.95)) if len(scores) > 1 else 0.0
+    scale = float(np.quantile(np.abs(coloured), 0.95)) if len(scores) > 1 else 0.0
     return [
         {"text": t, "colour": _colour(s, scale), "title": f"{s:+.5f} nats"}
-        for t, s in zip(row["tokens"], scores, strict=True)
+        if m
+        else {"text": t, "colour": "transparent", "title": "not in the unit's loss"}
+        for t, s, m in zip(row["tokens"], scores, in_loss, strict=True)
     ]
+
+
+def _turn_groups(row: dict[str, Any], cells: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """The cells of an SFT conversation unit grouped by turn, each with its index and role
+    ([] for a plain-text unit)."""
+    groups: list[dict[str, Any]] = []
+    if "token_turns" not in row:
+        return groups
+    for cell, turn, role in zip(cells, row["token_turns"], row["token_roles"], strict=True):
+        if not groups or groups[-1]["turn"] != turn:
+            groups.append({"turn": turn, "role": role, "tokens": []})
+        groups[-1]["tokens"].append(cell)
+    return groups
+
+
+def _unit_view(row: Any, tokens: dict[str, Any] | None, snippet: str) -> dict[str, Any]:
+    cells = _token_cells(tokens) if tokens is not None else None
+    return {
+        "rank": row.rank,
+        "score": row.score,
+        "unit_id": row.unit_id,
+        "doc_id": row.doc_id,
+        "source": row.source,
+        "turns": getattr(row, "turns", ""),
+        "snippet": snippet,
+        "tokens": cells,
+        "turn_groups": _turn_groups(tokens, cells) if tokens and cells else [],
+    }
 
 
 def _unit_rows(result: AttributionResult, qid: str, k: int) -> list[dict[str, Any]]:
     tokens = {r["unit_id"]: r for r in result.top_tokens if r["query_id"] == qid}
     return [
-        {
-            "rank": r.rank,
-            "score": r.score,
-            "unit_id": r.unit_id,
-            "doc_id": r.doc_id,
-            "source": r.source,
-            "snippet": result.snippets.get(str(r.unit_id), ""),
-            "tokens": _token_cells(tokens[r.unit_id]) if r.unit_id in tokens else None,
-        }
+        _unit_view(r, tokens.get(r.unit_id), result.snippets.get(str(r.unit_id), ""))
         for r in result.top(k, query_id=qid).itertuples()
     ]
 
