@@ -441,3 +441,20 @@ def test_trainer_labels_equal_the_scorers(tmp_path, llama_tok):
     _, _, scored = collate(cache, order, 0, CPU)
     assert torch.equal(trained, scored)
     assert (trained == -100).sum() > (scored.shape[0] * scored.shape[1] - cache.lengths.sum())
+
+
+def test_subset_views_and_shipped_blocks_keep_the_masks(tmp_path, llama_tok):
+    """Reranked subsets and blocks shipped to Ray workers give collate the same labels."""
+    from bgotrace.dist.units import UnitSlice
+    from bgotrace.score.executor import Block
+    from bgotrace.score.subset import SubsetUnits
+
+    cache = build(tmp_path, llama_tok, RECORDS, max_length=24)
+    picked = np.array([len(cache) - 1, 0, 1])
+    subset = SubsetUnits(cache, picked)
+    block = UnitSlice.of_block(subset, Block(0, 0, len(picked)))
+    _, _, expected = collate(cache, picked, 0, CPU)
+    for view in (subset, block):
+        _, _, labels = collate(view, np.arange(len(picked)), 0, CPU)
+        assert torch.equal(labels, expected)
+    assert subset.loss_counts.tolist() == cache.loss_counts[picked].tolist()

@@ -284,17 +284,30 @@ def open_tokens(path: Path, dtype: Any = TOKEN_DTYPE) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def read_turns(path: Path) -> tuple[dict[int, UnitTurns], dict[int, int]]:
-    """The turns of each conversation unit and its loss tokens, by unit index."""
-    table = pq.read_table(path).to_pydict()
-    turns, n_loss = {}, {}
-    for unit, first, starts, roles, count in zip(
-        table["unit"], table["turn_first"], table["turn_starts"], table["turn_roles"],
-        table["n_loss"], strict=True,
-    ):  # fmt: skip
-        turns[unit] = UnitTurns(first, tuple(starts), tuple(roles))
-        n_loss[unit] = count
-    return turns, n_loss
+class TurnTable:
+    """``turns.parquet`` read once as columns: numbers as arrays, each unit's turn starts and
+    roles kept as Arrow lists and made into a :class:`UnitTurns` only when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        table = pq.read_table(path)
+        self.units = table.column("unit").to_numpy()  # (n_conv,) int64, increasing
+        self.first = table.column("turn_first").to_numpy().astype(np.int64)  # (n_conv,)
+        self.n_loss = table.column("n_loss").to_numpy()  # (n_conv,) int64
+        self._starts = table.column("turn_starts").combine_chunks()
+        self._roles = table.column("turn_roles").combine_chunks()
+
+    @property
+    def last(self) -> np.ndarray:
+        """``(n_conv,)`` index of each unit's last turn."""
+        return self.first + pc.list_value_length(self._starts).to_numpy() - 1
+
+    def row_of(self, unit: int) -> int | None:
+        row = int(np.searchsorted(self.units, unit))
+        return row if row < len(self.units) and self.units[row] == unit else None
+
+    def turns(self, row: int) -> UnitTurns:
+        starts = tuple(self._starts[row].as_py())
+        return UnitTurns(int(self.first[row]), starts, tuple(self._roles[row].as_py()))
 
 
 class ShardTexts:

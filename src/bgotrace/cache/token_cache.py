@@ -63,9 +63,9 @@ from bgotrace.cache.shards import (
     UNITS_FILE,
     ShardTexts,
     ShardWriter,
+    TurnTable,
     document_starts,
     open_tokens,
-    read_turns,
     unit_columns,
 )
 from bgotrace.chat import conversation_renderer
@@ -131,7 +131,8 @@ class TokenCache:
         self._units: pd.DataFrame | None = None
         self._texts: ShardTexts | None = None
         self._char_spans: tuple[np.ndarray, ...] | None = None
-        self._turns: tuple[dict[int, UnitTurns], dict[int, int]] | None = None
+        self._turns: TurnTable | None = None
+        self._loss_counts: np.ndarray | None = None
 
     @property
     def units(self) -> pd.DataFrame:
@@ -140,11 +141,11 @@ class TokenCache:
         (0-based, "" for a plain-text unit)."""
         if self._units is None:
             self._units = pd.read_parquet(self.root / UNITS_FILE)
-            if self.has_turns:
-                self._units["turns"] = [
-                    "" if t is None else f"{t.first}-{t.last}"
-                    for t in map(self.unit_turns, range(len(self)))
-                ]
+            if (turns := self._turn_table()) is not None:
+                column = np.full(len(self), "", dtype=object)
+                spans = zip(turns.first.tolist(), turns.last.tolist(), strict=True)
+                column[turns.units] = [f"{a}-{b}" for a, b in spans]
+                self._units["turns"] = column
         return self._units
 
     @property
@@ -154,11 +155,13 @@ class TokenCache:
 
     def unit_turns(self, i: int) -> UnitTurns | None:
         """The turns conversation unit ``i`` covers (None: a plain-text unit)."""
-        return self._turn_table()[0].get(i)
+        turns = self._turn_table()
+        row = None if turns is None else turns.row_of(i)
+        return None if turns is None or row is None else turns.turns(row)
 
-    def _turn_table(self) -> tuple[dict[int, UnitTurns], dict[int, int]]:
-        if self._turns is None:
-            self._turns = read_turns(self.root / TURNS_FILE) if self.has_turns else ({}, {})
+    def _turn_table(self) -> TurnTable | None:
+        if self._turns is None and self.has_turns:
+            self._turns = TurnTable(self.root / TURNS_FILE)
         return self._turns
 
     def unit_loss_mask(self, i: int) -> np.ndarray | None:
@@ -174,10 +177,12 @@ class TokenCache:
     def loss_counts(self) -> np.ndarray:
         """Predicted tokens in each unit's loss, ``(n_units,)`` int64: ``length - 1`` for plain
         text, a conversation unit's masked tokens (what the sweep's count gives)."""
-        counts = np.maximum(self._lengths.astype(np.int64) - 1, 0)
-        for unit, n in self._turn_table()[1].items():
-            counts[unit] = n
-        return counts
+        if self._loss_counts is None:
+            counts = np.maximum(self._lengths.astype(np.int64) - 1, 0)
+            if (turns := self._turn_table()) is not None:
+                counts[turns.units] = turns.n_loss
+            self._loss_counts = counts
+        return self._loss_counts
 
     def __len__(self) -> int:
         return len(self._lengths)
