@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from bgotrace.modeling.loading import load_model_and_tokenizer
 from bgotrace.train import TrainConfig
 from bgotrace.train.tokenizer import save_tokenizer
 from bgotrace.train.trainer import data_order, make_optimizer, save_optimizer_state
+
+log = logging.getLogger(__name__)
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 END_OF_TURN = "<|end|>"
@@ -142,6 +145,8 @@ def _fit(
             epoch.append(float(loss.item()))
             step += 1
         losses.append(sum(epoch) / len(epoch))
+        log.info("SFT (%s) epoch %d: assistant-token loss %.4f", "lora" if lora else "full",
+                 len(losses) - 1, losses[-1])  # fmt: skip
     model.eval()
     return optimizer, losses, step
 

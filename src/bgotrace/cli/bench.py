@@ -9,6 +9,12 @@ The shipped benchmark (needs Debian's fortunes, dict-devil and dict-foldoc)::
 
     bgotrace bench build --out bench/default
     bgotrace bench run --bench bench/default --out runs/bench
+
+The chat benchmark (SFT conversations ranked for a full and a LoRA fine-tune; ``--quick``:
+test sizes, seconds)::
+
+    bgotrace bench build --bench-preset chat --quick --out bench/chat-quick
+    bgotrace bench run --bench bench/chat-quick --out runs/chat-quick --methods bgo,bm25,graddot
 """
 
 from __future__ import annotations
