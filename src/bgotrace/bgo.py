@@ -260,7 +260,7 @@ def run_bgo(
     """
     spec = _METHODS[method]
     _check_pinned(spec, inputs)
-    ctx = _sweep_context(inputs, queries, store)
+    ctx = _sweep_context(inputs, queries, store, plan)
     top = _top_tokens_of(ctx, inputs.cache, top_tokens, tokenizer)
     scored: list[QueryScores] = []
     try:
@@ -281,7 +281,10 @@ def _check_pinned(method: PerturbationMethod, inputs: SweepInputs) -> None:
 
 
 def _sweep_context(
-    inputs: SweepInputs, queries: Sequence[EncodedQuery], store: RunStore | None
+    inputs: SweepInputs,
+    queries: Sequence[EncodedQuery],
+    store: RunStore | None,
+    plan: CandidateGroups | None = None,
 ) -> SweepContext:
     if store is not None:  # shards on disk belong to one corpus
         store.check_state("cache", inputs.cache.manifest.get("corpus_fingerprint"))
@@ -292,9 +295,16 @@ def _sweep_context(
         perturb_cfg=inputs.perturb,
         score_cfg=dataclasses.replace(inputs.scoring, queries_per_sweep=per_sweep),
         pad_id=inputs.pad_id, seed=inputs.seed, device=inputs.device, store=store,
+        normalise_units=None if plan is None else _candidates_of(plan),
     )  # fmt: skip
+    # Attached before the normaliser's first use: its blocks go to the same workers.
     ctx.block_executor = ray_executor_for(ctx, inputs.cache, inputs.execution or ExecutionConfig())
     return ctx
+
+
+def _candidates_of(plan: CandidateGroups) -> np.ndarray:
+    """Every unit some query group reranks (the units ``--normalize`` divides)."""
+    return np.unique(np.concatenate([np.zeros(0, dtype=np.int64), *plan.groups]))
 
 
 def group_losses(

@@ -143,6 +143,8 @@ def prepare_extras(loaded: tuple[Any, Any], cache: TokenCache, extras: Extras) -
         model, cache, perturb_cfg=PerturbConfig(params=extras.params), score_cfg=score_cfg,
         pad_id=int(tokenizer.pad_token_id or 0),
     )  # fmt: skip
+    if ctx.normaliser is not None:
+        ctx.normaliser.divisors()  # computed on first use: now, for attribute to reuse
     ctx.close()
 
 

@@ -10,14 +10,24 @@ gradient norm, and ``--normalize sensitivity`` does the same for BGO: it ranks b
 
 with L the unit's summed token loss (``reduce=sum``) or its mean (``reduce=mean``: s / tokens),
 so s is in the unit of the scores per unit of parameter movement. s depends on the model,
-the parameter selection and the corpus only: it is computed once (one batched forward and
-backward per batch of units, per-unit norms without per-unit gradients: see
-:mod:`bgotrace.perturb.ghost_norms`), in resumable blocks, and cached beside the token cache,
-like the Fisher diagonal.
+the parameter selection and the corpus only: it is computed once per unit (one batched
+forward and backward per batch of units, per-unit norms without per-unit gradients: see
+:mod:`bgotrace.perturb.ghost_norms`) and kept in a per-unit store beside the token cache
+(:mod:`bgotrace.perturb.norm_store`), like the Fisher diagonal:
 
-``--normalize damped`` divides by s(z) + λ·median(s) instead: on a model that has memorised its
+- only for the units that are scored: with ``--candidates``, the candidates (plus the fixed
+  reference sample, below); a later run with other candidates computes the missing ones;
+- in the sweep model's dtype (``--model-dtype`` / ``--dtype``: 16-bit forward and backward,
+  float32 accumulation of the norms); the dtype is part of the cache key;
+- in blocks, written as each finishes (an interrupted run resumes), spread over the Ray
+  workers when a sweep has them (each holds the sweep model already).
+
+``--normalize damped`` divides by s(z) + λ·M instead: on a model that has memorised its
 data the units it learned best have tiny gradients, and dividing by s alone inflates them into
-hubs (issue 15); the damping bounds that inflation at 1/λ of the median unit's.
+hubs (issue 15); the damping bounds that inflation at 1/λ of the median unit's. M (and the
+floor, 1e-3·M) is the median of s over a fixed seeded sample of the corpus
+(:func:`reference_units`), so it is the same number in a full run and in a run over any
+candidates: a unit's divisor never depends on which other units are scored.
 
 Why the exact norm and not the loss change under a few fixed random perturbations: that
 estimate is E[(δᵀ∇L)²]^½, and with R directions its relative noise is ~1/√(2R); on the cpu
@@ -31,10 +41,10 @@ import hashlib
 import json
 import logging
 import math
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -44,6 +54,7 @@ from bgotrace.modeling.fingerprint import model_fingerprint
 from bgotrace.modeling.losses import forward_logits, token_losses
 from bgotrace.perturb.ghost_norms import GhostPlan, batch_squared_norms, plan_for
 from bgotrace.perturb.grad_scope import grads_only_for
+from bgotrace.perturb.norm_store import NormStore
 from bgotrace.runtime.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -53,8 +64,9 @@ log = logging.getLogger(__name__)
 
 _FLOOR = 1e-3
 """Sensitivities are floored at this fraction of their median before dividing."""
-_FORMAT = "gradient-norm-1"
-"""Part of the cache key: a change of the estimator never reuses an old file."""
+_FORMAT = "gradient-norm-2"
+"""Part of the cache key: a change of the estimator or of the store never reuses an old file
+(2: a per-unit store with a computed mask, norms in the sweep dtype)."""
 
 
 class UnitCache(Protocol):
@@ -170,11 +182,9 @@ def sensitivity_from(norms: np.ndarray, counts: np.ndarray, reduce: str) -> np.n
 
 
 def score_divisors(sensitivity: np.ndarray) -> np.ndarray:
-    """What each unit's score is divided by: s, floored at a fraction of its median (a unit
-    that never moves would otherwise get an unbounded score)."""
-    positive = sensitivity[sensitivity > 0]
-    floor = _FLOOR * float(np.median(positive)) if positive.size else 1.0
-    return np.maximum(sensitivity, floor)
+    """What each unit's score is divided by: s, floored at a fraction of the reference median
+    (a unit that never moves would otherwise get an unbounded score). NaN stays NaN."""
+    return np.maximum(sensitivity, _FLOOR * reference_median(sensitivity))
 
 
 def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -182,15 +192,58 @@ def normalize_scores(scores: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
     return scores / score_divisors(sensitivity)
 
 
+REFERENCE_UNITS = 256
+"""Units in the fixed sample whose median s is the floor's and ``damped``'s reference."""
+_REFERENCE_SEED = 20261206
+
+
+def reference_units(n_units: int) -> np.ndarray:
+    """The reference sample: min(n, :data:`REFERENCE_UNITS`) units drawn with a fixed seed,
+    sorted (every unit when the corpus has no more).
+
+    Why a fixed sample and not the units at hand: with ``--candidates`` only some units'
+    s are computed, and a median over those would change with the candidates (and over
+    "the units computed so far" with the history of the cache), so one unit would get
+    other divisors in other runs. The sample's median is one number per (corpus, model,
+    parameters): every run, full or reranked, divides by the same. It is computed with the
+    candidates (a few hundred units once per cache key) and estimates the corpus median to a
+    few percent (a median of 256 draws), which is all the damping and the floor need.
+    """
+    if n_units <= REFERENCE_UNITS:
+        return np.arange(n_units)
+    rng = np.random.default_rng(_REFERENCE_SEED)
+    return np.sort(rng.choice(n_units, size=REFERENCE_UNITS, replace=False))
+
+
+def reference_median(sensitivity: np.ndarray) -> float:
+    """Median of the positive s of the reference units of a (n_units,) array (1.0 if none)."""
+    ref = sensitivity[reference_units(len(sensitivity))]
+    positive = ref[np.isfinite(ref) & (ref > 0)]
+    return float(np.median(positive)) if positive.size else 1.0
+
+
 def sensitivity_key(units: UnitCache, model: torch.nn.Module, names: Sequence[str]) -> str:
-    """Cache key: corpus cache, model weights, parameter selection, estimator."""
+    """Cache key: corpus cache, model weights, parameter selection, the dtype the norms are
+    computed in, estimator."""
     parts = {
         "cache": json.dumps(units.manifest, sort_keys=True, default=str),
         "model": model_fingerprint(model, names),
         "names": list(names),
+        "dtype": str(next(model.parameters()).dtype),
         "estimator": _FORMAT,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@runtime_checkable
+class NormWorkers(Protocol):
+    """Workers that compute blocks of norms (the Ray executor), each holding the model."""
+
+    def unit_norms(
+        self, units: UnitCache, blocks: Sequence[np.ndarray], names: Sequence[str], batch_size: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(block number, the norms of its units) as each block finishes, in any order."""
+        ...
 
 
 def cached_sensitivity(
@@ -202,30 +255,53 @@ def cached_sensitivity(
     device: torch.device,
     batch_size: int = 16,
     block_units: int = 1024,
+    indices: np.ndarray | None = None,
+    workers: NormWorkers | None = None,
 ) -> np.ndarray:
-    """s(z) of every unit (n_units,), loaded from beside the token cache or computed once, in
-    blocks of ``block_units`` that an interrupted run reuses."""
-    path = units.root / "sensitivity" / f"{sensitivity_key(units, model, names)}.npz"
-    if path.is_file():
-        log.info("reusing unit sensitivities %s", path)
-        with np.load(path) as data:
-            norms, counts = data["norms"], data["counts"]
-    else:
+    """s(z) (n_units,) of every unit, or of ``indices`` and whatever an earlier run computed
+    (NaN elsewhere), from the per-unit store beside the token cache; the missing units are
+    computed in ``model``'s dtype, in blocks of ``block_units`` (on ``workers`` when given),
+    each kept as soon as it is done (an interrupted run resumes: :mod:`.norm_store`)."""
+    key = sensitivity_key(units, model, names)
+    store = NormStore(units.root / "sensitivity" / f"{key}.npz", len(units))
+    norms, computed = store.load()
+    wanted = np.arange(len(units)) if indices is None else np.unique(indices)
+    missing = wanted[~computed[wanted]]
+    if not len(missing) and not store.merged:
+        log.info("reusing unit sensitivities %s", store.path)
+    blocks = [missing[i : i + block_units] for i in range(0, len(missing), block_units)]
+    if blocks:
+        log.info(
+            "gradient norms of %d units (%d reused) in %s", len(missing),
+            len(wanted) - len(missing), str(next(model.parameters()).dtype).removeprefix("torch."),
+        )  # fmt: skip
+    done = _computed_blocks(model, units, names, device, blocks, batch_size, workers)
+    for k, block_norms in done:
+        store.add_block(blocks[k], block_norms)
+        norms[blocks[k]], computed[blocks[k]] = block_norms, True
+    if store.merged:
+        store.merge(norms, computed)
+    return sensitivity_from(np.where(computed, norms, np.nan), loss_counts(units), reduce)
 
-        def compute(indices: np.ndarray) -> np.ndarray:
-            norms, _ = unit_gradient_norms(
-                model, units, names, device, batch_size=batch_size, indices=indices
-            )
-            return norms
 
-        blocks = path.with_name(path.stem + ".blocks")
-        norms = blocked(compute, len(units), block_units, blocks)
-        counts = units.lengths.astype(np.int64) - 1
-        tmp = path.with_name(path.stem + ".part.npz")
-        np.savez(tmp, norms=norms, counts=counts)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written file
-        shutil.rmtree(blocks, ignore_errors=True)
-    return sensitivity_from(norms, counts, reduce)
+def _computed_blocks(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    device: torch.device,
+    blocks: Sequence[np.ndarray],
+    batch_size: int,
+    workers: NormWorkers | None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(block number, norms) of every block: here, one after the other, or on ``workers``."""
+    if workers is not None and blocks:
+        yield from workers.unit_norms(units, blocks, names, batch_size)
+        return
+    for k, block in enumerate(blocks):
+        norms, _ = unit_gradient_norms(
+            model, units, names, device, batch_size=batch_size, indices=block
+        )
+        yield k, norms
 
 
 def blocked(
@@ -247,10 +323,9 @@ def blocked(
 
 
 def damped(sensitivity: np.ndarray, damping: float) -> np.ndarray:
-    """s(z) + λ·median(s) (median of the positive s): what ``--normalize damped`` divides by."""
-    positive = sensitivity[sensitivity > 0]
-    median = float(np.median(positive)) if positive.size else 1.0
-    return sensitivity + damping * median
+    """s(z) + λ·M, M the reference median of s (:func:`reference_median`): what
+    ``--normalize damped`` divides by."""
+    return sensitivity + damping * reference_median(sensitivity)
 
 
 def unit_normalizers(
@@ -259,16 +334,51 @@ def unit_normalizers(
     names: Sequence[str],
     cfg: ScoreConfig,
     device: torch.device,
+    *,
+    indices: np.ndarray | None = None,
+    workers: NormWorkers | None = None,
 ) -> np.ndarray | None:
     """What ``--normalize`` divides each unit's score by (before the floor of
-    :func:`score_divisors`): None for ``none``, s(z), or s(z) + λ·median(s) for ``damped``."""
+    :func:`score_divisors`): None for ``none``, s(z), or s(z) + λ·M for ``damped``; (n_units,)
+    with NaN outside ``indices`` (the units scored; None: all) and the reference units."""
     if cfg.normalize == "none":
         return None
+    if indices is not None:  # the reference median needs its sample, whatever is scored
+        indices = np.union1d(indices, reference_units(len(units)))
     s = cached_sensitivity(
-        model, units, names, reduce=cfg.reduce, device=device,
-        batch_size=cfg.batch_size, block_units=cfg.block_units,
+        model, units, names, reduce=cfg.reduce, device=device, batch_size=cfg.batch_size,
+        block_units=cfg.block_units, indices=indices, workers=workers,
     )  # fmt: skip
     return damped(s, cfg.normalize_damping) if cfg.normalize == "damped" else s
+
+
+@dataclass
+class UnitNormaliser:
+    """``--normalize``'s divisors, computed on first use (once a sweep's workers exist, so
+    they share the work) and kept: :attr:`bgotrace.score.context.SweepContext.sensitivity`."""
+
+    model: torch.nn.Module
+    """The model the norms are taken of: the sweep model, so they run in the sweep dtype."""
+    units: UnitCache
+    """The whole token cache (divisors are indexed by corpus unit)."""
+    names: Sequence[str]
+    cfg: ScoreConfig
+    device: torch.device
+    indices: np.ndarray | None = None
+    """Corpus units whose scores are divided (``--candidates``); None: every unit."""
+    _divisors: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def divisors(self, workers: NormWorkers | None = None) -> np.ndarray:
+        """(n_units,) divisors before the floor, NaN for units not computed; blocks of norms
+        on ``workers`` when given, else in this process."""
+        if self._divisors is None:
+            out = unit_normalizers(
+                self.model, self.units, self.names, self.cfg, self.device,
+                indices=self.indices, workers=workers,
+            )  # fmt: skip
+            assert out is not None  # built for --normalize sensitivity | damped only
+            self._divisors = out
+        return self._divisors
 
 
 def normalized(scores: np.ndarray, sensitivity: np.ndarray | None) -> np.ndarray:

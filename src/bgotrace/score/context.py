@@ -23,7 +23,7 @@ from bgotrace.devices import resolve_dtype
 from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
-from bgotrace.perturb.sensitivity import unit_normalizers
+from bgotrace.perturb.sensitivity import NormWorkers, UnitNormaliser
 from bgotrace.score.executor import BlockExecutor, LocalExecutor
 from bgotrace.score.store import RunStore
 
@@ -52,9 +52,8 @@ class SweepContext:
     store: RunStore | None = None
     block_executor: BlockExecutor | None = None
     """Where blocks are computed; this process when None."""
-    sensitivity: np.ndarray | None = None
-    """What each unit's score is divided by under ``--normalize`` (s(z), or s(z) + λ·median
-    for ``damped``), for the whole cache; None for ``none``."""
+    normaliser: UnitNormaliser | None = None
+    """``--normalize``'s divisors, computed on first use of :attr:`sensitivity` (None: none)."""
 
     trunk_cache: TrunkCache | None = None
     """Stored trunk outputs of every corpus unit (``--trunk-cache``); None: computed."""
@@ -64,6 +63,17 @@ class SweepContext:
         close = getattr(self.block_executor, "close", None)
         if close is not None:
             close()
+
+    @property
+    def sensitivity(self) -> np.ndarray | None:
+        """What each unit's score is divided by under ``--normalize`` (s(z), or s(z) + λ·M for
+        ``damped``), (n_units,) over the whole cache, NaN for units not computed (outside the
+        candidates); None for ``none``. Computed on first use, so on the Ray workers when the
+        caller attached them first (the BGO orchestration does)."""
+        if self.normaliser is None:
+            return None
+        workers = self.block_executor
+        return self.normaliser.divisors(workers if isinstance(workers, NormWorkers) else None)
 
     def executor(self) -> BlockExecutor:
         if self.block_executor is None:
@@ -91,6 +101,7 @@ def build_sweep_context(
     seed: int = 0,
     device: torch.device | None = None,
     store: RunStore | None = None,
+    normalise_units: np.ndarray | None = None,
 ) -> SweepContext:
     """Select the parameters, estimate the Fisher if needed, and build the caches beside it.
 
@@ -99,6 +110,9 @@ def build_sweep_context(
 
     The Fisher sample and the Fisher step's N come from the whole ``cache``; the sweep
     visits ``units`` (a subset view implementing :class:`TokenSource`), or the whole cache.
+    ``normalise_units``: the corpus units whose scores ``--normalize`` divides (the
+    candidates), None: every unit. The normaliser runs on first use of
+    :attr:`SweepContext.sensitivity`, in the sweep dtype (:class:`UnitNormaliser`).
     """
     device = device or next(model.parameters()).device
     names = select_parameters(model, perturb_cfg.params)
@@ -110,7 +124,9 @@ def build_sweep_context(
     sweep_model = sweep_model_in(model, score_cfg.dtype)
     # Before the workers start: they are told where the validated trunk cache is.
     trunk_cache = _trunk_cache(sweep_model, cache, names, score_cfg, pad_id, device)
-    sensitivity = unit_normalizers(model, cache, names, score_cfg, device)
+    normaliser = None
+    if score_cfg.normalize != "none":
+        normaliser = UnitNormaliser(sweep_model, cache, names, score_cfg, device, normalise_units)
     return SweepContext(
         model=model,
         sweep_model=sweep_model,
@@ -124,7 +140,7 @@ def build_sweep_context(
         fisher=fisher,
         store=store,
         trunk_cache=trunk_cache,
-        sensitivity=sensitivity,
+        normaliser=normaliser,
     )
 
 
