@@ -21,13 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import bgotrace
+from bgotrace.cache import TokenCache
 from bgotrace.cli.main import app
-from bgotrace.config import ExecutionConfig
+from bgotrace.config import ExecutionConfig, PerturbConfig, ScoreConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import DistributedError
+from bgotrace.perturb.params import select_parameters
+from bgotrace.perturb.sensitivity import unit_gradient_norms
 from bgotrace.query import Query
 from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
@@ -149,6 +153,30 @@ def test_sweep_spreads_over_both_nodes_and_equals_local(cluster, model, tok, loc
     assert len(per_node) == 2 and min(per_node.values()) > 0  # both nodes computed blocks
     assert cluster.alive_nodes() == 2  # a joined cluster is left running
     assert not ray.is_initialized()  # ... and this process disconnected
+
+
+def test_the_normaliser_spreads_over_the_workers_and_equals_local(cluster, model, tok, tmp_path,
+                                                                 records):  # fmt: skip
+    """--normalize sensitivity's blocks (block_units=2) run on the workers' sweep models, on
+    both nodes, into the same norms as this process's (the same batches of the same units:
+    rtol 1e-6, float32 noise of another thread count at most)."""
+    attribute(model, tok, tmp_path, workers=2, ray_address=cluster.address)
+    (per_node,) = records.values("normaliser_blocks_per_node")
+    assert len(per_node) == 2 and min(per_node.values()) > 0
+    cache = TokenCache(tmp_path / "cache")
+    (path,) = (tmp_path / "cache" / "sensitivity").glob("*.npz")
+    with np.load(path) as data:
+        assert data["computed"].all()
+        there = data["norms"]
+    names = select_parameters(model, PerturbConfig().params)
+    here = [
+        unit_gradient_norms(
+            model, cache, names, torch.device("cpu"), batch_size=ScoreConfig().batch_size,
+            indices=np.arange(start, min(start + 2, len(cache))),
+        )[0]
+        for start in range(0, len(cache), 2)
+    ]  # fmt: skip
+    np.testing.assert_allclose(there, np.concatenate(here), rtol=1e-6)
 
 
 def test_queries_are_perturbed_on_the_workers_into_the_same_states(cluster, model, tok,

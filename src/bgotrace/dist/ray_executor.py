@@ -7,8 +7,9 @@ driver ships through the object store (:mod:`bgotrace.dist.units`). With a trunk
 can, and computes the trunk otherwise (:mod:`bgotrace.dist.trunk`). Per query group the
 perturbed states are put in the object store once and every block task refers to them,
 so only block indices (or slices) and per-unit loss sums travel. Blocks come back as
-they finish; the engine writes each as a resume point. Dead workers are survived by
-:mod:`bgotrace.dist.scheduler`.
+they finish; the engine writes each as a resume point. The normaliser's blocks
+(``--normalize``) go to the same workers, each computed with the sweep model it holds.
+Dead workers are survived by :mod:`bgotrace.dist.scheduler`.
 
 On one machine: ``--workers N`` starts a private Ray instance and stops it at the end.
 On a cluster: ``ray start --head`` (and ``ray start --address HEAD:PORT`` on the other
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bgotrace.cache import TokenCache
@@ -230,6 +232,37 @@ class RayExecutor:
             shipped.pop(result[0].index, None)  # frees the slice in the object store
             yield result
         self._log_done("blocks", scheduler)
+
+    def unit_norms(
+        self,
+        units: TokenSource,
+        blocks: Sequence[np.ndarray],
+        names: Sequence[str],
+        batch_size: int,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The normaliser's blocks (corpus unit indices of ``units``) on the workers' sweep
+        models: (block number, norms) as each finishes (:class:`~bgotrace.perturb.sensitivity.
+        NormWorkers`). A worker reads the tokens by path when ``units`` is the cache it opened,
+        else they are shipped."""
+        ray = import_ray()
+        shipped: dict[int, Any] = {}
+
+        def task(k: int, block: np.ndarray) -> Task:
+            def submit(slot: Slot) -> Any:
+                payload = None
+                if not (slot.reads_cache and units is self.units):
+                    if k not in shipped:  # put once, reused if the block is retried
+                        shipped[k] = ray.put(UnitSlice.of_units(units, block))
+                    payload = shipped[k]
+                return slot.actor.unit_norms.remote(block, list(names), batch_size, payload)
+
+            return Task(k, f"normaliser block {k} ({len(block)} units from {block[0]})", submit)
+
+        scheduler = self._scheduler(depth=BLOCKS_IN_FLIGHT)
+        for done, norms in scheduler.run([task(k, b) for k, b in enumerate(blocks)]):
+            shipped.pop(done.key, None)
+            yield done.key, norms
+        self._log_done("normaliser_blocks", scheduler)
 
     def perturb_many(
         self,

@@ -56,12 +56,18 @@ class UnitSlice:
         ``units`` is the token cache, or a subset view of it naming its corpus units
         through ``indices`` (as ``bgotrace.prefilter.rerank.SubsetUnits`` does).
         """
-        seqs = [np.asarray(units.unit_tokens(i)) for i in range(block.start, block.stop)]
+        return cls.of_units(units, np.arange(block.start, block.stop, dtype=np.int64))
+
+    @classmethod
+    def of_units(cls, units: TokenSource, positions: np.ndarray) -> UnitSlice:
+        """Copy the units at ``positions`` of ``units`` (in that order), e.g. a block of
+        the normaliser (any corpus units)."""
+        seqs = [np.asarray(units.unit_tokens(int(i))) for i in positions]
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.uint32)
         view = getattr(units, "indices", None)
-        span = np.arange(block.start, block.stop, dtype=np.int64)
+        span = np.asarray(positions, dtype=np.int64)
         indices = span if view is None else np.asarray(view, dtype=np.int64)[span]
         masks = [unit_loss_mask(units, int(i)) for i in span]
         joined = None

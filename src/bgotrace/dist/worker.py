@@ -1,5 +1,6 @@
-"""The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``
-and perturbations with ``perturb`` (the same functions this process would run), reading
+"""The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``,
+perturbations with ``perturb`` and the normaliser's blocks with ``unit_gradient_norms``
+(the same functions this process would run), reading
 the trunk from the driver's trunk cache where its node can (:mod:`bgotrace.dist.trunk`).
 
 An actor is created from arguments only (the model through the object store, the cache
@@ -17,12 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from bgotrace.config import PerturbConfig
 from bgotrace.devices import resolve_device, set_tf32
 from bgotrace.dist.trunk import TrunkSource, open_trunk_at
 from bgotrace.dist.units import UnitSlice, open_cache_at
+from bgotrace.perturb.sensitivity import unit_gradient_norms
 from bgotrace.perturb.steps import PerturbedState, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.score.executor import Block, BlockResult, compute_block
@@ -109,6 +112,20 @@ class SweepWorker:
             trunk_rows=rows,
         )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
+
+    def unit_norms(
+        self, indices: np.ndarray, names: Sequence[str], batch_size: int, shipped: UnitSlice | None
+    ) -> tuple[np.ndarray, str]:
+        """‖∇L(z)‖ of the corpus units ``indices`` (the normaliser's block) with this worker's
+        sweep model, as the driver would compute them; and this node's id."""
+        import ray
+
+        units: Any = self.cache if shipped is None else shipped
+        local = indices if shipped is None else np.arange(len(indices))
+        norms, _ = unit_gradient_norms(
+            self.model, units, names, self.device, batch_size=batch_size, indices=local
+        )
+        return norms, ray.get_runtime_context().get_node_id()
 
     def _group_states(self, group: tuple[int, list[Any]]) -> list[Overrides]:
         import ray
