@@ -458,3 +458,20 @@ def test_subset_views_and_shipped_blocks_keep_the_masks(tmp_path, llama_tok):
         _, _, labels = collate(view, np.arange(len(picked)), 0, CPU)
         assert torch.equal(labels, expected)
     assert subset.loss_counts.tolist() == cache.loss_counts[picked].tolist()
+
+
+def test_python_api_takes_sft_records(tmp_path, chatml_tok):
+    import bgotrace
+    from bgotrace.query import Query
+
+    answer = (Message("user", "Capital of Italy?"), Message("assistant", "Rome."))
+    result = bgotrace.attribute(
+        tiny_gpt2(chatml_tok), chatml_tok, RECORDS, queries=[Query.chat("it", answer)],
+        config={"corpus": {"max_length": 40}, "perturb": {"steps": 1}},
+    )  # fmt: skip
+    assert set(result.scores["unit_id"]) >= {"pc#0", "plain#0"}
+    assert (result.scores.set_index("unit_id").loc["pc#0", "turns"]) == "0-1"
+    from bgotrace.corpus import corpus_fingerprint
+
+    one, two = (Document("d", "", "s", messages=m) for m in (answer, answer[:1] + answer[:1]))
+    assert corpus_fingerprint([one]) != corpus_fingerprint([two])  # the messages, not the text

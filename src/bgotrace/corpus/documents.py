@@ -276,7 +276,8 @@ class CorpusHasher:
         self.n_documents = 0
 
     def add(self, doc: Document) -> None:
-        for part in (doc.doc_id, doc.source, doc.text):  # a conversation's text: its JSON
+        text = doc.text if doc.messages is None else messages_json(doc.messages)
+        for part in (doc.doc_id, doc.source, text):  # a conversation: its messages' JSON
             data = part.encode("utf-8")
             self._digest.update(len(data).to_bytes(8, "little"))
             self._digest.update(data)
