@@ -475,3 +475,25 @@ def test_python_api_takes_sft_records(tmp_path, chatml_tok):
 
     one, two = (Document("d", "", "s", messages=m) for m in (answer, answer[:1] + answer[:1]))
     assert corpus_fingerprint([one]) != corpus_fingerprint([two])  # the messages, not the text
+
+
+def test_template_ids_that_the_text_does_not_give_are_refused(llama_tok):
+    """Units map back to text through the rendered text's offsets: its tokens must be the
+    template's, or the conversation is refused (one line, naming the document)."""
+    import dataclasses
+
+    from bgotrace.chat import conversation_renderer
+    from bgotrace.corpus import documents_from_records
+    from bgotrace.corpus.chunking import iter_chunked_batches
+
+    render = conversation_renderer(llama_tok, "assistant")
+
+    def shifted(doc: Document) -> Any:
+        rendered = render(doc)
+        return dataclasses.replace(rendered, ids=[rendered.ids[0], *rendered.ids[2:], 5])
+
+    docs = documents_from_records(RECORDS[:1])
+    with pytest.raises(InputError, match="Corpus document chat: its chat-rendered text tokenizes"):
+        list(iter_chunked_batches(docs, llama_tok, ChunkingConfig(64), render=shifted))
+    (batch,) = iter_chunked_batches(docs, llama_tok, ChunkingConfig(64), render=render)
+    assert batch.tokens.tolist() == llama_pieces(llama_tok, CONVERSATION)[0]
