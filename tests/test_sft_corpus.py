@@ -497,3 +497,18 @@ def test_template_ids_that_the_text_does_not_give_are_refused(llama_tok):
         list(iter_chunked_batches(docs, llama_tok, ChunkingConfig(64), render=shifted))
     (batch,) = iter_chunked_batches(docs, llama_tok, ChunkingConfig(64), render=render)
     assert batch.tokens.tolist() == llama_pieces(llama_tok, CONVERSATION)[0]
+
+
+def test_cache_build_unit_loss_is_what_attribute_reuses(chat_model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "sft.jsonl", RECORDS)
+    cache_dir = tmp_path / "run-cache"
+    built = CliRunner().invoke(app, [
+        "cache", "build", "--model", str(chat_model_dir), "--corpus", str(corpus), "--quiet",
+        "--max-length", "40", "--unit-loss", "all", "--cache-dir", str(cache_dir),
+    ])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    assert TokenCache(cache_dir).manifest["chunking"]["unit_loss"] == "all"
+    reuse = _attribute(chat_model_dir, corpus, tmp_path / "run", "--unit-loss", "all")
+    assert reuse.exit_code == 0, reuse.output
+    other = _attribute(chat_model_dir, corpus, tmp_path / "run")  # assistant: another cache
+    assert other.exit_code == 2 and "chunking.unit_loss: stored 'all'" in other.output

@@ -8,7 +8,7 @@ Example (CPU)::
         --trunk-cache --params last:1
 
 The cache lands where ``attribute`` with the same ``--corpus``, ``--max-length``, ``--stride``,
-``--bos`` and fields looks for it (or in ``--cache-dir``), so that run reuses it.
+``--bos``, ``--unit-loss`` and fields looks for it (or in ``--cache-dir``), so that run reuses it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def build(
     max_length: Annotated[int | None, _opt(CorpusSpec, "max_length")] = None,
     stride: Annotated[int, _opt(CorpusSpec, "stride")] = 0,
     bos: Annotated[str, _opt(CorpusSpec, "bos")] = "auto",
+    unit_loss: Annotated[str, _opt(CorpusSpec, "unit_loss")] = "assistant",
     text_field: Annotated[str, _opt(CorpusSpec, "text_field")] = "text",
     id_field: Annotated[str, _opt(CorpusSpec, "id_field")] = "id",
     source_field: Annotated[str, _opt(CorpusSpec, "source_field")] = "source",
@@ -82,7 +83,7 @@ def build(
     set_progress(not quiet)
     spec = CorpusSpec(
         path=corpus, text_field=text_field, id_field=id_field, source_field=source_field,
-        max_length=max_length, stride=stride, bos=bos, cache_dir=cache_dir,
+        max_length=max_length, stride=stride, bos=bos, unit_loss=unit_loss, cache_dir=cache_dir,
         verify_cache=verify_cache, shard_tokens=shard_tokens,
     )  # fmt: skip
     extras = Extras(normalizer, trunk_cache, params, device)
