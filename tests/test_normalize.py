@@ -23,7 +23,6 @@ from bgotrace.errors import ConfigError
 from bgotrace.eval.hubs import hub_counts, hub_diagnostics, mean_spearman
 from bgotrace.perturb import ghost_norms, sensitivity
 from bgotrace.perturb.sensitivity import (
-    blocked,
     cached_sensitivity,
     damped,
     normalize_scores,
@@ -131,23 +130,6 @@ def test_ghost_norms_that_disagree_with_the_loop_are_not_used(setup, cache, monk
     monkeypatch.setattr(sensitivity, "batch_squared_norms", lambda *a: 2 * real(*a))
     fast, _ = unit_gradient_norms(model, cache, names, torch.device("cpu"), batch_size=4)
     np.testing.assert_allclose(fast, _slow_norms(model, cache, names), rtol=1e-4)
-
-
-def test_blocks_are_written_and_an_interrupted_pass_resumes(tmp_path):
-    calls = []
-
-    def compute(indices):
-        calls.append(indices.tolist())
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted in the second block
-        return indices * 10.0
-
-    with pytest.raises(KeyboardInterrupt):
-        blocked(compute, 7, 3, tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["0000000000-0000000003.npy"]
-    out = blocked(compute, 7, 3, tmp_path / "b")
-    np.testing.assert_array_equal(out, np.arange(7) * 10.0)
-    assert calls == [[0, 1, 2], [3, 4, 5], [3, 4, 5], [6]]  # block 0 was not recomputed
 
 
 def test_damped_divisors_add_a_fraction_of_the_median():

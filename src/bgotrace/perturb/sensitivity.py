@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -302,24 +302,6 @@ def _computed_blocks(
             model, units, names, device, batch_size=batch_size, indices=block
         )
         yield k, norms
-
-
-def blocked(
-    compute: Callable[[np.ndarray], np.ndarray], n: int, block_units: int, folder: Path
-) -> np.ndarray:
-    """compute(indices) over 0..n-1 in blocks, each saved to ``folder`` when done and
-    reused from there, so an interrupted pass resumes at its first missing block."""
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for start in range(0, n, block_units):
-        stop = min(n, start + block_units)
-        path = folder / f"{start:010d}-{stop:010d}.npy"
-        if not path.is_file():
-            tmp = folder / f"{path.stem}.part.npy"
-            np.save(tmp, compute(np.arange(start, stop)))
-            tmp.replace(path)
-        parts.append(np.load(path))
-    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def damped(sensitivity: np.ndarray, damping: float) -> np.ndarray:
