@@ -125,6 +125,7 @@ CHANGES = [
     ("scoring", "normalize", "none", {}, "scores"),
     ("scoring", "normalize_damping", 0.1, {"normalize": "damped"}, "scores"),
     ("scoring", "dtype", "bfloat16", {}, "scores"),
+    ("scoring", "autocast", True, {}, "scores"),
     ("scoring", "candidates", 2, {}, "scores"),
     ("scoring", "prefilter", "repsim", {"candidates": 2}, "prefilter"),
     ("scoring", "batch_size", 1, {}, "sweep"),

@@ -438,6 +438,12 @@ class ScoreConfig:
         "auto",
         choices=("auto", *DTYPES),
     )
+    autocast: bool = _help(
+        "Run the sweep's forward passes of a float32 model under torch.autocast in bfloat16: "
+        "matmuls in bfloat16 from the float32 weights, with no weight copy (--dtype bfloat16 "
+        "copies them instead); norms, softmax and losses stay float32.",
+        False,
+    )
     block_units: int = _help("Units per resumable block of the sweep.", 1024)
     queries_per_sweep: int = _help("Queries whose perturbed models share one corpus sweep.", 8)
     trunk_cache: bool = _help(
@@ -598,10 +604,30 @@ class AttributeConfig:
                 "--candidates sweeps a subset of units in this process, and Ray workers reopen "
                 "the whole token cache: drop --workers or --candidates."
             )
+        if self.scoring.autocast:
+            self._check_autocast()
         if self.method == "bgo-linear" and self.model.attn_implementation == "flash_attention_2":
             raise ConfigError(
                 "--method bgo-linear differentiates in forward mode, which flash_attention_2 "
                 "has no formulas for: pass --attn-implementation sdpa (or auto, or eager)."
+            )
+
+    def _check_autocast(self) -> None:
+        """--autocast lowers a float32 model's compute in place of --dtype's weight copy."""
+        if self.model.dtype != "float32":
+            raise ConfigError(
+                f"--autocast runs a float32 model's sweep in bfloat16, and this model is "
+                f"loaded in {self.model.dtype} (already swept as loaded): drop --autocast."
+            )
+        if self.scoring.dtype not in ("auto", "float32"):
+            raise ConfigError(
+                f"--autocast and --dtype {self.scoring.dtype} both lower the sweep's "
+                "precision (autocast without a weight copy): pass only one of them."
+            )
+        if self.execution.workers > 0:
+            raise ConfigError(
+                "--autocast applies to this process's sweep, not yet to Ray workers: drop "
+                "--workers or --autocast."
             )
 
     def to_dict(self) -> dict[str, Any]:

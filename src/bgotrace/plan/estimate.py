@@ -131,6 +131,7 @@ def run_shape(
         normalize=config.scoring.normalize != "none",
         device_type=device,
         corpus_tokens=_corpus_tokens(config),
+        autocast=config.scoring.autocast,
     )
 
 

@@ -20,7 +20,9 @@ width, a heads, V vocabulary, L blocks):
                  shared by both directions, and the current one), P·b_w in half precision
                  (see :mod:`bgotrace.perturb.steps` and :mod:`bgotrace.perturb.lowp`)
 - sweep:         N·b_m + sweep copy + Q·S·P·b_s + L-independent inference activations
-                 B·T·(4h + 2I + a·T)·b_s (one block at a time) + LM-head chunk 256·V·(b_s + 8)
+                 B·T·(4h + 2I + a·T)·b_s (one block at a time) + LM-head chunk 256·V·(b_s + 8);
+                 with ``--autocast`` activations and chunk in 2 bytes, plus the bfloat16 cast
+                 of the largest weight matrix, 2·h·max(V, I) (one op's, never all of them)
 - top tokens:    N·b_m + sweep copy + S·P·b_s + activations of one unit
 
 with sweep copy = N·b_s when the sweep dtype differs from the model's (else 0), L' the blocks
@@ -81,6 +83,8 @@ class RunShape:
     """cpu | cuda: on CPU the device's memory is the host's."""
     corpus_tokens: int | None = None
     """Tokens of the corpus's token cache, when known (for host pages and time)."""
+    autocast: bool = False
+    """``--autocast``: the sweep's activations in bfloat16, its weights and states as loaded."""
 
     def __post_init__(self) -> None:
         if min(self.queries_per_sweep, self.states_per_query, self.batch_size) < 1:
@@ -162,13 +166,16 @@ def _hours(flops_per_token: float, run: RunShape, bytes_: int) -> float:
 
 def _sweep(m: ModelShape, run: RunShape) -> Stage:
     bs, t = run.sweep_bytes, run.unit_length
-    activations = run.batch_size * t * (4 * m.hidden + 2 * m.intermediate + m.heads * t) * bs
+    ba = 2 if run.autocast else bs  # activations' bytes
+    activations = run.batch_size * t * (4 * m.hidden + 2 * m.intermediate + m.heads * t) * ba
     device = {
         **_weights(m, run),
         "states": run.queries_per_sweep * run.states_per_query * m.n_selected * bs,
         "activations": activations,
-        "LM-head chunk": HEAD_CHUNK * m.vocab * (bs + 8),
+        "LM-head chunk": HEAD_CHUNK * m.vocab * (ba + 8),
     }
+    if run.autocast:  # each matmul casts its weight: the largest (the LM head) at most
+        device["autocast cast"] = 2 * m.hidden * max(m.vocab, m.intermediate)
     hours = _hours(_sweep_flops(m, run), run, bs)
     return Stage("sweep", device, hours_per_1e9_tokens=hours)
 

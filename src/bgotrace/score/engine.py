@@ -20,7 +20,7 @@ from bgotrace.score.blocks import sweep_blocks
 from bgotrace.score.context import SweepContext
 from bgotrace.score.perturbation import PerturbedGroup, perturb_group
 from bgotrace.score.resume import check_group_states, check_split
-from bgotrace.score.sweep import Overrides
+from bgotrace.score.sweep import Overrides, sweep_autocast
 from bgotrace.score.variants import reduce_sums
 
 __all__ = ["QueryLosses", "SweepContext", "check_split_once", "score_group", "score_queries"]
@@ -78,7 +78,8 @@ def sweep_group(
 ) -> list[QueryLosses]:
     """Per-unit losses of each query's states (resumable blocks of group ``g``)."""
     keys, states = perturbed.keys, perturbed.states
-    sums, counts = sweep_blocks(ctx, g, states)
+    with sweep_autocast(ctx.score_cfg.autocast, ctx.device):  # --autocast: this process only
+        sums, counts = sweep_blocks(ctx, g, states)
     losses = reduce_sums(sums, counts[None, :], ctx.score_cfg.reduce)
     out = []
     for qi, q in enumerate(group):

@@ -10,7 +10,8 @@ losses are recomputed later for the few top units that a report shows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,7 +32,22 @@ from bgotrace.modeling.split import (
 if TYPE_CHECKING:
     from bgotrace.cache.trunk_cache import TrunkRows
 
-__all__ = ["Overrides", "states_split", "unit_loss_sums", "unit_token_losses"]
+__all__ = ["Overrides", "states_split", "sweep_autocast", "unit_loss_sums", "unit_token_losses"]
+
+
+@contextmanager
+def sweep_autocast(enabled: bool, device: torch.device) -> Iterator[None]:
+    """The sweep's forwards under ``torch.autocast(device.type, bfloat16)`` when ``enabled``
+    (``--autocast``): matmuls read the float32 weights and states as they are and compute in
+    bfloat16, normalisations and the losses stay float32 (the LM head's logits are upcast
+    before the cross-entropy). ``cache_enabled=False``: autocast would otherwise keep a
+    bfloat16 cast of every weight until the block ends, the second copy this avoids."""
+    if not enabled:
+        yield
+        return
+    log_once("sweep under torch.autocast(%s, bfloat16): no weight copy", device.type)
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        yield
 
 
 def states_split(model: torch.nn.Module, states: Sequence[Overrides]) -> int | None:
