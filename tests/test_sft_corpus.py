@@ -91,8 +91,10 @@ def picked(tokens: np.ndarray, mask: np.ndarray | None) -> list[int]:
 # --- rendering and masks -----------------------------------------------------------------
 
 
-def test_llama_units_have_one_bos_and_the_assistant_mask(tmp_path, llama_tok):
-    cache = build(tmp_path, llama_tok, RECORDS)
+def test_llama_units_have_one_bos_and_the_assistant_mask(tmp_path, llama_tok, caplog):
+    with caplog.at_level("WARNING"):
+        cache = build(tmp_path, llama_tok, RECORDS)
+    assert caplog.text.count("already starts with the BOS token") == 1  # once per corpus
     assert list(cache.units["unit_id"]) == ["chat#0", "plain#0", "pc#0"]
     expected, assistant = llama_pieces(llama_tok, CONVERSATION)
     tokens = cache.unit_tokens(0).tolist()

@@ -8,6 +8,10 @@ completion is every token after the prompt's, which holds only when the prompt's
 are a prefix of the whole conversation's: that is checked, and a template breaking it is
 refused (its loss mask would sit on the wrong tokens).
 
+SFT corpus records are rendered the same way (:func:`render_conversation`, for the chunker
+through :func:`conversation_renderer`): the whole conversation, its turn boundaries and the
+mask of its assistant turns (``--unit-loss``), each prefix checked as below.
+
 Loss masks (``loss_on``): ``completion`` (the last assistant turn, with its end-of-turn
 tokens), ``all`` (every predicted token) and ``assistant`` (every assistant turn: from the
 template's ``{% generation %}`` markers where it has them, else by rendering prefixes of
@@ -205,15 +209,26 @@ def render_conversation(
 
 
 def conversation_renderer(tokenizer: PreTrainedTokenizerBase, unit_loss: str) -> Renderer:
-    """What the chunker calls on each SFT record (:mod:`bgotrace.corpus.chunking`)."""
+    """What the chunker calls on each SFT record (:mod:`bgotrace.corpus.chunking`); the
+    first conversation is checked for a doubled BOS (one warning per corpus)."""
     if unit_loss not in UNIT_LOSSES:
         raise ConfigError(f"--unit-loss={unit_loss!r} is unknown: use one of {UNIT_LOSSES}.")
+    checked = False
 
     def render(doc: Document) -> RenderedConversation:
+        nonlocal checked
         assert doc.messages is not None
-        return render_conversation(
-            tokenizer, doc.messages, unit_loss, f"Corpus record {doc.doc_id!r}"
-        )
+        where = f"Corpus record {doc.doc_id!r}"
+        rendered = render_conversation(tokenizer, doc.messages, unit_loss, where)
+        if not checked and would_double_bos(tokenizer, rendered.text):
+            log.warning(
+                "%s: the chat template already starts with the BOS token and the tokenizer "
+                "adds one too; units hold it once (as apply_chat_template does): if SFT "
+                "tokenized the rendered text with special tokens, the model saw two.",
+                where,
+            )
+        checked = True
+        return rendered
 
     return render
 
