@@ -88,6 +88,9 @@ class ChatBenchConfig:
     """Queried facts; each is answered in answer_counts SFT conversations."""
     answer_counts: tuple[int, ...] = (1, 2, 3)
     """Conversations answering a fact, cycled over the facts."""
+    fact_repeats: int = 4
+    """Times each fact and distractor conversation is seen per SFT epoch (a small model
+    memorises little it sees once); it stays one ranked conversation."""
     paraphrased_fraction: float = 0.3
     """Share of facts whose conversations vary question and answer wording."""
     style_per_persona: int = 60
@@ -117,7 +120,7 @@ class ChatBenchConfig:
             cd.persona_for(name)
         for name in ("pretrain_documents_per_source", "n_entities", "style_per_persona",
                      "held_out_per_persona", "pretrain_epochs", "max_new_tokens",
-                     "style_prompt_words"):  # fmt: skip
+                     "style_prompt_words", "fact_repeats"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"Invalid chat benchmark config: {name} must be at least 1.")
         if not 1 <= self.n_facts or not min(self.answer_counts, default=0) >= 1:
@@ -163,7 +166,7 @@ CHAT_PRESETS: dict[str, dict[str, Any]] = {
     "chat-test": {
         "pretrain_documents_per_source": 8, "max_chars_per_document": 300, "n_entities": 4,
         "n_facts": 4, "style_per_persona": 3, "held_out_per_persona": 2, "max_answer_chars": 90,
-        "model_preset": "test", "pretrain_epochs": 4, "max_new_tokens": 16,
+        "model_preset": "test", "pretrain_epochs": 4, "max_new_tokens": 16, "fact_repeats": 2,
         "sft": SFTConfig(epochs=20, lr=5e-3, lora_lr=1e-2, batch_size=4, warmup_steps=2),
     },
 }  # fmt: skip
@@ -355,7 +358,9 @@ def build_chat_bench(
     for variant in VARIANTS:
         t0 = time.perf_counter()
         lora = variant == "lora"
-        fine_tune(base, chat_set.records, config.sft, tmp / variant, lora=lora)
+        repeats = [config.fact_repeats if chat_set.kinds[r["id"]] != cd.STYLE_KIND else 1
+                   for r in chat_set.records]  # fmt: skip
+        fine_tune(base, chat_set.records, config.sft, tmp / variant, lora=lora, repeats=repeats)
         model_dir, adapter = (base, tmp / variant) if lora else (tmp / variant, None)
         queries, dropped = answer_prompts(model_dir, chat_set.prompts, config, adapter)
         (tmp / f"queries-{variant}.jsonl").write_text(_jsonl(queries), encoding="utf-8")

@@ -64,11 +64,11 @@ class SFTConfig:
 
     epochs: int = 30
     """Passes over the SFT conversations."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate of the full fine-tune (linear warmup and decay)."""
-    lora_lr: float = 3e-3
+    lora_lr: float = 1e-2
     """Peak AdamW learning rate of the LoRA fine-tune."""
-    lora_rank: int = 8
+    lora_rank: int = 16
     """LoRA rank r (alpha = 2r) on every attention and MLP projection."""
     batch_size: int = 8
     """Conversations per optimiser step."""
@@ -165,17 +165,21 @@ def fine_tune(
     out: Path,
     *,
     lora: bool,
+    repeats: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the pretrained model in ``base_dir`` on ``records``; write it to ``out``.
 
-    Full: a model directory (weights, tokenizer, generation config). LoRA: a PEFT adapter
-    directory (``adapter_config.json``, ``adapter_model.safetensors``) over ``base_dir``.
-    Returns the record written to ``sft_config.json``.
+    ``repeats[i]``: times record i is seen per epoch (default once each). Full: a model
+    directory (weights, tokenizer, generation config). LoRA: a PEFT adapter directory
+    (``adapter_config.json``, ``adapter_model.safetensors``) over ``base_dir``. Returns the
+    record written to ``sft_config.json``.
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(base_dir)
-    chats = render_records(tokenizer, records)
+    rendered = render_records(tokenizer, records)
+    counts = [1] * len(rendered) if repeats is None else list(repeats)
+    chats = [chat for chat, n in zip(rendered, counts, strict=True) for _ in range(n)]
     trained: torch.nn.Module = model
     peft_model = None
     if lora:
@@ -196,7 +200,8 @@ def fine_tune(
         save_tokenizer(tokenizer, part)
     save_optimizer_state(optimizer, trained, steps, part / "optimizer_state.safetensors")  # type: ignore[arg-type]
     record = {"base": str(base_dir), "lora": lora, "config": dataclasses.asdict(config),
-              "n_conversations": len(chats), "steps": steps, "epoch_losses": losses,
+              "n_conversations": len(rendered), "n_seen_per_epoch": len(chats), "steps": steps,
+              "epoch_losses": losses,
               "wall_time_s": round(time.perf_counter() - started, 2)}  # fmt: skip
     (part / SFT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
