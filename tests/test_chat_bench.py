@@ -229,7 +229,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quick_build_holds_both_fine_tunes_and_their_own_greedy_answers(built: Path) -> None:
     manifest = load_chat_manifest(built)
-    assert manifest["counts"]["queries_full"] >= 5 and manifest["counts"]["queries_lora"] >= 5
+    counts = manifest["counts"]
+    assert counts["queries_full"] >= 5 and counts["queries_lora"] >= 5
+    sft = json.loads((built / "lora" / "sft_config.json").read_text())
+    kinds = counts["sft_by_kind"]
+    repeats = manifest["config"]["fact_repeats"]
+    assert sft["n_seen_per_epoch"] == kinds["style"] + repeats * (
+        kinds["fact"] + kinds["distractor"]
+    )
+    assert sft["base"] == str((built / "base").resolve()) and sft["lora"]
     base, _ = load_model_and_tokenizer(built / "base")
     full, tok = load_model_and_tokenizer(built / "full")
     lora, _ = load_model_and_tokenizer(built / "base", adapter=built / "lora", merge_adapter=False)
