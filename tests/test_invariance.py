@@ -60,14 +60,10 @@ def test_batch_size_and_block_size_do_not_change_scores(tok, tmp_path):
     assert_same(one, many)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="score/context.py does not yet pass scoring.batch_tokens to its LocalExecutor "
-    "(and perturb/sensitivity.py, dist/ to theirs): the sweep still batches by --batch-size",
-)
 def test_batch_tokens_do_not_change_scores(tok, tmp_path, monkeypatch):
     """--batch-tokens 30 (max length 10: 3 full units, more short ones) vs --batch-size 1,
-    and the sweep's batches do hold ≤ 30 padded tokens and several units."""
+    and the sweep's batches do hold ≤ 30 padded tokens and several units (the normaliser's
+    batches too: the default --normalize sensitivity divides by norms batched the same way)."""
     from bgotrace.score import sweep
 
     shapes = []

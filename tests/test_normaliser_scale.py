@@ -42,9 +42,9 @@ def computed(monkeypatch):
     seen: list[int] = []
     real = sensitivity.unit_gradient_norms
 
-    def spy(model, units, names, device, *, batch_size=16, indices=None):
+    def spy(model, units, names, device, *, indices=None, **kw):
         seen.extend(int(i) for i in indices)
-        return real(model, units, names, device, batch_size=batch_size, indices=indices)
+        return real(model, units, names, device, indices=indices, **kw)
 
     monkeypatch.setattr(sensitivity, "unit_gradient_norms", spy)
     monkeypatch.setattr(sensitivity, "REFERENCE_UNITS", 5)  # a strict subset of the corpus
@@ -90,11 +90,11 @@ def test_an_interrupted_normaliser_resumes_at_its_first_missing_unit(model, tok,
     kw = dict(reduce="sum", device=torch.device("cpu"), block_units=4)
     real, seen = sensitivity.unit_gradient_norms, []
 
-    def dies_in_block_2(model, units, names, device, *, batch_size=16, indices=None):
+    def dies_in_block_2(model, units, names, device, *, indices=None, **kw):
         if seen:
             raise KeyboardInterrupt
         seen.extend(int(i) for i in indices)
-        return real(model, units, names, device, batch_size=batch_size, indices=indices)
+        return real(model, units, names, device, indices=indices, **kw)
 
     monkeypatch.setattr(sensitivity, "unit_gradient_norms", dies_in_block_2)
     with pytest.raises(KeyboardInterrupt):
@@ -103,9 +103,9 @@ def test_an_interrupted_normaliser_resumes_at_its_first_missing_unit(model, tok,
     assert len(list((tmp_path / "sensitivity").rglob("*.npz"))) == 1  # block 1, kept
     seen.clear()
 
-    def counting(model, units, names, device, *, batch_size=16, indices=None):
+    def counting(model, units, names, device, *, indices=None, **kw):
         seen.extend(int(i) for i in indices)
-        return real(model, units, names, device, batch_size=batch_size, indices=indices)
+        return real(model, units, names, device, indices=indices, **kw)
 
     monkeypatch.setattr(sensitivity, "unit_gradient_norms", counting)
     resumed = cached_sensitivity(model, cache, names, **kw)

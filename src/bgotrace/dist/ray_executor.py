@@ -68,10 +68,17 @@ class RayOptions:
     batch_size: int
     pad_id: int
     tf32: bool = True
+    batch_tokens: int | None = None
+    """``--batch-tokens``: padded tokens per batch instead of ``batch_size`` units (None: off)."""
 
     @classmethod
     def of(
-        cls, cfg: ExecutionConfig, batch_size: int, pad_id: int, device: torch.device
+        cls,
+        cfg: ExecutionConfig,
+        batch_size: int,
+        pad_id: int,
+        device: torch.device,
+        batch_tokens: int | None = None,
     ) -> RayOptions:
         gpus = cfg.gpus_per_worker
         if gpus is None:  # a GPU model sweeps on GPU workers unless told otherwise
@@ -80,6 +87,7 @@ class RayOptions:
             workers=cfg.workers, address=cfg.ray_address, cpus_per_worker=cfg.cpus_per_worker,
             gpus_per_worker=gpus, ship_cache=cfg.ship_cache, block_attempts=cfg.block_attempts,
             timeout=cfg.ray_timeout, batch_size=batch_size, pad_id=pad_id, tf32=cfg.tf32,
+            batch_tokens=batch_tokens,
         )  # fmt: skip
 
     @property
@@ -134,6 +142,7 @@ class RayExecutor:
             expected_manifest={k: manifest.get(k) for k in MATCHED_MANIFEST_KEYS},
             try_path=o.ship_cache != "always",
             batch_size=o.batch_size,
+            batch_tokens=o.batch_tokens,
             pad_id=o.pad_id,
             device="cuda" if o.gpus_per_worker > 0 else "cpu",
             threads=max(1, int(o.cpus_per_worker)),
@@ -239,6 +248,7 @@ class RayExecutor:
         blocks: Sequence[np.ndarray],
         names: Sequence[str],
         batch_size: int,
+        batch_tokens: int | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """The normaliser's blocks (corpus unit indices of ``units``) on the workers' sweep
         models: (block number, norms) as each finishes (:class:`~bgotrace.perturb.sensitivity.
@@ -254,7 +264,8 @@ class RayExecutor:
                     if k not in shipped:  # put once, reused if the block is retried
                         shipped[k] = ray.put(UnitSlice.of_units(units, block))
                     payload = shipped[k]
-                return slot.actor.unit_norms.remote(block, list(names), batch_size, payload)
+                batching = (batch_size, batch_tokens)
+                return slot.actor.unit_norms.remote(block, list(names), batching, payload)
 
             return Task(k, f"normaliser block {k} ({len(block)} units from {block[0]})", submit)
 
@@ -352,7 +363,10 @@ def ray_executor_for(
     whole = ctx.units is cache
     return RayExecutor(
         ctx.sweep_model, ctx.units,
-        RayOptions.of(execution, ctx.score_cfg.batch_size, ctx.pad_id, ctx.device),
+        RayOptions.of(
+            execution, ctx.score_cfg.batch_size, ctx.pad_id, ctx.device,
+            batch_tokens=ctx.score_cfg.batch_tokens or None,
+        ),
         cache_root=cache.root if whole else None, manifest=cache.manifest,
         perturb_model=None if ctx.model is ctx.sweep_model else ctx.model,
         trunk=ctx.trunk_cache,

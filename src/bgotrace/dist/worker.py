@@ -52,6 +52,8 @@ class WorkerSetup:
     """The driver's trunk cache (None: none; the workers compute the trunk)."""
     tf32: bool = True
     """TF32 for float32 matmuls on a CUDA worker (``--no-tf32``: off), as on the driver."""
+    batch_tokens: int | None = None
+    """``--batch-tokens``: padded tokens per batch instead of ``batch_size`` units (None: off)."""
 
 
 class SweepWorker:
@@ -109,22 +111,28 @@ class SweepWorker:
         _, sums, counts = compute_block(
             self.model, units, local, states,
             batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
-            trunk_rows=rows,
+            trunk_rows=rows, batch_tokens=self.setup.batch_tokens,
         )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
 
     def unit_norms(
-        self, indices: np.ndarray, names: Sequence[str], batch_size: int, shipped: UnitSlice | None
+        self,
+        indices: np.ndarray,
+        names: Sequence[str],
+        batching: tuple[int, int | None],
+        shipped: UnitSlice | None,
     ) -> tuple[np.ndarray, str]:
         """‖∇L(z)‖ of the corpus units ``indices`` (the normaliser's block) with this worker's
-        sweep model, as the driver would compute them; and this node's id."""
+        sweep model, as the driver would compute them (``batching``: units and padded tokens
+        per batch); and this node's id."""
         import ray
 
         units: Any = self.cache if shipped is None else shipped
         local = indices if shipped is None else np.arange(len(indices))
         norms, _ = unit_gradient_norms(
-            self.model, units, names, self.device, batch_size=batch_size, indices=local
-        )
+            self.model, units, names, self.device, batch_size=batching[0], indices=local,
+            batch_tokens=batching[1],
+        )  # fmt: skip
         return norms, ray.get_runtime_context().get_node_id()
 
     def _group_states(self, group: tuple[int, list[Any]]) -> list[Overrides]:

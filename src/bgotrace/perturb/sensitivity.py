@@ -112,6 +112,7 @@ def unit_gradient_norms(
     *,
     batch_size: int = 16,
     indices: np.ndarray | None = None,
+    batch_tokens: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters for every unit (or ``indices``), and its
     predicted-token counts, both (n,): batched ghost norms, the per-unit loop for the rest."""
@@ -121,7 +122,9 @@ def unit_gradient_norms(
         plan = GhostPlan(uncovered=list(names))
     squares = np.zeros(len(indices), dtype=np.float64)
     if plan.modules:
-        squares += _ghost_squares(model, units, names, plan, device, indices, batch_size)
+        squares += _ghost_squares(
+            model, units, names, plan, device, indices, batch_size, batch_tokens
+        )
     if plan.uncovered:
         log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
         squares += unit_gradient_norms_loop(model, units, plan.uncovered, device, indices) ** 2
@@ -136,12 +139,14 @@ def _ghost_squares(
     device: torch.device,
     indices: np.ndarray,
     batch_size: int,
+    batch_tokens: int | None = None,
 ) -> np.ndarray:
-    """Squared gradient norms over the parameters the plan covers, batch by batch."""
+    """Squared gradient norms over the parameters the plan covers, batch by batch (at most
+    ``batch_size`` units, or ``batch_tokens`` padded tokens: :func:`length_buckets`)."""
     where = {int(u): k for k, u in enumerate(indices)}
     out = np.zeros(len(indices), dtype=np.float64)
     with grads_only_for(model, names):
-        batches = length_buckets(indices, units.lengths, batch_size)
+        batches = length_buckets(indices, units.lengths, batch_size, batch_tokens)
         for batch in progress_bar(batches, "Sensitivity"):
             ids, mask, labels = collate(units, batch, 0, device)  # pads: masked, any id will do
             squares = batch_squared_norms(model, plan, ids, mask, labels)
@@ -240,7 +245,12 @@ class NormWorkers(Protocol):
     """Workers that compute blocks of norms (the Ray executor), each holding the model."""
 
     def unit_norms(
-        self, units: UnitCache, blocks: Sequence[np.ndarray], names: Sequence[str], batch_size: int
+        self,
+        units: UnitCache,
+        blocks: Sequence[np.ndarray],
+        names: Sequence[str],
+        batch_size: int,
+        batch_tokens: int | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """(block number, the norms of its units) as each block finishes, in any order."""
         ...
@@ -257,6 +267,7 @@ def cached_sensitivity(
     block_units: int = 1024,
     indices: np.ndarray | None = None,
     workers: NormWorkers | None = None,
+    batch_tokens: int | None = None,
 ) -> np.ndarray:
     """s(z) (n_units,) of every unit, or of ``indices`` and whatever an earlier run computed
     (NaN elsewhere), from the per-unit store beside the token cache; the missing units are
@@ -275,7 +286,8 @@ def cached_sensitivity(
             "gradient norms of %d units (%d reused) in %s", len(missing),
             len(wanted) - len(missing), str(next(model.parameters()).dtype).removeprefix("torch."),
         )  # fmt: skip
-    done = _computed_blocks(model, units, names, device, blocks, batch_size, workers)
+    batching = (batch_size, batch_tokens)
+    done = _computed_blocks(model, units, names, device, blocks, batching, workers)
     for k, block_norms in done:
         store.add_block(blocks[k], block_norms)
         norms[blocks[k]], computed[blocks[k]] = block_norms, True
@@ -290,16 +302,18 @@ def _computed_blocks(
     names: Sequence[str],
     device: torch.device,
     blocks: Sequence[np.ndarray],
-    batch_size: int,
+    batching: tuple[int, int | None],
     workers: NormWorkers | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(block number, norms) of every block: here, one after the other, or on ``workers``."""
+    """(block number, norms) of every block: here, one after the other, or on ``workers``;
+    ``batching``: (units, padded tokens or None) per batch."""
+    size, tokens = batching
     if workers is not None and blocks:
-        yield from workers.unit_norms(units, blocks, names, batch_size)
+        yield from workers.unit_norms(units, blocks, names, size, tokens)
         return
     for k, block in enumerate(blocks):
         norms, _ = unit_gradient_norms(
-            model, units, names, device, batch_size=batch_size, indices=block
+            model, units, names, device, batch_size=size, indices=block, batch_tokens=tokens
         )
         yield k, norms
 
@@ -330,6 +344,7 @@ def unit_normalizers(
     s = cached_sensitivity(
         model, units, names, reduce=cfg.reduce, device=device, batch_size=cfg.batch_size,
         block_units=cfg.block_units, indices=indices, workers=workers,
+        batch_tokens=cfg.batch_tokens or None,
     )  # fmt: skip
     return damped(s, cfg.normalize_damping) if cfg.normalize == "damped" else s
 

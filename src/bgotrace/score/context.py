@@ -80,7 +80,7 @@ class SweepContext:
             rows = None if self.trunk_cache is None else self.trunk_cache.for_units(self.units)
             self.block_executor = LocalExecutor(
                 self.sweep_model, self.units, self.score_cfg.batch_size, self.pad_id,
-                self.device, trunk_rows=rows,
+                self.device, trunk_rows=rows, batch_tokens=self.score_cfg.batch_tokens or None,
             )  # fmt: skip
         return self.block_executor
 
