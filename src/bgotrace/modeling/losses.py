@@ -59,6 +59,7 @@ def head_token_losses(
     head: torch.nn.Module,
     labels: torch.Tensor,
     chunk_rows: int = HEAD_CHUNK_ROWS,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NLL (B, T-1) float32 of each predicted token from final hidden states (B, T, D).
 
@@ -66,19 +67,47 @@ def head_token_losses(
     position), ``chunk_rows`` tokens at a time, in the hidden states' dtype; each chunk's
     logits are cast to float32 before the logsumexp, so the result equals
     :func:`token_losses` of the full logits up to float32 rounding. 0 where IGNORE.
+    ``keep``: those positions b·T + t (int64, (N,)) when the caller knows them already (the
+    sweep reads them from the host's lengths): selecting by a boolean mask instead makes the
+    host wait for the device to count it, once per call.
     """
+    if keep is not None:
+        return _kept_token_losses(hidden, head, labels, chunk_rows, keep)
     targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    rows, wanted = hidden[:, :-1][keep], targets[keep]  # (N, D), (N,)
-    parts = [
+    in_loss = targets != IGNORE
+    rows, wanted = hidden[:, :-1][in_loss], targets[in_loss]  # (N, D), (N,)
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    parts = _chunk_losses(rows, wanted, head, chunk_rows)
+    return out.masked_scatter(in_loss, torch.cat(parts)) if parts else out
+
+
+def _chunk_losses(
+    rows: torch.Tensor, wanted: torch.Tensor, head: torch.nn.Module, chunk_rows: int
+) -> list[torch.Tensor]:
+    """NLL (≤ chunk_rows,) float32 of each chunk of rows (N, D) predicting ``wanted`` (N,)."""
+    return [
         F.cross_entropy(head(rows[i : i + chunk_rows]).float(), wanted[i : i + chunk_rows],
                         reduction="none")
         for i in range(0, len(rows), chunk_rows)
     ]  # fmt: skip
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+
+
+def _kept_token_losses(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_rows: int,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`head_token_losses` at the positions ``keep`` (b·T + t, predicting t + 1)."""
+    batch, tokens = labels.shape
+    rows = hidden.reshape(batch * tokens, -1).index_select(0, keep)  # (N, D)
+    wanted = labels.reshape(-1).index_select(0, keep + 1)  # (N,)
+    out = torch.zeros(batch * tokens, dtype=torch.float32, device=hidden.device)
+    parts = _chunk_losses(rows, wanted, head, chunk_rows)
     if parts:
-        out = out.masked_scatter(keep, torch.cat(parts))
-    return out
+        out = out.index_copy(0, keep, torch.cat(parts))
+    return out.view(batch, tokens)[:, :-1]
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

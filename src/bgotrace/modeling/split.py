@@ -173,22 +173,36 @@ def bind_state(model: torch.nn.Module, start: int | None, overrides: Overrides) 
 
 
 def bound_token_losses(
-    model: torch.nn.Module, state: TrunkState, bound: BoundState, labels: torch.Tensor
+    model: torch.nn.Module,
+    state: TrunkState,
+    bound: BoundState,
+    labels: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`state_token_losses` of a bound state (the same modules, no per-call rebinding)."""
+    """:func:`state_token_losses` of a bound state (the same modules, no per-call rebinding).
+
+    ``keep``: the predicted positions, when known (:func:`head_token_losses`). Without a split
+    the blocks' keyword arguments (mask, positions) are made by the batch's first state and
+    kept in ``state`` for the others: they do not depend on the weights.
+    """
     if state.start is None:
         assert bound.full is not None
-        if adapter_for(bound.full) is not None:  # every block, with the chunked head
-            whole = trunk(bound.full, state.input_ids, state.attention_mask, 0)
-            return head_token_losses(top_hidden(bound.full, whole, None), head(bound.full), labels)
+        adapter = adapter_for(bound.full)
+        if adapter is not None:  # every block, with the chunked head
+            hidden = adapter.embed(bound.full, state.input_ids)
+            if state.block_kwargs is None:
+                state.block_kwargs = adapter.block_kwargs(bound.full, hidden, state.attention_mask)
+            whole = TrunkState(state.input_ids, state.attention_mask, 0, hidden, state.block_kwargs)
+            final = top_hidden(bound.full, whole, None)
+            return head_token_losses(final, head(bound.full), labels, keep=keep)
         logits = forward_logits(bound.full, state.input_ids, state.attention_mask)  # (B, T, V)
         return token_losses(logits, labels)
     assert bound.blocks is not None and state.hidden is not None and state.block_kwargs
     hidden = state.hidden
     for k, block in enumerate(bound.blocks):
         hidden = block(hidden, **state.block_kwargs[state.start + k])
-    adapter = _require_adapter(model)
-    return head_token_losses(model.get_submodule(adapter.norm)(hidden), head(model), labels)
+    final = model.get_submodule(_require_adapter(model).norm)(hidden)
+    return head_token_losses(final, head(model), labels, keep=keep)
 
 
 def _blocks(model: torch.nn.Module, adapter: Adapter) -> torch.nn.ModuleList:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from bgotrace.cache.batching import TokenSource, collate, length_buckets
+from bgotrace.cache.batching import TokenSource, collate, length_buckets, unit_loss_mask
 from bgotrace.modeling.split import (
     Overrides,
     bind_state,
@@ -89,24 +89,53 @@ def unit_loss_sums(
         trunk_rows = None
     bound = [bind_state(model, start, s) for s in states]  # once per block of units
     position = {int(u): k for k, u in enumerate(indices)}
-    # Sums and counts stay on the device until the block is done: one host copy per block
-    # instead of one per state and batch (each copy would stall a GPU's queue).
-    sums = torch.zeros((len(states), len(indices)), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(indices), dtype=torch.int64, device=device)
+    # The host does not wait for the device inside the loop: what it needs (token counts,
+    # predicted positions) it reads from the lengths, and the sums stay on the device until
+    # the block is done (one copy per block, not per state and batch). No padding mask: the
+    # padding is on the right, so under the causal mask no real token attends to it, and
+    # transformers would read a padding mask back to inspect it (a host sync per batch).
+    parts, columns = [], []  # (n_states, B) float64 on the device; their units' positions
+    counts = np.zeros(len(indices), dtype=np.int64)
     for batch in length_buckets(indices, units.lengths, batch_size, batch_tokens):
-        input_ids, attention_mask, labels = collate(units, batch, pad_id, device)
-        cols = torch.tensor([position[int(u)] for u in batch], device=device)
-        counts[cols] = (labels[:, 1:] != -100).sum(dim=1)
+        input_ids, _, labels = collate(units, batch, pad_id, device)  # no mask: see above
+        keep = predicted_positions(units, batch, input_ids.shape[1])
+        cols = np.array([position[int(u)] for u in batch])
+        counts[cols] = np.bincount(keep // input_ids.shape[1], minlength=len(batch))
+        kept = _to_device(keep, device)
         if trunk_rows is not None and start is not None:
             hidden = trunk_rows.batch(batch, input_ids.shape[1], device).to(_dtype(model))
-            shared = resume_trunk(model, input_ids, attention_mask, start, hidden)
+            shared = resume_trunk(model, input_ids, None, start, hidden)
         else:
-            shared = trunk(model, input_ids, attention_mask, start)
-        for s, state in enumerate(bound):
-            losses = bound_token_losses(model, shared, state, labels)  # (B, T-1)
-            sums[s, cols] = losses.sum(dim=1).double()  # float32 sum per unit, as before
+            shared = trunk(model, input_ids, None, start)
+        rows = [bound_token_losses(model, shared, state, labels, kept) for state in bound]
+        parts.append(torch.stack([r.sum(dim=1) for r in rows]).double())  # float32 sums
+        columns.append(cols)
         advance(len(batch))
-    return sums.cpu().numpy(), counts.cpu().numpy()
+    sums = np.zeros((len(states), len(indices)), dtype=np.float64)
+    if parts:
+        sums[:, np.concatenate(columns)] = torch.cat(parts, dim=1).cpu().numpy()
+    return sums, counts
+
+
+def predicted_positions(units: TokenSource, batch: np.ndarray, width: int) -> np.ndarray:
+    """Positions b·width + t (int64) of a right-padded batch's tokens whose successor t + 1 is
+    in its unit's loss (where ``collate``'s labels are not IGNORE), from the host's lengths
+    and loss masks: nothing is read back from the device."""
+    rows = [np.zeros(0, dtype=np.int64)]
+    for b, i in enumerate(batch):
+        n = int(units.lengths[int(i)])
+        t = np.arange(max(n - 1, 0), dtype=np.int64)
+        mask = unit_loss_mask(units, int(i))
+        rows.append(b * width + (t if mask is None else t[np.asarray(mask[1:n], dtype=bool)]))
+    return np.concatenate(rows)
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to a GPU from pinned memory, without blocking the host."""
+    tensor = torch.from_numpy(host)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
