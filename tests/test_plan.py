@@ -263,3 +263,19 @@ def test_plan_takes_the_attribute_options() -> None:
         assert flag in plan_help, flag
     for flag in ("--model-dtype", "--device-memory", "--batch-size"):
         assert flag in attribute_help, flag
+
+
+def test_the_normaliser_is_planned_in_the_sweep_dtype(llama_8b_dir: Path) -> None:
+    """The norms are taken of the sweep model (perturb.sensitivity): a float32 model swept in
+    bfloat16 plans the normaliser's activations and output gradients in 2 bytes, beside the
+    sweep copy."""
+
+    def normaliser(**scoring: object) -> dict[str, int]:
+        cfg = _config(llama_8b_dir, scoring=scoring, execution={"device": "cuda"})
+        plan = plan_run(cfg, device_memory=80 * GIB)
+        return next(s for s in plan.stages if s.name == "normaliser").device_parts
+
+    exact, half = normaliser(), normaliser(dtype="bfloat16")
+    assert half["output gradients"] * 2 == exact["output gradients"]
+    assert half["activations (batch)"] < exact["activations (batch)"]
+    assert "sweep copy" in half and half["float32 chunk"] > 0 == exact["float32 chunk"]

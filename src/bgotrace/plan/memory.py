@@ -6,11 +6,11 @@ query (2 for bidirectional/abs, else 1), B batch size, T unit length, h hidden w
 width, a heads, V vocabulary, L blocks):
 
 - load:          N·b_m                                   (host too: weights pass through it)
-- normaliser:    N·b_m + sweep copy + activations(B, T) through the L' blocks a backward
-                 crosses + the output gradients the ghost norms record,
-                 O = L'·B·T·(3h + 1.5·I) + B·T·V elements in b_m (kept in b_m with the inputs;
-                 below float32 a chunk of units is upcast at a time:
-                 ``ghost_norms.upcast_transient_bytes(B, T, V + h)``), + U·b_m for the U
+- normaliser:    N·b_m + sweep copy + activations(B, T) in b_s (the norms are taken of the
+                 sweep model) through the L' blocks a backward crosses + the output gradients
+                 the ghost norms record, O = L'·B·T·(3h + 1.5·I) + B·T·V elements in b_s (kept
+                 in b_s with the inputs; below float32 a chunk of units is upcast at a time:
+                 ``ghost_norms.upcast_transient_bytes(B, T, V + h)``), + U·b_s for the U
                  selected parameters they do not cover (one unit at a time)
 - perturbation:  N·b_m + sweep copy + (Q−1)·S·P·b_w (the group's earlier states)
                  + P·b_w (working copy) + moments + gradients + θ+ (on the device on CPU,
@@ -187,18 +187,19 @@ def _load(m: ModelShape, run: RunShape) -> Stage:
 
 
 def _normaliser(m: ModelShape, run: RunShape) -> Stage:
-    b, bt = run.model_bytes, run.batch_size * run.unit_length
+    b, bt = run.sweep_bytes, run.batch_size * run.unit_length  # norms of the sweep model
+    in_sweep_dtype = dataclasses.replace(run, model_bytes=b)
     layers = m.backward_layers
     outputs = layers * bt * (3 * m.hidden + 3 * m.intermediate // 2) + bt * m.vocab
     upcast = upcast_transient_bytes(run.batch_size, run.unit_length, m.vocab + m.hidden)
     device = {
         **_weights(m, run),
-        "activations (batch)": train_activations(m, run, run.batch_size, layers),
+        "activations (batch)": train_activations(m, in_sweep_dtype, run.batch_size, layers),
         "output gradients": outputs * b,
         "float32 chunk": 0 if b == 4 else upcast,  # the ghost norms' upcast units
         "gradient (per-unit loop)": m.uncovered_selected * b,
     }
-    hours = _hours(6.0 * m.n_params, run, run.model_bytes)
+    hours = _hours(6.0 * m.n_params, run, b)
     return Stage("normaliser", device, hours_per_1e9_tokens=hours)
 
 
