@@ -198,7 +198,12 @@ def test_conversations_split_at_turn_boundaries(tmp_path, llama_tok):
     windows = turn_windows(rendered.turn_ends, size, 0)
     assert len(windows) > 1  # the conversation needs several units
     kept = [(s, e) for s, e in windows if any(rendered.loss_mask[s + 1 : e])]
-    assert len(cache) == len(kept)  # windows without an assistant token are dropped
+    assert 0 < len(kept) < len(windows)  # windows without an assistant token are dropped
+    assert len(cache) == len(kept)
+    # Kept units are numbered 0, 1, ... (the k-th unit of the document); turns locate them.
+    assert list(cache.units["unit_id"]) == [f"chat#{k}" for k in range(len(kept))]
+    spans = [f"{cache.unit_turns(i).first}-{cache.unit_turns(i).last}" for i in range(len(kept))]
+    assert list(cache.units["turns"]) == spans and spans[0] != "0-0"
     for i, (start, end) in enumerate(kept):
         assert start in boundaries and end in boundaries  # whole turns only
         body = cache.unit_tokens(i).tolist()[int(start > 0) :]  # a continuation has a BOS
@@ -438,6 +443,9 @@ def test_trainer_labels_equal_the_scorers(tmp_path, llama_tok):
         docs, llama_tok, chunking, conversation_renderer(llama_tok, "assistant")
     )
     assert [u.unit_id for u in units] == list(cache.units["unit_id"])
+    chat_ids = [u.unit_id for u in units if u.doc_id == "chat"]
+    assert chat_ids == [f"chat#{k}" for k in range(len(chat_ids))]  # numbered past a drop
+    assert cache.unit_turns(0).first > 0  # the system and user turns alone were dropped
     order = np.argsort(cache.lengths, kind="stable")  # collate takes any order
     trained = batch_tensors([units[i] for i in order], pad_id=0)["labels"]
     _, _, scored = collate(cache, order, 0, CPU)

@@ -109,7 +109,8 @@ class Unit:
     """One window of one document."""
 
     unit_id: str
-    """``f"{doc_id}#{k}"`` for the k-th window (0-based) of the document."""
+    """``f"{doc_id}#{k}"`` for the k-th unit (0-based) of the document: its k-th window (an
+    SFT conversation's k-th kept window; its turn range locates it in the conversation)."""
     doc_id: str
     source: str
     token_ids: list[int]
@@ -174,7 +175,7 @@ class ChunkedBatch:
     doc_index: np.ndarray
     """``(n_units,)`` int64: each unit's document, an index into ``documents``."""
     window: np.ndarray
-    """``(n_units,)`` int64: k of the unit id ``f"{doc_id}#{k}"``."""
+    """``(n_units,)`` int64: k of the unit id ``f"{doc_id}#{k}"`` (0, 1, ... per document)."""
     char_start: np.ndarray
     """``(n_units,)`` int64: start of the document text the unit covers."""
     char_end: np.ndarray
@@ -451,7 +452,7 @@ def _chunk_conversation(
         tokens=np.concatenate([p[1] for p in kept] or [np.zeros(0, TOKEN_DTYPE)]),
         lengths=np.array([len(p[1]) for p in kept], dtype=np.int64),
         doc_index=np.zeros(len(kept), np.int64),
-        window=np.array([p[0] for p in kept], dtype=np.int64),
+        window=np.arange(len(kept), dtype=np.int64),  # kept units numbered 0, 1, ...
         char_start=np.array([span[:, 0].min() for span in spans], dtype=np.int64),
         char_end=np.array([span[:, 1].max() for span in spans], dtype=np.int64),
         loss_mask=np.concatenate([p[2] for p in kept] or [np.zeros(0, np.bool_)]),

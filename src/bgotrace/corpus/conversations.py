@@ -6,7 +6,9 @@ is cut into units. A unit covers whole turns where they fit: each window ends at
 turn end that fits in ``size`` tokens from its start, and the next window starts there
 (whole turns need no overlap). Only a turn longer than a unit is windowed by tokens as
 plain text is (``size`` tokens, overlapping by ``stride``). A window that holds no token
-the loss covers (say a long user turn alone) trains nothing under SFT and is dropped.
+the loss covers (say a long user turn alone) trains nothing under SFT and is dropped; the
+units kept are numbered 0, 1, ... (unit id ``doc#k``: the k-th unit of the document, as for
+plain text) and their turn ranges (:class:`UnitTurns`) locate them in the conversation.
 
 The loss mask says, per token, whether its prediction is in the unit's loss: the assistant
 turns' tokens (as SFT trained them) or every token (``--unit-loss all``).
