@@ -30,7 +30,7 @@ from bgotrace.corpus.conversations import turn_windows
 from bgotrace.errors import InputError
 from bgotrace.score.sweep import unit_loss_sums
 from tests.models import tiny_gpt2, tiny_llama
-from tests.test_chat import make_chatml_tokenizer, make_llama_chat_tokenizer
+from tests.test_chat import CHATML, make_chatml_tokenizer, make_llama_chat_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -45,6 +45,7 @@ RECORDS = [
     {"id": "pc", "source": "sft", "prompt": "Capital of Italy?", "completion": "Rome."},
 ]
 CPU = torch.device("cpu")
+CHATML_BOT_PROMPT = CHATML.replace("assistant\n{% endif", "bot\n{% endif")
 
 
 @pytest.fixture(scope="module")
@@ -522,3 +523,60 @@ def test_cache_build_unit_loss_is_what_attribute_reuses(chat_model_dir, tmp_path
     assert reuse.exit_code == 0, reuse.output
     other = _attribute(chat_model_dir, corpus, tmp_path / "run")  # assistant: another cache
     assert other.exit_code == 2 and "chunking.unit_loss: stored 'all'" in other.output
+
+
+# --- rendering reuses renders: equal to rendering and tokenizing every prefix -----------------
+
+
+def slow_rendering(tok: Any, messages: tuple[Message, ...], unit_loss: str) -> tuple:
+    """Reference: each prefix rendered and tokenized by ``apply_chat_template`` on its own,
+    checked to start the whole conversation's tokens; the mask of :func:`assistant_mask`
+    (the queries' path: the generation-prompt prefix of each assistant turn tokenized)."""
+    from bgotrace.chat import assistant_mask, render_ids
+
+    full = render_ids(tok, messages, "t", generation_prompt=False)
+    ends = []
+    for k in range(1, len(messages)):
+        prefix = render_ids(tok, messages[:k], "t", generation_prompt=False)
+        if full[: len(prefix)] != prefix:
+            raise InputError("not a prefix")
+        ends.append(len(prefix))
+    mask = assistant_mask(tok, messages, full, "t") if unit_loss == "assistant" else None
+    text = tok.apply_chat_template([m.to_dict() for m in messages], tokenize=False)
+    return text, full, mask or [True] * len(full), [*ends, len(full)]
+
+
+WORDS = st.sampled_from(["the", "quick", "fox", " ", "  ", "\n", "é", "日本", "Paris.", "<|end"])
+CONTENTS = st.lists(WORDS, min_size=1, max_size=6).map("".join).filter(str.strip)
+
+
+@st.composite
+def conversations(draw: Any) -> tuple[Message, ...]:
+    """Optional system turn, then user/assistant pairs; the last may be a user turn."""
+    roles = ["system"] * draw(st.booleans()) + ["user", "assistant"] * draw(st.integers(1, 3))
+    roles = roles[: len(roles) - draw(st.booleans())] if len(roles) > 2 else roles
+    return tuple(Message(r, draw(CONTENTS)) for r in roles)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=conversations(), unit_loss=st.sampled_from(["assistant", "all"]))
+def test_rendering_equals_tokenizing_every_prefix(llama_tok, chatml_tok, messages, unit_loss):
+    for tok in (llama_tok, chatml_tok):
+        fast = render_conversation(tok, messages, unit_loss, "t")
+        text, ids, mask, ends = slow_rendering(tok, messages, unit_loss)
+        assert (fast.text, fast.ids, fast.loss_mask, fast.turn_ends) == (text, ids, mask, ends)
+
+
+def test_a_template_cutting_a_token_at_a_turn_is_refused(tmp_path):
+    """Turns written without a separator: the user's "Par" and the answer's "is" make the
+    token "ris" of the whole text, so no token boundary ends the user turn: refused."""
+    glued = make_chatml_tokenizer("{% for m in messages %}{{ m.content }}{% endfor %}")
+    messages = (Message("user", "Par"), Message("assistant", "is the capital."))
+    whole = glued("Paris the capital.")["input_ids"]
+    assert glued.convert_ids_to_tokens(whole[:2]) == ["Pa", "ris"]  # a token across turns
+    record = {"id": "glued", "messages": [m.to_dict() for m in messages]}
+    with pytest.raises(InputError, match=r"'glued'.*do not start the whole conversation"):
+        build(tmp_path, glued, [record])
+    broken = make_chatml_tokenizer(CHATML_BOT_PROMPT)  # a generation prompt SFT never saw
+    with pytest.raises(InputError, match=r"'chat'.*turns before message 3 as tokens"):
+        build(tmp_path, broken, RECORDS, name="broken")

@@ -10,7 +10,10 @@ refused (its loss mask would sit on the wrong tokens).
 
 SFT corpus records are rendered the same way (:func:`render_conversation`, for the chunker
 through :func:`conversation_renderer`): the whole conversation, its turn boundaries and the
-mask of its assistant turns (``--unit-loss``), each prefix checked as below.
+mask of its assistant turns (``--unit-loss``). There the template renders each prefix to
+text only and the whole conversation is tokenized once: a boundary is where a prefix's text
+ends, which must start the whole text and fall between two of its tokens (the prefix
+property again, checked on text; the chat template runs once per turn and assistant turn).
 
 Loss masks (``loss_on``): ``completion`` (the last assistant turn, with its end-of-turn
 tokens), ``all`` (every predicted token) and ``assistant`` (every assistant turn: from the
@@ -28,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from bgotrace.corpus.bos import would_double_bos
+from bgotrace.corpus.chunking import fast_backend
 from bgotrace.corpus.conversations import UNIT_LOSSES, RenderedConversation, Renderer
 from bgotrace.corpus.documents import Document
 from bgotrace.corpus.messages import ROLES as ROLES  # re-exported: checked in corpus
@@ -105,10 +110,14 @@ def _apply(
     try:
         return tokenizer.apply_chat_template([m.to_dict() for m in messages], **kwargs)
     except Exception as err:  # jinja2 errors and the template's own raise_exception
-        raise InputError(
-            f"{where}: the chat template refused this conversation ({err}): "
-            "fix the conversation (e.g. alternate user and assistant turns)."
-        ) from err
+        raise _refused(where, err) from err
+
+
+def _refused(where: str, err: Exception) -> InputError:
+    return InputError(
+        f"{where}: the chat template refused this conversation ({err}): "
+        "fix the conversation (e.g. alternate user and assistant turns)."
+    )
 
 
 def render_chat(
@@ -146,12 +155,16 @@ def _check_prefix(
 ) -> None:
     """``prefix`` starts ``full`` (and, ``strict``, leaves at least one token after it)."""
     if len(prefix) + strict > len(full) or list(full[: len(prefix)]) != list(prefix):
-        raise InputError(
-            f"{where}: the chat template renders {what} as tokens that do not start the "
-            "whole conversation's, so the assistant's tokens cannot be told apart: use "
-            "--loss-on all, or a template that renders earlier turns (and the generation "
-            "prompt) the same whatever follows."
-        )
+        raise _not_a_prefix(where, what)
+
+
+def _not_a_prefix(where: str, what: str) -> InputError:
+    return InputError(
+        f"{where}: the chat template renders {what} as tokens that do not start the "
+        "whole conversation's, so the assistant's tokens cannot be told apart: use "
+        "--loss-on all, or a template that renders earlier turns (and the generation "
+        "prompt) the same whatever follows."
+    )
 
 
 def assistant_mask(
@@ -160,20 +173,17 @@ def assistant_mask(
     full: Sequence[int],
     where: str,
 ) -> list[bool]:
-    """Per token of ``full``: whether it belongs to an assistant turn (header excluded)."""
-    if _GENERATION_TAG.search(str(tokenizer.chat_template)) and tokenizer.is_fast:
-        out = _apply(tokenizer, messages, where, tokenize=True, return_assistant_tokens_mask=True)
-        if [int(t) for t in out["input_ids"]] == list(full):
-            return [bool(m) for m in out["assistant_masks"]]
+    """Per token of ``full``: whether it belongs to an assistant turn (header excluded).
+
+    Each assistant turn runs from the end of the conversation before it with the generation
+    prompt to the end of the conversation up to it, both rendered and tokenized on their own
+    (a query: one conversation; SFT corpora locate the same ends by text,
+    :func:`render_conversation`)."""
+    marked = _generation_mask(tokenizer, messages, full, where)
+    if marked is not None:
+        return marked
     mask = [False] * len(full)
-    for i, message in enumerate(messages):
-        if message.role != "assistant":
-            continue
-        if i == 0:
-            raise InputError(
-                f"{where}: the first message is an assistant turn, which has no generation "
-                "prompt to tell its tokens apart: start with a system or user turn."
-            )
+    for i in _assistant_turns(messages, where):
         start = render_ids(tokenizer, messages[:i], where, generation_prompt=True)
         end = render_ids(tokenizer, messages[: i + 1], where, generation_prompt=False)
         _check_prefix(start, end, where, f"the turns before message {i + 1}")
@@ -182,30 +192,149 @@ def assistant_mask(
     return mask
 
 
+def _generation_mask(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], full: Sequence[int], where: str
+) -> list[bool] | None:
+    """The mask of the template's ``{% generation %}`` markers, where it has them (None: it
+    has none, or the tokenizer is slow, or the marked render tokenizes differently)."""
+    if not (_GENERATION_TAG.search(str(tokenizer.chat_template)) and tokenizer.is_fast):
+        return None
+    out = _apply(tokenizer, messages, where, tokenize=True, return_assistant_tokens_mask=True)
+    if [int(t) for t in out["input_ids"]] != list(full):
+        return None
+    return [bool(m) for m in out["assistant_masks"]]
+
+
+def _assistant_turns(messages: Sequence[Message], where: str) -> list[int]:
+    """Indices of the assistant turns; one that opens the conversation is refused."""
+    turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    if turns and turns[0] == 0:
+        raise InputError(
+            f"{where}: the first message is an assistant turn, which has no generation "
+            "prompt to tell its tokens apart: start with a system or user turn."
+        )
+    return turns
+
+
+def _corpus_assistant_mask(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    whole: _Tokenized,
+    ends: Sequence[int],
+    where: str,
+) -> list[bool]:
+    """:func:`assistant_mask` of an SFT record, from text: each assistant turn starts where
+    the conversation before it with the generation prompt ends (``ends``: each turn's end)."""
+    marked = _generation_mask(tokenizer, messages, whole.ids, where)
+    if marked is not None:
+        return marked
+    turns = _assistant_turns(messages, where)
+    heads = render_texts(tokenizer, [messages[:i] for i in turns], where, generation_prompt=True)
+    mask = np.zeros(len(whole.ids), dtype=bool)  # (n,)
+    for i, head in zip(turns, heads, strict=True):
+        what = f"the turns before message {i + 1}"
+        start = whole.boundary(head, where, what)
+        if start >= ends[i]:  # the generation prompt leaves no token of the turn
+            raise _not_a_prefix(where, what)
+        mask[start : ends[i]] = True
+    return mask.tolist()
+
+
 def render_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], unit_loss: str, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    unit_loss: str,
+    where: str,
+    *,
+    backend: Any = None,
 ) -> RenderedConversation:
     """An SFT record's conversation as its template renders it, with its turns and the loss
-    mask of ``unit_loss`` (``assistant``: every assistant turn, as SFT trains; ``all``)."""
+    mask of ``unit_loss`` (``assistant``: every assistant turn, as SFT trains; ``all``).
+
+    The template renders text only (each prefix once); the whole conversation is tokenized
+    once, and each turn boundary is where its prefix's text ends, which must start the
+    whole text and fall between two of its tokens. ``backend``: the tokenizer's
+    :func:`offsets_backend` (made here if not given; a corpus makes it once).
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             f"{where} is a conversation, but the tokenizer has no chat template to render it: "
             "set tokenizer.chat_template = '<jinja template>' and save it (save_pretrained), "
             "or store the corpus as plain text."
         )
-    full = render_ids(tokenizer, messages, where, generation_prompt=False)
-    ends = []
-    for i in range(1, len(messages)):  # turn i ends where the conversation up to it ends
-        prefix = render_ids(tokenizer, messages[:i], where, generation_prompt=False)
-        _check_prefix(prefix, full, where, f"the turns up to message {i}", strict=False)
-        ends.append(len(prefix))
-    text = str(_apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=False))
+    prefixes = [messages[:k] for k in range(1, len(messages) + 1)]
+    texts = render_texts(tokenizer, prefixes, where, generation_prompt=False)
+    whole = _Tokenized.of(texts[-1], backend or offsets_backend(tokenizer))
+    ends = [
+        whole.boundary(prefix, where, f"the turns up to message {k}")
+        for k, prefix in enumerate(texts[:-1], 1)
+    ]  # turn k - 1 ends where the conversation up to it ends
+    ends.append(len(whole.ids))
     if unit_loss == "all":
-        mask = [True] * len(full)
+        mask = [True] * len(whole.ids)
     else:
-        mask = assistant_mask(tokenizer, messages, full, where)
+        mask = _corpus_assistant_mask(tokenizer, messages, whole, ends, where)
     roles = tuple(m.role for m in messages)
-    return RenderedConversation(text, full, mask, [*ends, len(full)], roles)
+    return RenderedConversation(whole.text, whole.ids, mask, ends, roles)
+
+
+def render_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    where: str,
+    *,
+    generation_prompt: bool,
+) -> list[str]:
+    """Each conversation rendered by the template to text (no tokenizing), in one call."""
+    if not conversations:
+        return []
+    batch = [[m.to_dict() for m in c] for c in conversations]
+    check_template(tokenizer, where)
+    try:
+        out = tokenizer.apply_chat_template(
+            batch, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as err:  # jinja2 errors and the template's own raise_exception
+        raise _refused(where, err) from err
+    return [str(t) for t in out]
+
+
+def offsets_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The Rust tokenizer encoding as ``apply_chat_template`` does (``add_special_tokens=
+    False``) with untrimmed character offsets: without the post-processor, which then only
+    trims offsets (byte-level BPE drops a token's spaces from them)."""
+    backend = fast_backend(tokenizer)
+    backend.post_processor = None
+    return backend
+
+
+@dataclass(frozen=True)
+class _Tokenized:
+    """A rendered text, its token ids and each token's character span."""
+
+    text: str
+    ids: list[int]
+    starts: np.ndarray
+    """``(n,)`` int64: character start of each token."""
+    ends: np.ndarray
+    """``(n,)`` int64: character end (exclusive) of each token."""
+
+    @staticmethod
+    def of(text: str, backend: Any) -> _Tokenized:
+        encoding = backend.encode(text, add_special_tokens=False)
+        spans = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (n, 2)
+        return _Tokenized(text, list(encoding.ids), spans[:, 0], spans[:, 1])
+
+    def boundary(self, prefix: str, where: str, what: str) -> int:
+        """Tokens of the text before ``prefix`` ends: ``prefix`` must start the text and end
+        between two tokens (else the template renders earlier turns differently, or a token
+        straddles the turns, and the mask would sit on the wrong tokens)."""
+        cut = len(prefix)
+        before = self.starts < cut  # (n,)
+        n = int(before.sum())
+        if not self.text.startswith(prefix) or not before[:n].all() or (self.ends[:n] > cut).any():
+            raise _not_a_prefix(where, what)
+        return n
 
 
 def conversation_renderer(tokenizer: PreTrainedTokenizerBase, unit_loss: str) -> Renderer:
@@ -213,13 +342,14 @@ def conversation_renderer(tokenizer: PreTrainedTokenizerBase, unit_loss: str) ->
     first conversation is checked for a doubled BOS (one warning per corpus)."""
     if unit_loss not in UNIT_LOSSES:
         raise ConfigError(f"--unit-loss={unit_loss!r} is unknown: use one of {UNIT_LOSSES}.")
-    checked = False
+    checked, backend = False, None
 
     def render(doc: Document) -> RenderedConversation:
-        nonlocal checked
+        nonlocal checked, backend
         assert doc.messages is not None
         where = f"Corpus record {doc.doc_id!r}"
-        rendered = render_conversation(tokenizer, doc.messages, unit_loss, where)
+        backend = backend or offsets_backend(tokenizer)  # made once, by the first record
+        rendered = render_conversation(tokenizer, doc.messages, unit_loss, where, backend=backend)
         if not checked and would_double_bos(tokenizer, rendered.text):
             log.warning(
                 "%s: the chat template already starts with the BOS token and the tokenizer "
