@@ -525,6 +525,44 @@ def test_cache_build_unit_loss_is_what_attribute_reuses(chat_model_dir, tmp_path
     assert other.exit_code == 2 and "chunking.unit_loss: stored 'all'" in other.output
 
 
+# --- a cache with masks is refused by a reader that does not know them -----------------------
+
+PLAIN_MANIFEST_KEYS = {
+    "format_version", "tokenizer_fingerprint", "tokenizer_name_or_path", "chunking",
+    "corpus_files", "corpus_fingerprint", "n_documents", "n_units", "n_tokens", "max_token_id",
+    "shards", "created_at",
+}  # fmt: skip
+"""A format-2 manifest of a corpus on disk, as it was before caches could hold masks."""
+
+
+def test_sft_cache_requires_loss_masks_and_plain_cache_stays_format_2(tmp_path, llama_tok):
+    plain = build(tmp_path, llama_tok, [RECORDS[1]], name="plain")
+    assert plain.manifest["format_version"] == 2 and set(plain.manifest) == PLAIN_MANIFEST_KEYS
+    sft = build(tmp_path, llama_tok, RECORDS, name="sft")
+    assert sft.manifest["format_version"] == 3 and sft.manifest["requires"] == ["loss-masks"]
+    again = build(tmp_path, llama_tok, RECORDS, name="sft")  # format 3 is what was requested
+    assert again.manifest["created_at"] == sft.manifest["created_at"]  # reused, not rebuilt
+
+
+def test_a_reader_without_masks_refuses_an_sft_cache(tmp_path, llama_tok, monkeypatch):
+    from bgotrace.cache import token_cache
+    from bgotrace.errors import CacheMismatchError
+
+    sft, plain = build(tmp_path, llama_tok, RECORDS), build(tmp_path, llama_tok, RECORDS[1:2], "p")
+    monkeypatch.setattr(token_cache, "KNOWN_FEATURES", frozenset())  # a reader without masks
+    with pytest.raises(CacheMismatchError) as refused:
+        TokenCache(sft.root)
+    message = str(refused.value)
+    assert "\n" not in message and "requires loss-masks" in message
+    assert "upgrade bgotrace" in message and "--rebuild-cache" in message
+    with pytest.raises(CacheMismatchError, match="requires loss-masks"):
+        build(tmp_path, llama_tok, RECORDS)  # the reuse path opens it the same way
+    assert len(TokenCache(plain.root)) == 1  # a plain cache needs nothing
+    monkeypatch.setattr(token_cache, "READABLE_FORMATS", (2,))  # a reader of format 2 only
+    with pytest.raises(CacheMismatchError, match="has format 3.*upgrade bgotrace"):
+        TokenCache(sft.root)
+
+
 # --- rendering reuses renders: equal to rendering and tokenizing every prefix -----------------
 
 

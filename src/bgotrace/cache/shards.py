@@ -109,6 +109,11 @@ class ShardWriter:
         return self.shards
 
     @property
+    def has_masks(self) -> bool:
+        """Whether a shard holds a loss-mask file (a batch of SFT conversations reached it)."""
+        return any("masks" in s for s in self.shards)
+
+    @property
     def has_turns(self) -> bool:
         """Whether a conversation unit was written (``turns.parquet`` exists)."""
         return self._turns is not None

@@ -1,6 +1,6 @@
 """Token cache: the corpus tokenized and chunked once, memory-mapped by every later stage.
 
-Layout of a cache directory (format 2; :mod:`bgotrace.cache.shards`)::
+Layout of a cache directory (format 2, or 3 with masks; :mod:`bgotrace.cache.shards`)::
 
     units.parquet      unit_id, doc_id, source, start, length, char_start, char_end
     shards/            tokens-NNNNN.bin (flat uint32) and documents-NNNNN.parquet (texts for
@@ -28,6 +28,12 @@ Without an explicit directory a cache goes to a location keyed by its content (c
 tokenizer, chunking: :func:`default_cache_dir`), so two corpora of the same file name never
 meet in one directory; an explicit directory made with other settings is refused instead.
 Caches of format 1 (one ``tokens.bin``) are refused with the same advice: rebuild them.
+
+A cache whose units need more than tokens to be read right lists those features in its
+manifest (``requires``, e.g. ``loss-masks``: an SFT corpus's masks, which a reader that
+ignored them would score on every token) and has format 3: a bgotrace that reads format 2
+only refuses it, and one that reads format 3 refuses a feature it does not know, with the
+advice to upgrade or rebuild. Plain-text caches stay format 2 without the list.
 """
 
 from __future__ import annotations
@@ -80,6 +86,13 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 """Bump when the layout changes; old caches are then refused instead of misread."""
+REQUIRES_FORMAT_VERSION = 3
+"""Format 2 with a ``requires`` list: what a cache holding features is written as (readers
+of format 2 only refuse it, so none reads it without them)."""
+READABLE_FORMATS = (FORMAT_VERSION, REQUIRES_FORMAT_VERSION)
+KNOWN_FEATURES = frozenset({"loss-masks"})
+"""Features of ``requires`` this bgotrace reads. ``loss-masks``: per-token loss masks of SFT
+conversation units (``shards/masks-*.bin``) and their turns (``turns.parquet``)."""
 
 MANIFEST_FILE = "manifest.json"
 LEGACY_FILES = ("tokens.bin", "documents.parquet")
@@ -262,12 +275,21 @@ class TokenCache:
 
 
 def _require_format(root: Path, manifest: dict[str, Any]) -> None:
-    """A cache of another layout (format 1: one tokens.bin) would be misread: refuse it."""
+    """A cache of another layout (format 1: one tokens.bin), or one needing a feature this
+    bgotrace does not know, would be misread: refuse it."""
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
+        newer = isinstance(version, int) and version > max(READABLE_FORMATS)
+        fix = f"upgrade bgotrace, or {FIX}" if newer else FIX
         raise CacheMismatchError(
-            f"Token cache {root} has format {version}, this bgotrace reads format "
-            f"{FORMAT_VERSION} (sharded): {FIX}."
+            f"Token cache {root} has format {version}, this bgotrace reads formats "
+            f"{FORMAT_VERSION} (sharded) and {REQUIRES_FORMAT_VERSION} (with features): {fix}."
+        )
+    unknown = sorted(set(manifest.get("requires", [])) - KNOWN_FEATURES)
+    if unknown:
+        raise CacheMismatchError(
+            f"Token cache {root} requires {', '.join(unknown)}, which this bgotrace does not "
+            f"read (it would score the units wrongly): upgrade bgotrace, or {FIX}."
         )
 
 
@@ -463,8 +485,11 @@ def _differ(
 
 
 def _comparable(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Compared keys with chunking flattened to ``chunking.max_length`` etc."""
+    """Compared keys with chunking flattened to ``chunking.max_length`` etc.; the formats
+    this bgotrace reads count as one (a request does not know if its corpus has masks)."""
     flat = {key: manifest.get(key) for key in COMPARED_KEYS}
+    if flat["format_version"] in READABLE_FORMATS:
+        flat["format_version"] = FORMAT_VERSION
     for key, value in (manifest.get("chunking") or {}).items():
         flat[f"chunking.{key}"] = value
     return flat
@@ -562,6 +587,7 @@ def _write_contents(
     except BaseException:
         writer.abort()
         raise
+    features = {"format_version": REQUIRES_FORMAT_VERSION, "requires": ["loss-masks"]}
     if not writer.n_units:
         raise InputError(
             f"No unit of at least 2 tokens could be made from {hasher.n_documents} document(s): "
@@ -574,6 +600,7 @@ def _write_contents(
         "n_tokens": writer.n_tokens,
         "max_token_id": writer.max_token_id,
         "shards": shards,
+        **(features if writer.has_masks else {}),
     }
 
 
