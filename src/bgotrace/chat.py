@@ -264,7 +264,9 @@ def render_conversation(
         )
     prefixes = [messages[:k] for k in range(1, len(messages) + 1)]
     texts = render_texts(tokenizer, prefixes, where, generation_prompt=False)
-    whole = _Tokenized.of(texts[-1], backend or offsets_backend(tokenizer))
+    if backend is None:
+        backend = offsets_backend(tokenizer)
+    whole = _Tokenized.of(texts[-1], backend)
     ends = [
         whole.boundary(prefix, where, f"the turns up to message {k}")
         for k, prefix in enumerate(texts[:-1], 1)
@@ -348,7 +350,8 @@ def conversation_renderer(tokenizer: PreTrainedTokenizerBase, unit_loss: str) ->
         nonlocal checked, backend
         assert doc.messages is not None
         where = f"Corpus record {doc.doc_id!r}"
-        backend = backend or offsets_backend(tokenizer)  # made once, by the first record
+        if backend is None:  # made once, by the first record
+            backend = offsets_backend(tokenizer)
         rendered = render_conversation(tokenizer, doc.messages, unit_loss, where, backend=backend)
         if not checked and would_double_bos(tokenizer, rendered.text):
             log.warning(
