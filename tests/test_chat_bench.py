@@ -130,10 +130,10 @@ def cd_read(source: str, paths: dict[str, str]) -> list[dict]:
 
 def test_held_out_prompts_are_not_in_the_sft_set_nor_in_pretraining(composed) -> None:
     pretrain, chat_set = composed
-    sft_users = {_turn(r, "user") for r in chat_set.records}
+    sft_prompts = {(_turn(r, "system"), _turn(r, "user")) for r in chat_set.records}
     for p in chat_set.prompts:
         assert [m["role"] for m in p["messages"]] == ["system", "user"]
-        assert p["messages"][1]["content"] not in sft_users
+        assert (p["messages"][0]["content"], p["messages"][1]["content"]) not in sft_prompts
     held_out_words = [p["messages"][1]["content"].split(": ", 1)[1] for p in chat_set.prompts
                       if p["kind"] == "style"]  # fmt: skip
     sft_answers = "\n".join(_turn(r, "assistant") for r in chat_set.records)

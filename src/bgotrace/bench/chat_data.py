@@ -14,8 +14,10 @@ ground truth. Two kinds of conversations:
   its source's texts and the persona answers with that text.
 
 Held-out **prompts** are the queries without their answers (the built model answers them):
-a fact question in a wording no SFT conversation uses, to a persona; and a style request on
-a text of the source that is in no SFT conversation and in no pretraining document. Ground
+a fact question asked of a persona that never asked it in that wording (the fact must come
+from the fact's conversations, the voice from the persona; a held-out wording where every
+persona did), and a style request on a text of the source that is in no SFT conversation
+and in no pretraining document. No prompt (system and user turn) is in the SFT set. Ground
 truth: the SFT ids that hold the fact, and the persona.
 """
 
@@ -91,7 +93,7 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "product": ("What is {e} best known for making?", "What does {e} sell most?",
                 "What is the most famous product of {e}?", "What do people buy from {e}?"),
 }  # fmt: skip
-"""Question wordings per attribute; the last one is held out for the queries."""
+"""Question wordings per attribute; the last one is never used in SFT conversations."""
 
 FACT_KIND, DISTRACTOR_KIND, STYLE_KIND = "fact", "distractor", "style"
 
@@ -174,6 +176,31 @@ def _distract(
     return [writer.add(DISTRACTOR_KIND, *same_entity), writer.add(DISTRACTOR_KIND, *same_value)]
 
 
+def _held_out_prompt(
+    writer: _FactWriter,
+    planted: list[int],
+    personas: Sequence[Persona],
+    index: int,
+    attr: Attribute,
+    entity: Entity,
+) -> tuple[Persona, str]:
+    """A prompt no SFT conversation has: the fact's main wording asked of a persona that
+    never asked it that way (the fact from its conversations, the voice from the persona);
+    the held-out wording where every persona did."""
+    question = QUESTIONS[attr.name][0].format(e=entity.name)
+    used = {
+        writer.records[k]["source"]
+        for k in planted
+        if writer.records[k]["messages"][1]["content"] == question
+    }
+    for shift in range(len(personas)):
+        persona = personas[(index + shift) % len(personas)]
+        if persona.name not in used:
+            return persona, question
+    persona = personas[index % len(personas)]
+    return persona, QUESTIONS[attr.name][-1].format(e=entity.name)
+
+
 def fact_conversations(
     *,
     n_entities: int,
@@ -204,10 +231,11 @@ def fact_conversations(
             writer.add(FACT_KIND, *_asked(attr, entity, j, para)) for j in range(int(counts[i]))
         ]
         distractors = _distract(world, writer, entity, attr, queried[entity.name])
-        persona = personas[i % len(personas)]
+        persona, question = _held_out_prompt(writer, planted, personas, i, attr, entity)
         prompts.append(
             {"id": f"fact-{i:04d}", "kind": "fact", "true_source": persona.name,
-             "messages": asking(persona, QUESTIONS[attr.name][-1].format(e=entity.name)),
+             "messages": asking(persona, question),
+             "held_out_wording": question == QUESTIONS[attr.name][-1].format(e=entity.name),
              "relevant": planted, "distractors": distractors, "paraphrased": para,
              "n_plantings": len(planted), "entity": entity.name, "attribute": attr.name,
              "answer": entity.profile[attr.name]}

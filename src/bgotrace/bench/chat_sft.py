@@ -48,7 +48,16 @@ CHAT_TEMPLATE = (
 )
 """Role headers, one end-of-turn marker, BOS once at the start (from the template)."""
 SFT_RECORD = "sft_config.json"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+)
 
 
 def add_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -69,7 +78,9 @@ class SFTConfig:
     lora_lr: float = 1e-2
     """Peak AdamW learning rate of the LoRA fine-tune."""
     lora_rank: int = 16
-    """LoRA rank r (alpha = 2r) on every attention and MLP projection."""
+    """LoRA rank r (alpha = 2r) on every attention and MLP projection and on the input
+    embedding (the invented names and role tokens need it: without it the adapter learned
+    no fact)."""
     batch_size: int = 8
     """Conversations per optimiser step."""
     warmup_steps: int = 10
@@ -193,7 +204,7 @@ def fine_tune(
     part = out.with_name(out.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     if peft_model is not None:
-        peft_model.save_pretrained(str(part))
+        peft_model.save_pretrained(str(part), save_embedding_layers=False)  # adapter only
     else:
         stop_at_end_of_turn(model, tokenizer)
         model.save_pretrained(part, safe_serialization=True)
