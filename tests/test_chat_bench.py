@@ -281,6 +281,8 @@ def test_quick_eval_runs_bgo_bm25_and_graddot_on_both_fine_tunes(
     bad = CliRunner().invoke(app, [*args[:9], "--methods", "bm25", "--metrics", "lds",
                                    "--overwrite"])  # fmt: skip
     assert bad.exit_code != 0 and "not available on a chat benchmark" in bad.output
+    other = CliRunner().invoke(app, [*args, "--model", str(built / "full"), "--overwrite"])
+    assert other.exit_code != 0 and "drop --model" in other.output
 
 
 @pytest.mark.slow

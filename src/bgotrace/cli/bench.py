@@ -175,6 +175,8 @@ def run(
     if quick:
         options = quick_options(options)
     if is_chat_bench(bench):
+        if model is not None:
+            raise ConfigError("A chat benchmark evaluates its own fine-tunes: drop --model.")
         results = run_chat_bench(
             bench, out, methods=split_list(methods, "methods"),
             metrics=split_list(metrics, "metrics"), split=split, options=options,
