@@ -27,6 +27,7 @@ METRICS = {
     ("source", "precision@10"): "source P@10",
     ("tail-patch", "tail_patch_vs_random@10"): "tail-patch vs random @10 (nats)",
     ("tail-patch", "tail_patch_ref@10"): "tail-patch ref @10 (%)",
+    ("lds", "lds"): "LDS (Spearman)",
 }
 CONTROLS = ("bgo-linear", "fisher-graddot")
 

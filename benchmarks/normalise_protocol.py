@@ -40,7 +40,10 @@ from bgotrace.perturb.sensitivity import cached_sensitivity, damped, score_divis
 SETTINGS: dict[str, Callable[[np.ndarray], np.ndarray | None]] = {
     "none": lambda s: None,
     "sensitivity": lambda s: s,
-    **{f"damped λ={lam:g}": (lambda s, lam=lam: damped(s, lam)) for lam in (0.1, 0.3, 0.5, 1.0, 3.0)},
+    **{
+        f"damped λ={lam:g}": (lambda s, lam=lam: damped(s, lam))
+        for lam in (0.1, 0.3, 0.5, 1.0, 3.0)
+    },
     # the geometric mean of s and its median: a unit's divisor moves as √s, so a tiny-gradient
     # unit is inflated √ as much as under `sensitivity` (a candidate, not a shipped setting)
     "geometric √(s·median)": lambda s: np.sqrt(s * np.nanmedian(s)),
