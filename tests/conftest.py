@@ -49,6 +49,20 @@ def tiny_tokenizer():
     return make_tiny_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """A tiny tokenizer of the test module's own (module scope: no state shared across files)."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny random GPT-2 (``tests.models.tiny_gpt2``, seed 0) of the test module's own."""
+    from tests.models import tiny_gpt2
+
+    return tiny_gpt2(tok)
+
+
 @pytest.fixture(scope="session")
 def other_tiny_tokenizer():
     """Like ``tiny_tokenizer`` but with a smaller vocabulary: for must-differ checks."""

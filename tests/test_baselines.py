@@ -30,7 +30,6 @@ from bgotrace.perturb.fisher import sample_units
 from bgotrace.perturb.params import select_parameters
 from bgotrace.query import Query, encode_query
 from tests.bgo_reference import fisher_diag, query_loss
-from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2, tiny_llama
 
 DUPLICATE = "Zorblax lives in Zanzibar."  # 19 tokens + EOS: exactly one unit
@@ -54,11 +53,6 @@ QUERIES = [
 ]
 CHUNKING = ChunkingConfig(max_length=20, stride=0)
 GRAD_TOL = {"rtol": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,6 @@ from bgotrace.errors import DistributedError
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.sensitivity import unit_gradient_norms
 from bgotrace.query import Query
-from tests.conftest import make_tiny_tokenizer
-from tests.models import tiny_gpt2
 from tests.ray_cluster import ENV, free_port, start_cluster
 
 pytestmark = pytest.mark.dist
@@ -77,16 +75,6 @@ def cluster():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt2(tok)
 
 
 @pytest.fixture(scope="module")

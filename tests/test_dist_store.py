@@ -21,7 +21,6 @@ from bgotrace.errors import ConfigError
 from bgotrace.query import Query
 from bgotrace.score.executor import Block
 from bgotrace.score.store import RunStore
-from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2
 
 ATOL = 1e-5
@@ -37,11 +36,6 @@ DOCS = [
     )
 ]
 QUERIES = [Query("capital", "Paris is the capital of", " France.")]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 def run(tok, tmp_path, resume=False, **scoring):

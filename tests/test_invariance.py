@@ -16,7 +16,6 @@ import torch
 import bgotrace
 from bgotrace.errors import RunDirectoryError
 from bgotrace.score import executor as engine
-from tests.conftest import make_tiny_tokenizer
 from tests.corpora import QUERIES as SHARED_QUERIES
 from tests.corpora import documents
 from tests.models import tiny_gpt2, tiny_llama
@@ -24,11 +23,6 @@ from tests.models import tiny_gpt2, tiny_llama
 ATOL = 1e-5
 DOCS = documents()
 QUERIES = SHARED_QUERIES[:3]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 def run(model, tok, tmp_path, docs=DOCS, queries=QUERIES, **sections):

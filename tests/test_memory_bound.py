@@ -23,7 +23,6 @@ import pytest
 
 import bgotrace
 from bgotrace.query import Query
-from tests.conftest import make_tiny_tokenizer
 from tests.corpora import QUERIES as SHARED_QUERIES
 from tests.corpora import documents
 from tests.models import tiny_gpt2, tiny_llama
@@ -103,11 +102,6 @@ def test_peak_memory_does_not_grow_with_the_queries(tmp_path):
 
 
 # --------------------------------------------------------------------------- grouping
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 def run(model, tok, tmp_path, per_sweep: int):

@@ -21,19 +21,7 @@ from bgotrace.corpus import ChunkingConfig
 from bgotrace.perturb import sensitivity
 from bgotrace.perturb.sensitivity import cached_sensitivity, reference_units
 from bgotrace.score.context import build_sweep_context
-from tests.conftest import make_tiny_tokenizer
-from tests.models import tiny_gpt2
 from tests.test_invariance import DOCS, QUERIES
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt2(tok)
 
 
 @pytest.fixture

@@ -32,25 +32,13 @@ from bgotrace.query import encode_query
 from bgotrace.score import context as context_module
 from bgotrace.score import executor as executor_module
 from bgotrace.score.store import RunStore
-from tests.conftest import make_tiny_tokenizer
 from tests.corpora import QUERIES as SHARED_QUERIES
 from tests.corpora import documents
-from tests.models import tiny_gpt2
 
 PERTURBATION_METHODS = ("bgo", "untrac-inv")
 DOCS = documents(6, n_sources=2)
 QUERIES = SHARED_QUERIES[:2]
 BASE = {"perturb": {"lr": 3e-3, "steps": 2}, "output": {"top_tokens": 0}}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt2(tok)
 
 
 def attribute(model, tok, cache_dir, method="bgo", out=None, resume=False, **sections):

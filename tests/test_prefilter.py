@@ -31,16 +31,6 @@ from tests.test_cli import invoke
 from tests.test_invariance import DOCS, QUERIES
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_gpt2(tok)
-
-
 def config(tmp_path, **scoring):
     return {
         "corpus": {"max_length": 10, "stride": 2, "cache_dir": str(tmp_path / "c")},

@@ -308,11 +308,6 @@ def attribute(model, tok, tmp_path, **scoring):
     return bgotrace.attribute(model, tok, DOCS, queries=QUERIES, config=config)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_split_pipeline_scores_equal_full_forward_pipeline(
     arch, tok, tmp_path, monkeypatch, caplog

@@ -23,16 +23,10 @@ from bgotrace.cli.main import app
 from bgotrace.errors import CacheMismatchError
 from bgotrace.score import sweep as sweep_mod
 from bgotrace.score.sweep import unit_loss_sums
-from tests.conftest import make_tiny_tokenizer
 from tests.models import tiny_gpt2, tiny_llama
 from tests.test_split_forward import DOCS, QUERIES
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 def attribute(model, tok, cache_dir, **scoring):
