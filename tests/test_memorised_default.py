@@ -37,8 +37,8 @@ from bgotrace.query import Query
 ENTRIES = ("AFRICAN", "KILT", "TYPE", "HAND", "RAZOR", "CAVILER")
 """Six of issue 15's 24 entries, picked (from the protocol's saved scores) so that dividing by
 ‖∇L(z)‖ alone fails them both ways, to keep the check sharp: GLUTTON#0 tops AFRICAN and KILT,
-and NIHILIST#0 is in 5 of the 6 top-5s; damped λ = 1 and 3 rank each entry first with no
-unrelated unit in more than 2."""
+and NIHILIST#0 is in 5 of the 6 top-5s; damped at the default λ = 0.3 ranks each entry first
+with no unrelated unit in more than 3 (λ = 1 and 3: 2)."""
 MAX_HUB = 3
 """Most top-5s (of the six) one unrelated unit may appear in."""
 DAMPED = ScoreConfig(normalize="damped")
@@ -88,14 +88,8 @@ def _check(raw, score_cfg: ScoreConfig) -> tuple[list[str], int]:
 
 
 _DEFAULT = ScoreConfig()
-_XFAIL = pytest.mark.xfail(
-    _DEFAULT.normalize == "sensitivity",
-    reason="issue 15: the sensitivity default makes hubs on memorised data",
-    strict=True,
-)
 
 
-@_XFAIL
 def test_the_default_normaliser_holds_on_a_memorised_model(raw):
     firsts, most = _check(raw, _DEFAULT)
     assert firsts == list(ENTRIES)

@@ -197,7 +197,8 @@ def test_hub_correlations():
 
 
 def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_documents, tmp_path):
-    """End to end: the default ranks by raw BGO score / ‖∇L(z)‖ of the slow loop (rtol 1e-4)."""
+    """End to end: sensitivity ranks by raw BGO score / ‖∇L(z)‖ of the slow loop, the default
+    (damped) by raw score / (‖∇L(z)‖ + λ·median) (rtol 1e-4)."""
     import bgotrace
 
     model, tokenizer = setup
@@ -224,7 +225,7 @@ def test_normalized_scores_are_raw_scores_over_slow_gradient_norms(setup, tiny_d
     cache = get_token_cache(tiny_documents, tokenizer, ChunkingConfig(16), tmp_path / "cache")
     slow = _slow_norms(model, cache, [n for n, _ in model.named_parameters()])
     np.testing.assert_allclose(default, raw / slow, rtol=1e-4)
-    assert bgotrace.config.ScoreConfig().normalize == "sensitivity"  # the shipped default
+    assert bgotrace.config.ScoreConfig().normalize == "damped"  # the shipped default
     lam = bgotrace.config.ScoreConfig().normalize_damping  # --normalize damped, default λ
     np.testing.assert_allclose(run("damped"), raw / (slow + lam * np.median(slow)), rtol=1e-4)
 

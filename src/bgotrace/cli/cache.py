@@ -71,7 +71,7 @@ def build(
         bool, typer.Option(help="Rebuild the token cache even if one matches.")
     ] = False,
     normalizer: Annotated[
-        bool, typer.Option(help="Also compute the normaliser (--normalize sensitivity).")
+        bool, typer.Option(help="Also compute the normaliser (--normalize damped/sensitivity).")
     ] = False,
     trunk_cache: Annotated[bool, _opt(ScoreConfig, "trunk_cache")] = False,
     params: Annotated[str, _opt(PerturbConfig, "params")] = "all",
