@@ -27,6 +27,7 @@ from bgotrace.errors import ConfigError
 from tests.conftest import make_tiny_tokenizer
 from tests.corpora import QUERIES, documents
 from tests.models import tiny_gpt2
+from tests.rss_probe import PEAK_RSS
 
 
 def test_autocast_scores_rank_like_float32(tmp_path):
@@ -51,7 +52,8 @@ def test_autocast_scores_rank_like_float32(tmp_path):
         assert spearmanr(a, b).statistic >= 0.99, query
 
 
-_PROBE = textwrap.dedent('''
+_PROBE = (
+    textwrap.dedent('''
     """Peak RSS increments of a sweep: float32, under --autocast, and of --dtype's weight copy."""
     import json
     import numpy as np
@@ -59,18 +61,9 @@ _PROBE = textwrap.dedent('''
     from transformers import GPT2Config, GPT2LMHeadModel
     from bgotrace.score.context import sweep_model_in
     from bgotrace.score.sweep import sweep_autocast, unit_loss_sums
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-
-    def peak_since_reset(run):
-        before = status("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM, the peak RSS, to the current RSS
-        kept = run()
-        return status("VmHWM:") - before
+''')
+    + PEAK_RSS
+    + textwrap.dedent("""
 
     class Units:  # 8 units of 16 random tokens
         toks = np.random.default_rng(0).integers(0, 2000, (8, 16)).astype(np.uint32)
@@ -101,7 +94,8 @@ _PROBE = textwrap.dedent('''
         "autocast": peak_since_reset(sweep(True)),
         "weight_copy": peak_since_reset(lambda: sweep_model_in(model, "bfloat16")),
     }))
-''')
+""")
+)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")

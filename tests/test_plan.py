@@ -22,6 +22,7 @@ from bgotrace.errors import ConfigError
 from bgotrace.plan.estimate import plan_run
 from bgotrace.plan.fit import InsufficientMemoryError, check_memory
 from bgotrace.plan.shape import model_shape
+from tests.rss_probe import PEAK_RSS
 
 GIB = 2**30
 LLAMA_3_8B = dict(  # published dimensions of Llama-3-8B
@@ -157,7 +158,8 @@ def test_plan_without_gpu_asks_for_device_memory(llama_8b_dir: Path) -> None:
     assert result.exit_code == 2 and "pass --device-memory" in result.output
 
 
-_MEASURE = textwrap.dedent('''
+_MEASURE = (
+    textwrap.dedent('''
     """Peak RSS increments of perturb_pair and of a sweep vs the plan's stages less weights."""
     import json, sys
     import numpy as np
@@ -171,18 +173,9 @@ _MEASURE = textwrap.dedent('''
     from bgotrace.plan.shape import MetaModel
     from bgotrace.query import EncodedQuery, Query
     from bgotrace.score.sweep import unit_loss_sums
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-
-    def peak_since_reset(run):
-        before = status("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM, the peak RSS, to the current RSS
-        run()
-        return status("VmHWM:") - before
+''')
+    + PEAK_RSS
+    + textwrap.dedent("""
 
     class Units:  # 64 random units of T tokens: what the sweep reads from a token cache
         toks = np.random.default_rng(0).integers(0, 2000, (32, 64)).astype(np.uint32)
@@ -234,7 +227,8 @@ _MEASURE = textwrap.dedent('''
                         "estimated": stage.device_bytes - weights})
         del model
     print(json.dumps(out))
-''')
+""")
+)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
