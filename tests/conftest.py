@@ -63,6 +63,22 @@ def model(tok):
     return tiny_gpt2(tok)
 
 
+@pytest.fixture(scope="module")
+def llama_tok():
+    """A Llama-style tokenizer with a chat template built in code (tests/test_chat.py)."""
+    from tests.test_chat import make_llama_chat_tokenizer
+
+    return make_llama_chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    """A GPT-2-style tokenizer with a ChatML template (tests/test_chat.py)."""
+    from tests.test_chat import make_chatml_tokenizer
+
+    return make_chatml_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def other_tiny_tokenizer():
     """Like ``tiny_tokenizer`` but with a smaller vocabulary: for must-differ checks."""

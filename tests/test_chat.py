@@ -93,16 +93,6 @@ def make_chatml_tokenizer(template: str = CHATML):
     return tok
 
 
-@pytest.fixture(scope="module")
-def llama_tok():
-    return make_llama_chat_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chatml_tok():
-    return make_chatml_tokenizer()
-
-
 def _pieces(tok: Any, head: list[int]) -> tuple[list[int], list[bool]]:
     """Reference: the Llama template's pieces tokenized one by one, assistant ones marked."""
     ids, assistant = list(head), [False] * len(head)

@@ -30,7 +30,7 @@ from bgotrace.corpus.conversations import turn_windows
 from bgotrace.errors import InputError
 from bgotrace.score.sweep import unit_loss_sums
 from tests.models import tiny_gpt2, tiny_llama
-from tests.test_chat import CHATML, make_chatml_tokenizer, make_llama_chat_tokenizer
+from tests.test_chat import CHATML, make_chatml_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -46,16 +46,6 @@ RECORDS = [
 ]
 CPU = torch.device("cpu")
 CHATML_BOT_PROMPT = CHATML.replace("assistant\n{% endif", "bot\n{% endif")
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return make_llama_chat_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chatml_tok():
-    return make_chatml_tokenizer()
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
