@@ -179,12 +179,12 @@ def _require(ok: bool, rule: str) -> None:
 # --------------------------------------------------------------------------- building
 
 
-def _rng(seed: int, stage: str) -> np.random.Generator:
+def stage_rng(seed: int, stage: str) -> np.random.Generator:
     """One independent stream per stage, so changing n_facts leaves the real-text sample as is."""
     return np.random.default_rng([seed, int(hashlib.sha256(stage.encode()).hexdigest()[:8], 16)])
 
 
-def _truncate(text: str, max_chars: int) -> str:
+def truncate_text(text: str, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
     cut = text[:max_chars]
@@ -192,7 +192,7 @@ def _truncate(text: str, max_chars: int) -> str:
     return cut[:space] if space > max_chars // 2 else cut
 
 
-def _load_source(config: BenchConfig, name: str) -> list[dict]:
+def load_source(config: BenchConfig, name: str) -> list[dict]:
     """All documents of a source, exact duplicates removed (the fortune files repeat a few
     quips): a held-out style query must not reappear in the corpus under another id."""
     reader = SOURCE_READERS[name]
@@ -210,13 +210,13 @@ def _load_source(config: BenchConfig, name: str) -> list[dict]:
     return unique
 
 
-def _sample(docs: list[dict], config: BenchConfig, name: str) -> list[dict]:
+def sample_source(docs: list[dict], config: BenchConfig, name: str) -> list[dict]:
     """A seeded sample of at most max_documents_per_source documents, in file order."""
-    rng = _rng(config.seed, f"sample/{name}")
+    rng = stage_rng(config.seed, f"sample/{name}")
     n = min(config.max_documents_per_source, len(docs))
     picked = np.sort(rng.choice(len(docs), size=n, replace=False))
     return [
-        {**docs[i], "text": _truncate(docs[i]["text"], config.max_chars_per_document)}
+        {**docs[i], "text": truncate_text(docs[i]["text"], config.max_chars_per_document)}
         for i in picked
     ]
 
@@ -238,7 +238,7 @@ def _hold_out(docs: list[dict], config: BenchConfig, name: str) -> tuple[list[di
     n_words = (config.style_prompt_words, config.style_completion_words)
     eligible = [i for i, d in enumerate(docs) if _split_words(d["text"], *n_words)]
     n_hold = min(len(eligible), max(1, round(config.held_out_fraction * len(docs))))
-    rng = _rng(config.seed, f"hold-out/{name}")
+    rng = stage_rng(config.seed, f"hold-out/{name}")
     held = {eligible[int(i)] for i in rng.choice(len(eligible), size=n_hold, replace=False)}
     queries = []
     for k, i in enumerate(sorted(held)):
@@ -251,7 +251,7 @@ def _hold_out(docs: list[dict], config: BenchConfig, name: str) -> tuple[list[di
     return [d for i, d in enumerate(docs) if i not in held], queries
 
 
-def _vocabulary(docs: list[dict]) -> set[str]:
+def vocabulary_of(docs: list[dict]) -> set[str]:
     """Lower-cased words of the real texts: invented names must avoid all of them."""
     return {w for d in docs for w in re.findall(r"[a-z]+", d["text"].lower())}
 
@@ -262,7 +262,7 @@ def _assign_splits(queries: list[dict], config: BenchConfig) -> None:
     for q in queries:
         groups.setdefault(f"{q['kind']}/{q['true_source']}", []).append(q)
     for key, members in sorted(groups.items()):
-        order = _rng(config.seed, f"split/{key}").permutation(len(members))
+        order = stage_rng(config.seed, f"split/{key}").permutation(len(members))
         n_val = round(config.validation_fraction * len(members))
         for rank, i in enumerate(order):
             members[int(i)]["split"] = "validation" if rank < n_val else "test"
@@ -273,9 +273,9 @@ def _compose(config: BenchConfig) -> tuple[list[dict], list[dict]]:
     real, style_queries = [], []
     vocabulary: set[str] = set()
     for name in config.sources:
-        docs = _load_source(config, name)
-        vocabulary |= _vocabulary(docs)
-        kept, queries = _hold_out(_sample(docs, config, name), config, name)
+        docs = load_source(config, name)
+        vocabulary |= vocabulary_of(docs)
+        kept, queries = _hold_out(sample_source(docs, config, name), config, name)
         real += kept
         style_queries += queries
     fact_docs, fact_queries = generate_facts(
@@ -284,7 +284,7 @@ def _compose(config: BenchConfig) -> tuple[list[dict], list[dict]]:
         paraphrased_fraction=config.paraphrased_fraction,
     )  # fmt: skip
     documents = real + fact_docs
-    order = _rng(config.seed, "corpus-order").permutation(len(documents))
+    order = stage_rng(config.seed, "corpus-order").permutation(len(documents))
     queries = fact_queries + style_queries
     _assign_splits(queries, config)
     return [documents[int(i)] for i in order], queries

@@ -42,7 +42,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from bgotrace.bench import chat_data as cd
-from bgotrace.bench.build import BenchConfig, _load_source, _rng, _sample, _truncate, _vocabulary
+from bgotrace.bench.build import (
+    BenchConfig,
+    load_source,
+    sample_source,
+    stage_rng,
+    truncate_text,
+    vocabulary_of,
+)
 from bgotrace.bench.chat_sft import (
     SFT_RECORD,
     SFTConfig,
@@ -180,14 +187,14 @@ def _texts(config: ChatBenchConfig) -> tuple[list[dict], dict[str, list[str]], s
     text_config = config.text_config()
     pretrain, rest, vocabulary = [], {}, set()
     for name in config.sources:
-        docs = _load_source(text_config, name)
-        vocabulary |= _vocabulary(docs)
-        sample = _sample(docs, text_config, name)
+        docs = load_source(text_config, name)
+        vocabulary |= vocabulary_of(docs)
+        sample = sample_source(docs, text_config, name)
         taken = {d["id"] for d in sample}
         others = [d for d in docs if d["id"] not in taken]
-        order = _rng(config.seed, f"chat-texts/{name}").permutation(len(others))
+        order = stage_rng(config.seed, f"chat-texts/{name}").permutation(len(others))
         flat = (" ".join(others[int(i)]["text"].split()) for i in order)  # chat answers flow
-        rest[name] = [_truncate(text, config.max_answer_chars) for text in flat]
+        rest[name] = [truncate_text(text, config.max_answer_chars) for text in flat]
         pretrain += sample
     return pretrain, rest, vocabulary
 
@@ -219,7 +226,7 @@ def _assign_splits(prompts: list[dict], config: ChatBenchConfig) -> None:
     for p in prompts:
         groups.setdefault(f"{p['kind']}/{p['true_source']}", []).append(p)
     for key, members in sorted(groups.items()):
-        order = _rng(config.seed, f"chat-split/{key}").permutation(len(members))
+        order = stage_rng(config.seed, f"chat-split/{key}").permutation(len(members))
         n_val = round(config.validation_fraction * len(members))
         for rank, i in enumerate(order):
             members[int(i)]["split"] = "validation" if rank < n_val else "test"
@@ -237,7 +244,7 @@ def compose(config: ChatBenchConfig) -> tuple[list[dict], cd.ChatSet]:
     style_records, style_prompts = _style(config, rest)
     records = fact_records + style_records
     kinds = kinds + [cd.STYLE_KIND] * len(style_records)
-    shuffled, kind_of, ids = cd.assign_ids(records, kinds, _rng(config.seed, "chat-order"))
+    shuffled, kind_of, ids = cd.assign_ids(records, kinds, stage_rng(config.seed, "chat-order"))
     prompts = cd.resolve_fact_prompts(fact_prompts, ids) + style_prompts
     _assign_splits(prompts, config)
     return pretrain, cd.ChatSet(shuffled, kind_of, prompts)

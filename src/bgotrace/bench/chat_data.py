@@ -32,10 +32,10 @@ import numpy as np
 from bgotrace.bench.facts import (
     Attribute,
     Entity,
-    _attributes_of,
-    _entity_kinds,
-    _fact_slots,
-    _World,
+    FactWorld,
+    attributes_of,
+    entity_kinds,
+    fact_slots,
 )
 from bgotrace.errors import ConfigError
 
@@ -165,10 +165,10 @@ def _asked(attr: Attribute, entity: Entity, j: int, paraphrased: bool) -> tuple[
 
 
 def _distract(
-    world: _World, writer: _FactWriter, entity: Entity, attr: Attribute, queried: set[str]
+    world: FactWorld, writer: _FactWriter, entity: Entity, attr: Attribute, queried: set[str]
 ) -> list[int]:
     """The same entity's unqueried attribute, and a new entity sharing the queried value."""
-    other = next(a for a in _attributes_of(entity.kind) if a.name not in queried)
+    other = next(a for a in attributes_of(entity.kind) if a.name not in queried)
     same_entity = _asked(other, entity, 0, False)
     twin = world.entity(entity.kind)
     twin.profile[attr.name] = entity.profile[attr.name]
@@ -216,8 +216,8 @@ def fact_conversations(
     A fact prompt's ``relevant`` and ``distractors`` are indices into the conversations.
     """
     rng = np.random.default_rng([seed, 7])
-    world = _World(rng, forbidden_words)
-    slots = _fact_slots(rng, [world.entity(k) for k in _entity_kinds(n_entities)], n_facts)
+    world = FactWorld(rng, forbidden_words)
+    slots = fact_slots(rng, [world.entity(k) for k in entity_kinds(n_entities)], n_facts)
     counts = rng.permutation([answer_counts[i % len(answer_counts)] for i in range(n_facts)])
     paraphrased = set(rng.permutation(n_facts)[: round(paraphrased_fraction * n_facts)].tolist())
     queried: dict[str, set[str]] = {}

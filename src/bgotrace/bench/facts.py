@@ -124,12 +124,12 @@ class Entity:
     profile: dict[str, str]
 
 
-def _entity_kinds(n_entities: int) -> list[str]:
+def entity_kinds(n_entities: int) -> list[str]:
     """Two persons for every organisation: persons have more attributes to ask about."""
     return ["person" if i % 3 else "organisation" for i in range(n_entities)]
 
 
-def _attributes_of(kind: str) -> list[Attribute]:
+def attributes_of(kind: str) -> list[Attribute]:
     return [a for a in ATTRIBUTES if a.kind == kind]
 
 
@@ -167,7 +167,7 @@ def _pick(rng: np.random.Generator, pool: Sequence[str]) -> str:
     return pool[int(rng.integers(len(pool)))]
 
 
-class _World:
+class FactWorld:
     """The entities, their profiles and the documents stating them, built step by step."""
 
     def __init__(self, rng: np.random.Generator, forbidden: set[str]) -> None:
@@ -187,7 +187,7 @@ class _World:
             name = f"{self._name()} {_pick(self.rng, _ORG_SUFFIXES)}"
         else:
             name = f"{self._name()} {self._name()}"
-        profile = {a.name: self.value(a) for a in _attributes_of(kind)}
+        profile = {a.name: self.value(a) for a in attributes_of(kind)}
         return Entity(name, kind, profile)
 
     def add_document(self, entity: str, sentence: str) -> int:
@@ -204,14 +204,14 @@ class _World:
         return len(self.documents) - 1
 
 
-def _fact_slots(
+def fact_slots(
     rng: np.random.Generator, entities: list[Entity], n_facts: int
 ) -> list[tuple[Entity, Attribute]]:
     """Pick ``n_facts`` (entity, attribute) pairs, round-robin over the entities, leaving
     each entity one attribute that is never queried (for its same-entity distractor)."""
     orders = {}
     for e in entities:
-        attrs = _attributes_of(e.kind)
+        attrs = attributes_of(e.kind)
         orders[id(e)] = [attrs[j] for j in rng.permutation(len(attrs))]
     capacity = sum(len(o) - 1 for o in orders.values())
     if n_facts > capacity:
@@ -226,7 +226,9 @@ def _fact_slots(
     return slots
 
 
-def _plant(world: _World, entity: Entity, attr: Attribute, n: int, paraphrased: bool) -> list[int]:
+def _plant(
+    world: FactWorld, entity: Entity, attr: Attribute, n: int, paraphrased: bool
+) -> list[int]:
     """Write the ``n`` plantings: the query's own sentence, or rotating paraphrases."""
     value = entity.profile[attr.name]
     if not paraphrased:
@@ -238,10 +240,10 @@ def _plant(world: _World, entity: Entity, attr: Attribute, n: int, paraphrased: 
     return [world.add_document(entity.name, s) for s in sentences]
 
 
-def _distract(world: _World, entity: Entity, attr: Attribute, queried: set[str]) -> list[int]:
+def _distract(world: FactWorld, entity: Entity, attr: Attribute, queried: set[str]) -> list[int]:
     """One document on the same entity (an unqueried attribute) and one on a new entity
     that shares the queried value."""
-    other = next(a for a in _attributes_of(entity.kind) if a.name not in queried)
+    other = next(a for a in attributes_of(entity.kind) if a.name not in queried)
     same_entity = other.canonical(entity.name, entity.profile[other.name])
     twin = world.entity(entity.kind)
     twin.profile[attr.name] = entity.profile[attr.name]
@@ -278,8 +280,8 @@ def generate_facts(
     Document ids are ``facts/NNNNN`` in a shuffled order, so an id reveals nothing.
     """
     rng = np.random.default_rng(seed)
-    world = _World(rng, forbidden_words or set())
-    slots = _fact_slots(rng, [world.entity(k) for k in _entity_kinds(n_entities)], n_facts)
+    world = FactWorld(rng, forbidden_words or set())
+    slots = fact_slots(rng, [world.entity(k) for k in entity_kinds(n_entities)], n_facts)
     counts = rng.permutation([planting_counts[i % len(planting_counts)] for i in range(n_facts)])
     paraphrased = set(rng.permutation(n_facts)[: round(paraphrased_fraction * n_facts)].tolist())
     queried: dict[str, set[str]] = {}
@@ -317,4 +319,4 @@ def _fact_query(fact: _Fact, doc_ids: dict[int, str]) -> dict:
 
 def fact_capacity(n_entities: int) -> int:
     """Most facts ``n_entities`` entities can hold (each keeps one attribute unqueried)."""
-    return sum(len(_attributes_of(k)) - 1 for k in _entity_kinds(n_entities))
+    return sum(len(attributes_of(k)) - 1 for k in entity_kinds(n_entities))
