@@ -301,7 +301,7 @@ def test_query_linearity_of_a_bgo_run(tokenizer, tiny_documents, tmp_path, size)
     model = tiny_gpt2(tokenizer, seed=9)
     cache = _cache(tokenizer, tiny_documents, tmp_path)
     ctx = _bgo_context(model, cache, tokenizer, "sgd", LR_TINY)
-    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, linearity_sample=size)
+    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, linearity_sample=size, linearity_share=1.0)
     (run,) = score_queries(ctx, [encode_query(QUERY, tokenizer, None)])
     diag = query_linearity(ctx, run, score_losses("bidirectional", run.losses))
     if size == 0:
@@ -337,3 +337,42 @@ def test_every_bgo_run_reports_its_linearity_in_the_summary_and_report(
     assert on["n_sample"] > 0 and on["spearman"] > 0.99 and on["top10_overlap"] == 1.0
     assert "first-order check: Spearman" in (tmp_path / "on" / "report.html").read_text()
     assert run(tmp_path / "off", linearity_sample=0) is None
+
+
+def test_the_diagnostic_samples_a_share_of_the_swept_units_within_its_bounds():
+    """At most --linearity-share of the swept units, never fewer than 32 (or all the corpus
+    has), never more than --linearity-sample; 0 stays off."""
+    from bgotrace.score.linear import MIN_DIAGNOSTIC_UNITS, diagnostic_size
+
+    assert MIN_DIAGNOSTIC_UNITS == 32
+    assert diagnostic_size(256, 0.02, 1_300) == 32  # 26 -> the floor
+    assert diagnostic_size(256, 0.02, 5_000) == 100  # 2%
+    assert diagnostic_size(256, 0.02, 1_000_000) == 256  # the cap
+    assert diagnostic_size(16, 0.02, 1_300) == 16  # the cap below the floor
+    assert diagnostic_size(256, 1.0, 1_300) == 256  # share 1: the cap
+    assert diagnostic_size(0, 0.02, 1_300) == 0  # off
+
+
+def test_a_linearity_share_outside_0_1_is_one_line():
+    from bgotrace.config import ScoreConfig
+    from bgotrace.errors import ConfigError
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="--linearity-share .* not a fraction"):
+            ScoreConfig(linearity_share=bad)
+
+
+def test_a_bgo_run_samples_its_share_of_a_larger_corpus(tokenizer, tiny_documents, tmp_path):
+    """The diagnostic of a run over more than 32 units samples max(32, share x units)."""
+    from bgotrace.score.linear import query_linearity
+
+    docs = [
+        dataclasses.replace(d, doc_id=f"{d.doc_id}-{i}") for i in range(12) for d in tiny_documents
+    ]
+    model = tiny_gpt2(tokenizer, seed=9)
+    cache = _cache(tokenizer, docs, tmp_path)
+    assert len(cache) > 2 * 32
+    ctx = _bgo_context(model, cache, tokenizer, "sgd", LR_TINY)
+    ctx.score_cfg = dataclasses.replace(ctx.score_cfg, linearity_sample=256, linearity_share=0.01)
+    (run,) = score_queries(ctx, [encode_query(QUERY, tokenizer, None)])
+    assert query_linearity(ctx, run, score_losses("bidirectional", run.losses))["n_sample"] == 32

@@ -126,6 +126,7 @@ CHANGES = [
 ]  # fmt: skip
 NOT_HERE = {
     "linearity_sample": "bgo-linear's diagnostic (tests/test_linear.py)",
+    "linearity_share": "the diagnostic's sample size (tests/test_linear.py)",
     "batch_tokens": "batches by tokens (tests/test_batch_tokens.py, test_invariance.py)",
 }
 """Options tested elsewhere, with where."""

@@ -474,8 +474,14 @@ class ScoreConfig:
     linearity_sample: int = _help(
         "Units sampled per query for the linearity diagnostic: Spearman and top-10 overlap "
         "(within the sample) of the scores and their first-order control (bgo-linear); "
-        "0: off.",
+        "at most --linearity-share of the swept units (at least 32); 0: off.",
         256,
+    )
+    linearity_share: float = _help(
+        "Largest fraction of the swept units the linearity diagnostic samples (at least 32 "
+        "units): a forward-mode pass costs ~3 forwards, so on a small corpus 256 units would "
+        "cost a third of the query; 1: always --linearity-sample units.",
+        0.02,
     )
 
     def __post_init__(self) -> None:
@@ -485,6 +491,11 @@ class ScoreConfig:
         for name in ("batch_size", "block_units", "queries_per_sweep"):
             _at_least(getattr(self, name), 1, f"--{name.replace('_', '-')}")
         _at_least(self.linearity_sample, 0, "--linearity-sample")
+        if not 0.0 < self.linearity_share <= 1.0:
+            raise ConfigError(
+                f"--linearity-share {self.linearity_share} is not a fraction in (0, 1]: pass "
+                "e.g. 0.02 (1: always --linearity-sample units)."
+            )
         _at_least(self.batch_tokens, 0, "--batch-tokens")
         if self.candidates is not None:
             parse_candidates(self.candidates)

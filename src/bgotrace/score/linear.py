@@ -22,6 +22,7 @@ rounded to bfloat16.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -286,13 +287,35 @@ def group_linear_scores(ctx: SweepContext, states: Sequence[Mapping[str, Overrid
         )  # fmt: skip
 
 
+MIN_DIAGNOSTIC_UNITS = 32
+"""Fewest units the diagnostic samples (when the corpus has them): fewer make its Spearman
+and top-10 overlap too coarse to read."""
+
+
+def diagnostic_size(cap: int, share: float, n_swept: int) -> int:
+    """Units the linearity diagnostic samples: ``cap`` (``--linearity-sample``; 0 = off), but
+    at most ``share`` of the ``n_swept`` units and at least :data:`MIN_DIAGNOSTIC_UNITS`.
+
+    Why a share: its forward-mode pass costs ~3 forwards a unit, a query's sweep 2, so 256
+    units of a 1,300-unit corpus would add a third to every query; at 2% it adds ~3%, and
+    from 12,800 units on the sample is the full ``cap``.
+    """
+    if cap == 0:
+        return 0
+    return min(cap, max(MIN_DIAGNOSTIC_UNITS, math.ceil(share * n_swept)))
+
+
 def query_linearity(
     ctx: SweepContext, losses: QueryLosses, exact: np.ndarray, *, seed: int = 0
 ) -> dict[str, Any] | None:
     """:func:`linearity_diagnostic` of one query of a BGO run, sized by the score config's
     ``linearity_sample`` (None when it is 0: off). ``exact``: the query's scores as ranked
     over ``ctx.units``; ``losses.states`` must still hold its states."""
-    size = int(getattr(ctx.score_cfg, "linearity_sample", 256))
+    size = diagnostic_size(
+        int(getattr(ctx.score_cfg, "linearity_sample", 256)),
+        float(getattr(ctx.score_cfg, "linearity_share", 1.0)),
+        ctx.n_swept,
+    )
     if size == 0:
         return None
     divisors = None if ctx.sensitivity is None else score_divisors(ctx.sensitivity)
