@@ -19,6 +19,8 @@ import bgotrace
 from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import NonFiniteLossError
+from bgotrace.modeling.losses import mean_token_loss
+from bgotrace.modeling.split import state_token_losses
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.steps import (
@@ -26,7 +28,6 @@ from bgotrace.perturb.steps import (
     DESCENT,
     Start,
     _make_optimizer,
-    _query_loss,
     _set_grads,
     perturb,
     perturb_pair,
@@ -66,6 +67,14 @@ def _assert_same(pair_state, single_state, names):
         assert torch.equal(pair_state.params[n], single_state.params[n]), n
 
 
+def _loss(model, names, work, q, shared):
+    """The query loss with ``work`` bound by ``functional_call`` on every call (the reference
+    for ``perturb``, which swaps its working copies in once per run)."""
+    labels = q.labels
+    overrides = dict(zip(names, work, strict=True))
+    return mean_token_loss(state_token_losses(model, shared, overrides, labels), labels)
+
+
 def _functional_loop(model, q, names, cfg, direction, fisher):
     """K steps written out: loss, gradient, transform, optimizer step; then the final loss."""
     shared = query_trunk(model, names, q)
@@ -75,12 +84,12 @@ def _functional_loop(model, q, names, cfg, direction, fisher):
     trajectory = []
     with grads_only_for(model, []):
         for _ in range(cfg.steps):
-            loss = _query_loss(model, names, work, q, shared)
+            loss = _loss(model, names, work, q, shared)
             trajectory.append(float(loss.detach()))
             _set_grads(work, torch.autograd.grad(loss, work), names, cfg, fisher)
             optimizer.step()
         with torch.no_grad():
-            trajectory.append(float(_query_loss(model, names, work, q, shared)))
+            trajectory.append(float(_loss(model, names, work, q, shared)))
     return trajectory, {n: w.detach() for n, w in zip(names, work, strict=True)}
 
 

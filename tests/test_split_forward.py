@@ -40,7 +40,7 @@ from bgotrace.config import PerturbConfig
 from bgotrace.corpus import Document
 from bgotrace.errors import RunDirectoryError
 from bgotrace.modeling import split as split_mod
-from bgotrace.modeling.bind import bind
+from bgotrace.modeling.bind import bind, swapped
 from bgotrace.modeling.losses import forward_logits, head_token_losses, token_losses
 from bgotrace.modeling.split import split_block, state_token_losses, trunk
 from bgotrace.perturb.steps import ASCENT, perturb
@@ -365,3 +365,36 @@ def test_bind_shares_weights_keeps_ties_and_never_writes_the_model():
         assert torch.equal(p, before[n]), n
     with pytest.raises(KeyError, match="no parameter"):
         bind(model, {"nope.weight": torch.zeros(1)})
+
+
+def test_swapped_runs_the_values_keeps_ties_and_restores_the_entries():
+    """``swapped``: inside, the model computes with the values (equal to functional_call bit
+    for bit), every entry of a tied parameter swapped together and gradients flowing to the
+    values only; outside, the same parameter objects as before, no tensor written, also
+    when the body raises."""
+    model = build("gpt2")
+    entries = dict(model.named_parameters(remove_duplicate=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wte = model.transformer.wte.weight
+    value = torch.nn.Parameter(wte.detach() + 0.01)
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        want = token_losses(forward_logits(model, ids, mask, {"transformer.wte.weight": value}),
+                            labels)  # fmt: skip
+    with swapped(model, {"transformer.wte.weight": value}):
+        assert model.lm_head.weight is value and model.transformer.wte.weight is value
+        loss = token_losses(forward_logits(model, ids, mask), labels)
+        (grad,) = torch.autograd.grad(loss.sum(), [value])
+    torch.testing.assert_close(loss.detach(), want, atol=0, rtol=0)
+    assert grad.abs().sum() > 0
+    assert all(p is entries[n] for n, p in model.named_parameters(remove_duplicate=False))
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        swapped(model, {"transformer.wte.weight": value}),
+    ):
+        raise RuntimeError("boom")
+    assert model.lm_head.weight is wte and model.transformer.wte.weight is wte
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(KeyError, match="no parameter"), swapped(model, {"nope.weight": value}):
+        pass
