@@ -7,7 +7,7 @@ Issue 18's setting: a random-init GPT-2 (12 blocks, width 128, the demo tokenize
 tokens), the demo corpus cycled to ``--docs`` documents (1,200: ~43k tokens, units of ~36
 tokens), warm token cache and normaliser, ``--top-tokens 0``, the Python API as a user calls
 it. One call with one query and one call with ``--queries`` queries (``--per-sweep`` of them
-per sweep) are profiled; per function the cumulative seconds of both are printed with
+per sweep) are profiled; per function the cumulative CPU seconds of both are printed with
 ``excess = t(n) − n·t(1)``: what the n-query call spends beyond n one-query calls. The
 functions with the largest excess come first; a function whose cost grows with the number
 of queries beyond the perturbation and the sweep shows up there. Records nothing.
@@ -54,11 +54,12 @@ def queries(n: int) -> list[Query]:
 
 
 def profiled(fn) -> tuple[float, dict[str, float]]:
-    """Wall seconds of ``fn()`` and each function's cumulative seconds in it."""
-    profile = cProfile.Profile()
-    start = time.perf_counter()
+    """CPU seconds of ``fn()`` and each function's cumulative CPU seconds in it (this
+    process's CPU time: with one torch thread, robust to the other processes' load)."""
+    profile = cProfile.Profile(time.process_time)
+    start = time.process_time()
     profile.runcall(fn)
-    wall = time.perf_counter() - start
+    wall = time.process_time() - start
     stats: Any = pstats.Stats(profile).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
     cumulative: dict[str, float] = {}
     for (file, line, name), (_, _, _, ct, _) in stats.items():
@@ -91,7 +92,8 @@ def main() -> None:
     one, t1 = profiled(call(1))
     many, tn = profiled(call(args.queries))
     n = args.queries
-    print(f"{len(docs)} documents, torch threads {torch.get_num_threads()}: 1 query {one:.2f} s, "
+    print(f"{len(docs)} documents, torch threads {torch.get_num_threads()}, CPU seconds: "
+          f"1 query {one:.2f} s, "
           f"{n} queries ({args.per_sweep} per sweep) {many:.2f} s = {many / one:.2f} x one "
           f"(excess over {n} one-query calls: {many - n * one:+.2f} s)")  # fmt: skip
     rows = sorted(tn, key=lambda k: tn[k] - n * t1.get(k, 0.0), reverse=True)[: args.top]
