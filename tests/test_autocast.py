@@ -118,12 +118,13 @@ def _config(**sections: dict) -> AttributeConfig:
     return AttributeConfig.from_dict(data)
 
 
-def test_autocast_is_for_float32_models_in_this_process():
+def test_autocast_is_for_float32_models():
     assert _config(scoring={"autocast": True}).scoring.autocast
+    # Ray workers sweep under it too (tests/test_dist.py::test_autocast_reaches_the_workers).
+    assert _config(scoring={"autocast": True}, execution={"workers": 2}).execution.workers == 2
     refused = [
         ({"model": {"dtype": "bfloat16"}}, "loaded in bfloat16"),
         ({"scoring": {"dtype": "bfloat16"}}, "--autocast and --dtype bfloat16"),
-        ({"execution": {"workers": 2}}, "not yet to Ray workers"),
     ]
     for sections, message in refused:
         scoring = {**sections.get("scoring", {}), "autocast": True}

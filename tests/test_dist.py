@@ -228,6 +228,68 @@ def test_workers_the_cluster_cannot_place_fail_with_what_is_missing(cluster, mod
     assert cluster.alive_nodes() == 2
 
 
+# --- --candidates and --autocast on the workers -------------------------------------------
+def _norm_store(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, computed) of the normaliser's store beside a token cache."""
+    (path,) = (cache_dir / "sensitivity").glob("*.npz")
+    with np.load(path) as data:
+        return data["norms"], data["computed"]
+
+
+@pytest.mark.parametrize("ship_cache", ["auto", "always"])
+def test_candidates_rerank_on_the_run_workers_and_equal_local(cluster, model, tok, tmp_path,
+                                                              records, monkeypatch,
+                                                              ship_cache):  # fmt: skip
+    """--candidates with workers: every rerank group's blocks and perturbations, and the
+    candidates' normaliser blocks, run on the two workers the run started once (one executor
+    for the run), into this process's scores (the same batches of the same units, rtol 1e-6;
+    NaN on the same non-candidates) and norms of the same units. ``auto``: the workers read
+    the candidates from the cache by path (corpus indices travel); ``always``: shipped."""
+    from bgotrace.perturb import sensitivity
+
+    monkeypatch.setattr(sensitivity, "REFERENCE_UNITS", 5)  # candidates ∪ sample < corpus
+    kw = {"queries": MANY, "candidates": 6}
+    here = attribute(model, tok, tmp_path / "here", **kw)
+    there = attribute(model, tok, tmp_path / "there", workers=2, ray_address=cluster.address,
+                      ship_cache=ship_cache, **kw)  # fmt: skip
+    x, y = by_unit(here), by_unit(there)
+    keys = sorted(x)
+    assert x.keys() == y.keys()
+    a, b = np.array([x[k] for k in keys]), np.array([y[k] for k in keys])
+    assert 0 < np.isfinite(a).sum() < len(a)  # some units reranked, the rest unscored
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    groups = records.values("blocks_per_node")
+    assert len(groups) == len(MANY)  # one rerank sweep per query group, each on the workers
+    assert all(sum(g.values()) > 0 for g in groups)
+    perturbed = records.values("perturbations_per_node")  # one log per group
+    assert sum(sum(p.values()) for p in perturbed) == 2 * len(MANY)
+    (norm_blocks,) = records.values("normaliser_blocks_per_node")
+    assert sum(norm_blocks.values()) > 0
+    assert len(records.values("worker_pid")) == 2  # the workers started once for the run
+    (norms_here, done_here), (norms_there, done_there) = (
+        _norm_store(tmp_path / d / "cache") for d in ("here", "there")
+    )
+    assert 0 < done_here.sum() < len(done_here)
+    np.testing.assert_array_equal(done_here, done_there)  # the candidates' units, no others
+    np.testing.assert_allclose(norms_there[done_there], norms_here[done_here], rtol=1e-6)
+
+
+def test_autocast_reaches_the_workers(cluster, model, tok, local, tmp_path, records):
+    """--autocast with workers: each worker sweeps its blocks under the driver's bfloat16
+    autocast (rtol 1e-5: the same batches under the same autocast, another thread count),
+    which moves the scores far from the float32 run's (so the flag arrived there)."""
+    here = attribute(model, tok, tmp_path / "here", autocast=True)
+    there = attribute(model, tok, tmp_path / "there", autocast=True, workers=2,
+                      ray_address=cluster.address)  # fmt: skip
+    assert sum(records.values("blocks_per_node")[0].values()) > 0
+    x, y, f = by_unit(here), by_unit(there), by_unit(local)
+    keys = sorted(x)
+    a, b, c = (np.array([d[k] for k in keys]) for d in (x, y, f))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=0)
+    assert not np.allclose(b, c, rtol=1e-3, atol=0)  # not the float32 sweep
+
+
 # --- the driver killed mid-sweep, then --resume -------------------------------------------
 def _cli(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("bgotrace")), *map(str, args)]

@@ -88,12 +88,13 @@ def test_prefilter_must_be_a_cheap_local_method(scoring, match):
         ScoreConfig(candidates=5, **scoring)
 
 
-def test_candidates_are_swept_locally_not_by_workers():
+def test_candidates_may_be_reranked_on_workers():
+    """Accepted (tests/test_dist.py runs it: the rerank groups sweep on the workers)."""
     run = {"model": {"path": "m"}, "corpus": {"path": "c"}, "query": {"queries": "q.jsonl"}}
-    with pytest.raises(ConfigError, match="drop --workers"):
-        AttributeConfig.from_dict(
-            {**run, "scoring": {"candidates": 5}, "execution": {"workers": 2}}
-        )
+    config = AttributeConfig.from_dict(
+        {**run, "scoring": {"candidates": 5}, "execution": {"workers": 2}}
+    )
+    assert (config.scoring.candidates, config.execution.workers) == (5, 2)
 
 
 # --------------------------------------------------------------------------- candidate sets

@@ -336,11 +336,10 @@ def _rerank_group(
     g: int,
     group: Sequence[EncodedQuery],
 ) -> list[QueryLosses]:
-    """Group ``g`` swept over its candidates only, in this process, into its own store."""
+    """Group ``g`` swept over its candidates only, into its own store: on the run's Ray
+    workers when it has them (the same executor, bound to the view), else in this process."""
     view = SubsetUnits(ctx.units, plan.groups[g])
-    sub = dataclasses.replace(
-        ctx, units=view, block_executor=None, store=_group_store(ctx.store, plan, g)
-    )
+    sub = ctx.over(view, _group_store(ctx.store, plan, g))
     check_split_once(sub)
     return [scatter(r, view.indices, ctx.units) for r in method.score_group(sub, 0, group)]
 

@@ -613,11 +613,6 @@ class AttributeConfig:
             raise ConfigError(
                 f"Unknown attribution method {self.method!r}: use one of {', '.join(METHODS)}."
             )
-        if self.scoring.candidates is not None and self.execution.workers > 0:
-            raise ConfigError(
-                "--candidates sweeps a subset of units in this process, and Ray workers reopen "
-                "the whole token cache: drop --workers or --candidates."
-            )
         if self.scoring.autocast:
             self._check_autocast()
         if self.method == "bgo-linear" and self.model.attn_implementation == "flash_attention_2":
@@ -637,11 +632,6 @@ class AttributeConfig:
             raise ConfigError(
                 f"--autocast and --dtype {self.scoring.dtype} both lower the sweep's "
                 "precision (autocast without a weight copy): pass only one of them."
-            )
-        if self.execution.workers > 0:
-            raise ConfigError(
-                "--autocast applies to this process's sweep, not yet to Ray workers: drop "
-                "--workers or --autocast."
             )
 
     def to_dict(self) -> dict[str, Any]:

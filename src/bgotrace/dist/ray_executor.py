@@ -9,6 +9,10 @@ perturbed states are put in the object store once and every block task refers to
 so only block indices (or slices) and per-unit loss sums travel. Blocks come back as
 they finish; the engine writes each as a resume point. The normaliser's blocks
 (``--normalize``) go to the same workers, each computed with the sweep model it holds.
+With ``--candidates`` each rerank group sweeps a subset view of the cache on the same
+workers (:meth:`RayExecutor.over`: one executor for the run, never a Ray session per
+group). With ``--autocast`` the workers run each block under the driver's
+``sweep_autocast``.
 Dead workers are survived by :mod:`bgotrace.dist.scheduler`.
 
 On one machine: ``--workers N`` starts a private Ray instance and stops it at the end.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +42,7 @@ from bgotrace.config import ExecutionConfig
 from bgotrace.dist.scheduler import Slot, Task, TaskScheduler
 from bgotrace.dist.session import RaySession, import_ray, placement_error
 from bgotrace.dist.trunk import TrunkSource
-from bgotrace.dist.units import UnitSlice
+from bgotrace.dist.units import UnitSlice, corpus_indices
 from bgotrace.dist.worker import SweepWorker, WorkerSetup
 from bgotrace.errors import DistributedError
 from bgotrace.perturb.steps import PerturbedState
@@ -70,6 +75,8 @@ class RayOptions:
     tf32: bool = True
     batch_tokens: int | None = None
     """``--batch-tokens``: padded tokens per batch instead of ``batch_size`` units (None: off)."""
+    autocast: bool = False
+    """``--autocast``: the workers sweep under bfloat16 autocast, as the driver would."""
 
     @classmethod
     def of(
@@ -79,6 +86,7 @@ class RayOptions:
         pad_id: int,
         device: torch.device,
         batch_tokens: int | None = None,
+        autocast: bool = False,
     ) -> RayOptions:
         gpus = cfg.gpus_per_worker
         if gpus is None:  # a GPU model sweeps on GPU workers unless told otherwise
@@ -87,7 +95,7 @@ class RayOptions:
             workers=cfg.workers, address=cfg.ray_address, cpus_per_worker=cfg.cpus_per_worker,
             gpus_per_worker=gpus, ship_cache=cfg.ship_cache, block_attempts=cfg.block_attempts,
             timeout=cfg.ray_timeout, batch_size=batch_size, pad_id=pad_id, tf32=cfg.tf32,
-            batch_tokens=batch_tokens,
+            batch_tokens=batch_tokens, autocast=autocast,
         )  # fmt: skip
 
     @property
@@ -113,6 +121,10 @@ class RayExecutor:
         sweep dtype) is another one; the workers then hold both. ``trunk``: the driver's
         trunk cache of ``model`` and these units' token cache, for workers that can read it."""
         self.units, self.options, self.trunk = units, options, TrunkSource.of(trunk)
+        self.cache = None if cache_root is None else units
+        """The units the workers may open by path (the whole cache; None: always shipped)."""
+        self.owns_workers = True
+        """False for a view (:meth:`over`): closing it stops nothing."""
         self.driver_device = next(model.parameters()).device
         """Where the driver's model is: perturbed states come back there."""
         self.session = RaySession.open(
@@ -121,8 +133,8 @@ class RayExecutor:
             driver_gpus=int(self.driver_device.type == "cuda"),
         )
         self.slots: list[Slot] = []
-        self._groups = 0
-        """Sweep groups run so far (names each group's states for the workers)."""
+        self._group_numbers = itertools.count(1)
+        """Names each sweep group's states for the workers (shared with every view)."""
         try:
             self._start_workers(model, perturb_model, cache_root, manifest)
         except BaseException:
@@ -148,6 +160,7 @@ class RayExecutor:
             threads=max(1, int(o.cpus_per_worker)),
             tf32=o.tf32,
             trunk=self.trunk,
+            autocast=o.autocast,
         )
         actor = ray.remote(SweepWorker).options(
             num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
@@ -214,25 +227,28 @@ class RayExecutor:
                 "use --ship-cache auto."
             )
 
+    def over(self, units: TokenSource) -> RayExecutor:
+        """These workers sweeping ``units``, a subset view of the cache (a rerank group's
+        candidates, ``SubsetUnits``), for that group's sweep. The view shares the workers,
+        the session and the group numbering (a worker keeps one group's states at a time);
+        only the executor the run made closes them."""
+        view = copy.copy(self)
+        view.units, view.owns_workers = units, False
+        return view
+
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         ray = import_ray()
         # The group's states go to the object store once; a worker fetches them on its first
         # block of the group and keeps them on its device for the others (the ref travels in
         # a list, so Ray does not fetch and deserialise it again for every block task).
-        self._groups += 1
-        group = (self._groups, [ray.put([None if s is None else _on_cpu_dict(s) for s in states])])
+        number = next(self._group_numbers)
+        group = (number, [ray.put([None if s is None else _on_cpu_dict(s) for s in states])])
         shipped: dict[int, Any] = {}
-
-        def payload(block: Block, slot: Slot) -> Any:
-            if slot.reads_cache:
-                return None
-            if block.index not in shipped:  # put once, reused if the block is retried
-                shipped[block.index] = ray.put(UnitSlice.of_block(self.units, block))
-            return shipped[block.index]
 
         def task(k: int, block: Block) -> Task:
             def submit(slot: Slot) -> Any:
-                return slot.actor.run_block.remote(block, group, payload(block, slot))
+                source = self._block_source(block, slot, shipped)
+                return slot.actor.run_block.remote(block, group, source)
 
             return Task(k, f"block {block.index} (units {block.start}..{block.stop - 1})", submit)
 
@@ -241,6 +257,23 @@ class RayExecutor:
             shipped.pop(result[0].index, None)  # frees the slice in the object store
             yield result
         self._log_done("blocks", scheduler)
+
+    def _block_source(
+        self, block: Block, slot: Slot, shipped: dict[int, Any]
+    ) -> UnitSlice | np.ndarray | None:
+        """Where ``slot``'s worker reads ``block`` of ``self.units`` (``SweepWorker.
+        _block_units``). A worker that opened the cache reads by path: nothing travels for
+        the whole cache; for a subset view the block's corpus unit indices do (8 bytes a
+        unit, where shipping would copy every token of every candidate block through the
+        object store). Other workers get the block's tokens, put once (reused on a retry)."""
+        if slot.reads_cache and self.cache is not None:
+            if self.units is self.cache:
+                return None
+            if getattr(self.units, "source", None) is self.cache:  # a SubsetUnits view
+                return corpus_indices(self.units, np.arange(block.start, block.stop))
+        if block.index not in shipped:
+            shipped[block.index] = import_ray().put(UnitSlice.of_block(self.units, block))
+        return shipped[block.index]
 
     def unit_norms(
         self,
@@ -252,15 +285,15 @@ class RayExecutor:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """The normaliser's blocks (corpus unit indices of ``units``) on the workers' sweep
         models: (block number, norms) as each finishes (:class:`~bgotrace.perturb.sensitivity.
-        NormWorkers`). A worker reads the tokens by path when ``units`` is the cache it opened,
-        else they are shipped."""
+        NormWorkers`). A worker reads the tokens by path when ``units`` is the cache it opened
+        (a view's too: the normaliser's blocks are corpus units), else they are shipped."""
         ray = import_ray()
         shipped: dict[int, Any] = {}
 
         def task(k: int, block: np.ndarray) -> Task:
             def submit(slot: Slot) -> Any:
                 payload = None
-                if not (slot.reads_cache and units is self.units):
+                if not (slot.reads_cache and units is self.cache):
                     if k not in shipped:  # put once, reused if the block is retried
                         shipped[k] = ray.put(UnitSlice.of_units(units, block))
                     payload = shipped[k]
@@ -326,6 +359,8 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop the workers this run started; stop or leave Ray as the session says."""
+        if not self.owns_workers:  # a view: the run's executor closes them
+            return
         if self.slots:
             ray = import_ray()
             for slot in self.slots:
@@ -355,8 +390,9 @@ def ray_executor_for(
 ) -> RayExecutor | None:
     """Ray workers for the sweep of ``ctx`` over ``cache`` (None: ``--workers 0``, this process).
 
-    A subset view of the units (``--candidates``) has no directory of its own: its blocks
-    are shipped; the whole cache is read by path where a node can.
+    ``ctx.units`` is the whole cache (read by path where a node can); a rerank group's
+    subset view sweeps on the same workers through :meth:`RayExecutor.over`. Were
+    ``ctx.units`` itself a subset view, its blocks would always be shipped.
     """
     if execution.workers == 0:
         return None
@@ -365,7 +401,7 @@ def ray_executor_for(
         ctx.sweep_model, ctx.units,
         RayOptions.of(
             execution, ctx.score_cfg.batch_size, ctx.pad_id, ctx.device,
-            batch_tokens=ctx.score_cfg.batch_tokens or None,
+            batch_tokens=ctx.score_cfg.batch_tokens or None, autocast=ctx.score_cfg.autocast,
         ),
         cache_root=cache.root if whole else None, manifest=cache.manifest,
         perturb_model=None if ctx.model is ctx.sweep_model else ctx.model,

@@ -6,6 +6,11 @@ mounts) and reads each block from its memory map; nothing but block indices trav
 (:class:`UnitSlice`, a few MB per block); only the blocks in flight live there, so no
 node needs the cache on disk. ``--ship-cache auto`` lets each worker choose: path when it
 can open the cache and its manifest matches the driver's, ship otherwise.
+
+A subset view of the cache (``--candidates``: a rerank group's ``SubsetUnits``) has no
+directory of its own; a worker that reads the cache by path gets a block's corpus unit
+indices (:func:`corpus_indices`) and takes those units from the cache, others get the
+block shipped as a :class:`UnitSlice`.
 """
 
 from __future__ import annotations
@@ -66,9 +71,8 @@ class UnitSlice:
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.uint32)
-        view = getattr(units, "indices", None)
         span = np.asarray(positions, dtype=np.int64)
-        indices = span if view is None else np.asarray(view, dtype=np.int64)[span]
+        indices = corpus_indices(units, span)
         masks = [unit_loss_mask(units, int(i)) for i in span]
         joined = None
         if any(m is not None for m in masks):
@@ -80,6 +84,14 @@ class UnitSlice:
     def local_block(self, block: Block) -> Block:
         """The same block indexed into this slice (units 0..n)."""
         return Block(block.index, 0, len(self.unit_lengths))
+
+
+def corpus_indices(units: TokenSource, positions: np.ndarray) -> np.ndarray:
+    """The corpus units (token-cache indices) at ``positions`` of ``units``: the positions
+    themselves for the cache, ``units.indices[positions]`` for a subset view of it."""
+    span = np.asarray(positions, dtype=np.int64)
+    view = getattr(units, "indices", None)
+    return span if view is None else np.asarray(view, dtype=np.int64)[span]
 
 
 def open_cache_at(root: str | None, expected: dict[str, object]) -> tuple[TokenSource | None, str]:

@@ -1,6 +1,7 @@
 """The Ray actor: one copy of the sweep model, computing blocks with ``compute_block``,
 perturbations with ``perturb`` and the normaliser's blocks with ``unit_gradient_norms``
-(the same functions this process would run), reading
+(the same functions this process would run; a block's forwards under
+``score.sweep.sweep_autocast`` with ``--autocast``, as this process's sweep), reading
 the trunk from the driver's trunk cache where its node can (:mod:`bgotrace.dist.trunk`).
 
 An actor is created from arguments only (the model through the object store, the cache
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bgotrace.cache.batching import TokenSource
 from bgotrace.config import PerturbConfig
 from bgotrace.devices import resolve_device, set_tf32
 from bgotrace.dist.trunk import TrunkSource, open_trunk_at
@@ -29,7 +31,8 @@ from bgotrace.perturb.sensitivity import unit_gradient_norms
 from bgotrace.perturb.steps import PerturbedState, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.score.executor import Block, BlockResult, compute_block
-from bgotrace.score.sweep import Overrides
+from bgotrace.score.subset import SubsetUnits
+from bgotrace.score.sweep import Overrides, sweep_autocast
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class WorkerSetup:
     """TF32 for float32 matmuls on a CUDA worker (``--no-tf32``: off), as on the driver."""
     batch_tokens: int | None = None
     """``--batch-tokens``: padded tokens per batch instead of ``batch_size`` units (None: off)."""
+    autocast: bool = False
+    """``--autocast``: each block's forwards under bfloat16 autocast, as on the driver."""
 
 
 class SweepWorker:
@@ -94,26 +99,45 @@ class SweepWorker:
         }
 
     def run_block(
-        self, block: Block, group: tuple[int, list[Any]], shipped: UnitSlice | None
+        self,
+        block: Block,
+        group: tuple[int, list[Any]],
+        source: UnitSlice | np.ndarray | None,
     ) -> tuple[BlockResult, str]:
         """The block's sums and counts (indexed as the driver's block), and this node's id.
 
         ``group``: (the sweep group's number, [ref of its states]); the states are fetched
         and moved to the device on the group's first block here, then kept for the rest.
+        ``source``: where the block's units are (:meth:`_block_units`).
         """
         import ray
 
         states = self._group_states(group)
-        units: Any = self.cache if shipped is None else shipped
-        local = block if shipped is None else shipped.local_block(block)
-        # A shipped slice names its corpus units (``indices``): the trunk rows follow them.
+        units, local = self._block_units(block, source)
+        # A shipped slice or a subset view names its corpus units: the trunk rows follow them.
         rows = None if self.trunk is None else self.trunk.for_units(units)
-        _, sums, counts = compute_block(
-            self.model, units, local, states,
-            batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
-            trunk_rows=rows, batch_tokens=self.setup.batch_tokens,
-        )  # fmt: skip
+        with sweep_autocast(self.setup.autocast, self.device):  # the driver's own context
+            _, sums, counts = compute_block(
+                self.model, units, local, states,
+                batch_size=self.setup.batch_size, pad_id=self.setup.pad_id, device=self.device,
+                trunk_rows=rows, batch_tokens=self.setup.batch_tokens,
+            )  # fmt: skip
         return (block, sums, counts), ray.get_runtime_context().get_node_id()
+
+    def _block_units(
+        self, block: Block, source: UnitSlice | np.ndarray | None
+    ) -> tuple[TokenSource, Block]:
+        """The units ``block`` is read from and the block in their numbering: the cache
+        opened by path (None), the block's corpus units of that cache (an array: a subset
+        view's block, e.g. a rerank group's candidates), or a shipped slice."""
+        if source is None:
+            assert self.cache is not None  # the driver sends None only when reads_cache
+            return self.cache, block
+        if isinstance(source, UnitSlice):
+            return source, source.local_block(block)
+        assert self.cache is not None  # corpus indices, likewise, only when reads_cache
+        view = SubsetUnits(self.cache, source)
+        return view, Block(block.index, 0, len(view))
 
     def unit_norms(
         self,

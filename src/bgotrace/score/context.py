@@ -8,6 +8,7 @@ configs, and where blocks are computed (this process or Ray workers).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from bgotrace.modeling.split import split_block
 from bgotrace.perturb.fisher import cached_fisher
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.sensitivity import NormWorkers, UnitNormaliser
-from bgotrace.score.executor import BlockExecutor, LocalExecutor
+from bgotrace.score.executor import BlockExecutor, LocalExecutor, SharedExecutor
 from bgotrace.score.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,15 @@ class SweepContext:
                 self.device, trunk_rows=rows, batch_tokens=self.score_cfg.batch_tokens or None,
             )  # fmt: skip
         return self.block_executor
+
+    def over(self, units: TokenSource, store: RunStore | None) -> SweepContext:
+        """This context sweeping ``units`` (a subset view of the cache: a rerank group's
+        candidates) into ``store``. Workers are shared, bound to the view (one executor per
+        run, never one per group); a local executor is rebuilt for the view's trunk rows.
+        The run closes the workers through this context, never through the view's."""
+        shared = self.block_executor
+        bound = shared.over(units) if isinstance(shared, SharedExecutor) else None
+        return dataclasses.replace(self, units=units, store=store, block_executor=bound)
 
     @property
     def n_swept(self) -> int:

@@ -78,7 +78,8 @@ def sweep_group(
 ) -> list[QueryLosses]:
     """Per-unit losses of each query's states (resumable blocks of group ``g``)."""
     keys, states = perturbed.keys, perturbed.states
-    with sweep_autocast(ctx.score_cfg.autocast, ctx.device):  # --autocast: this process only
+    # --autocast: this process's blocks; Ray workers enter the same context around each block.
+    with sweep_autocast(ctx.score_cfg.autocast, ctx.device):
         sums, counts = sweep_blocks(ctx, g, states)
     losses = reduce_sums(sums, counts[None, :], ctx.score_cfg.reduce)
     out = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,6 +58,16 @@ def compute_block(
 class BlockExecutor(Protocol):
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
         """Yield every block's sums and counts, in any order."""
+        ...
+
+
+@runtime_checkable
+class SharedExecutor(Protocol):
+    """An executor whose workers can also sweep a subset view of the same cache (the Ray
+    executor): a rerank group's sweep runs on the run's workers, not on new ones."""
+
+    def over(self, units: TokenSource) -> BlockExecutor:
+        """The same workers computing blocks of ``units``; closing it stops nothing."""
         ...
 
 
