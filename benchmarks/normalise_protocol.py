@@ -17,7 +17,9 @@ the test split. Printed per split: entries ranked first, MRR (95% bootstrap CI),
 largest number of top-5s one unrelated unit appears in. The raw scores, s(z) and unit documents
 are also saved to /tmp/normalise_protocol_demo.npz for re-analysis.
 ``bench``: fact MRR / recall@10, source precision@10 and hub share with their 95% CIs on one
-split of a benchmark (``bgotrace eval``'s metrics, on the same scores).
+split of a benchmark (``bgotrace eval``'s metrics, on the same scores). ``bench --saved FILE
+--linear``: BGO's saved raw scores against ``bgo-linear``'s (scored here) under the default
+normalisation, paired (issue 15 item 3 where a full ``bgotrace eval`` of both is too long).
 """
 
 from __future__ import annotations
@@ -145,6 +147,55 @@ BENCH_METRICS = ("mrr", "recall@10", "precision@10", "hub_share")
 FAMILIES = ["fact", "source", "hubs"]
 
 
+def run_linear(
+    bench_dir: str, model_dir: str, split: str, record: bool, saved: str, setting: str
+) -> None:
+    """BGO vs its first-order control ``bgo-linear`` (issue 15 item 3) at one normalisation,
+    from the raw BGO scores a ``bench`` run saved: only ``bgo-linear`` is scored here (same
+    perturbation: same seed, options and queries), both divided by the same divisors. Prints
+    each method's mean and the paired difference (95% bootstrap CI; ``*``: excludes 0)."""
+    from bgotrace.eval import runner as r
+    from bgotrace.eval.collect import Collector
+    from bgotrace.eval.families import FamilySettings, run_families
+
+    kept = np.load(saved)
+    raw, s = kept["raw"], kept["s"]
+    opts = r.EvalOptions(method_options={"bgo-linear": {"normalize": "none"}})
+    bench = r.load_benchmark(bench_dir)
+    records = r.select_queries(bench, split, None)
+    eligible, _ = r.eligible_queries(records, FAMILIES, split)
+    loaded = r._load(bench, model_dir, records, opts)
+    scores, seconds = r.score_methods(r.build_methods(["bgo-linear"], FAMILIES, opts),
+                                      loaded.ctx, loaded.queries)  # fmt: skip
+    linear = scores["bgo-linear"]
+    np.savez(saved.replace(".npz", "_linear.npz"), linear=linear)  # for re-analysis
+    settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds, False)
+    collector = Collector(loaded.query_ids)
+    normalised = {"bgo": normalise(raw, s, setting), "bgo-linear": normalise(linear, s, setting)}
+    run_families(FAMILIES, eligible, loaded, normalised, settings, collector)
+    table = collector.per_query()
+    lines = [
+        f"\n### BGO vs `bgo-linear` on `{bench_dir}` ({split} split, {len(records)} queries, "
+        f"{setting})\n",
+        f"`python benchmarks/normalise_protocol.py bench --bench {bench_dir} --model "
+        f"{model_dir} --split {split} --saved {saved} --linear`; bgo-linear scoring took "
+        f"{float(seconds['bgo-linear']['score_s']):.0f} s. Paired differences over the same "
+        "queries, 95% bootstrap CI; `*`: the interval excludes 0.\n",
+        "| metric | bgo | bgo-linear | bgo − bgo-linear |",
+        "|---|---:|---:|---:|",
+    ]
+    for family, metric in (("fact", "mrr"), ("fact", "recall@10"), ("source", "precision@10")):
+        a, b = (table[(table.family == family) & (table.metric == metric)
+                      & (table.method == m)].set_index("query_id")["value"].dropna()
+                for m in ("bgo", "bgo-linear"))  # fmt: skip
+        both = a.index.intersection(b.index)
+        diff = bootstrap_ci((a[both] - b[both]).to_numpy())
+        mark = "*" if diff.lo > 0 or diff.hi < 0 else ""
+        lines.append(f"| {family} {metric} | {a[both].mean():.3f} | {b[both].mean():.3f} | "
+                     f"{diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]{mark} |")  # fmt: skip
+    publish(lines, record=record)
+
+
 def run_bench(
     bench_dir: str, model_dir: str, split: str, record: bool, saved: str | None = None
 ) -> None:
@@ -220,12 +271,20 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=48, help="demo: 24 = validation only")
     parser.add_argument("--no-record", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--saved", help="bench: re-analyse the raw scores an earlier run saved")
+    parser.add_argument("--linear", action="store_true",
+                        help="bench, with --saved: BGO vs bgo-linear at --setting")  # fmt: skip
+    parser.add_argument("--setting", default="damped λ=0.3", choices=list(SETTINGS))
     args = parser.parse_args()
     from bgotrace.runtime.progress import set_progress
 
     set_progress(False)
     if args.what == "demo":
         run_demo(not args.no_record, args.entries)
+    elif args.linear:
+        if not args.saved:
+            parser.error("--linear compares with the raw BGO scores of --saved FILE")
+        run_linear(args.bench, args.model, args.split, not args.no_record, args.saved,
+                   args.setting)  # fmt: skip
     else:
         run_bench(args.bench, args.model, args.split, not args.no_record, args.saved)
 
