@@ -31,6 +31,7 @@ from torch.func import functional_call
 from bgotrace.cache import get_token_cache
 from bgotrace.config import PerturbConfig, ScoreConfig
 from bgotrace.corpus import ChunkingConfig
+from bgotrace.perturb.params import select_parameters
 from bgotrace.query import Query, encode_query
 from bgotrace.score.context import build_sweep_context
 from bgotrace.score.engine import score_queries
@@ -376,3 +377,54 @@ def test_a_bgo_run_samples_its_share_of_a_larger_corpus(tokenizer, tiny_document
     ctx.score_cfg = dataclasses.replace(ctx.score_cfg, linearity_sample=256, linearity_share=0.01)
     (run,) = score_queries(ctx, [encode_query(QUERY, tokenizer, None)])
     assert query_linearity(ctx, run, score_losses("bidirectional", run.losses))["n_sample"] == 32
+
+
+@pytest.mark.parametrize("params", ["all", "last:1"])
+def test_stacked_directions_equal_one_at_a_time(tokenizer, tiny_documents, tmp_path, monkeypatch,
+                                                 params):  # fmt: skip
+    """Several directions' JVPs in one vmap (sharing the primal forward) equal the same JVPs
+    one at a time, also in uneven runs (STACK_MAX 2 over 5 directions)."""
+    from bgotrace.score import linear
+
+    model = tiny_gpt2(tokenizer, seed=9)
+    cache = _cache(tokenizer, tiny_documents, tmp_path)
+    names = select_parameters(model, params)
+    directions = [_random_direction(model, names, seed=k) for k in range(5)]
+    monkeypatch.setattr(linear, "STACK_MAX", 2)
+    stacked = linear.linear_scores(model, cache, directions, batch_size=3)
+    monkeypatch.setattr(linear, "STACK_BYTES", 0)  # every direction alone
+    alone = linear.linear_scores(model, cache, directions, batch_size=3)
+    assert stacked.shape == (5, len(cache))
+    np.testing.assert_allclose(stacked, alone, rtol=1e-6, atol=1e-9)
+    assert len({tuple(r) for r in np.round(alone, 6)}) == 5  # five different directions
+
+    def refuse(fn):  # a model vmap cannot batch: the stacked runs go one at a time
+        raise RuntimeError("vmap: no batching rule")
+
+    monkeypatch.setattr(linear, "STACK_BYTES", 1 << 30)
+    monkeypatch.setattr(linear, "vmap", refuse)
+    looped = linear.linear_scores(model, cache, directions, batch_size=3)
+    np.testing.assert_array_equal(looped, alone)
+
+
+def test_a_groups_first_order_checks_equal_each_querys_own(tokenizer, tiny_documents, tmp_path):
+    """The diagnostic of a sweep group's queries (one pass over the sample, directions
+    stacked) equals each query's own (one query per sweep), and differs between queries."""
+    import bgotrace
+
+    model = tiny_gpt2(tokenizer, seed=9)
+    queries = [QUERY, Query("b", "The cat sleeps on", " a warm mat."),
+               Query("c", "The quick brown fox", " jumps over the lazy dog.")]  # fmt: skip
+    config = {"corpus": {"max_length": 16},
+              "perturb": {"optimizer": "sgd", "lr": 3e-2, "steps": 3}}  # fmt: skip
+
+    def checks(per_sweep: int) -> list[dict]:
+        cfg = {**config, "scoring": {"queries_per_sweep": per_sweep}}
+        result = bgotrace.attribute(model, tokenizer, tiny_documents, queries=queries, config=cfg)
+        return [q["linearity"] for q in result.summary["queries"]]
+
+    alone, grouped = checks(1), checks(3)
+    for a, g in zip(alone, grouped, strict=True):
+        assert a["n_sample"] == g["n_sample"] > 0 and a["top10_overlap"] == g["top10_overlap"]
+        assert g["spearman"] == pytest.approx(a["spearman"], abs=1e-9)
+    assert len({round(c["spearman"], 9) for c in alone}) > 1

@@ -45,7 +45,7 @@ from bgotrace.query import EncodedQuery
 from bgotrace.ranking.tokens import top_token_changes, top_units
 from bgotrace.score.context import SweepContext, build_sweep_context
 from bgotrace.score.engine import QueryLosses, check_split_once, score_group
-from bgotrace.score.linear import linear_group, linear_unit_scores, query_linearity
+from bgotrace.score.linear import group_linearity, linear_group, linear_unit_scores
 from bgotrace.score.store import RunStore
 from bgotrace.score.subset import SubsetUnits, scatter
 from bgotrace.spans import group_size_for
@@ -220,7 +220,7 @@ class QueryScores:
     """Per-token loss changes of the top units (:func:`top_token_changes` rows)."""
     linearity: dict[str, Any] | None = None
     """Agreement of the scores with their first-order control on a unit sample
-    (:func:`bgotrace.score.linear.query_linearity`); None when off or not applicable."""
+    (:func:`bgotrace.score.linear.group_linearity`); None when off or not applicable."""
 
 
 @dataclass
@@ -362,17 +362,19 @@ def _finish_group(
     candidate: np.ndarray | None,
     top: _TopTokens,
 ) -> list[QueryScores]:
-    """Scores and top-token changes of a group's queries; then their states are released."""
+    """Scores, first-order checks and top-token changes of a group's queries; then their
+    states are released."""
+    scores = [normalized(method.unit_scores(ctx.score_cfg.score, r.losses), ctx.sensitivity)
+              for r in losses]  # fmt: skip
+    checks = _linearity(ctx, method, losses, scores, candidate)
     out = []
-    for r in losses:
-        scores = normalized(method.unit_scores(ctx.score_cfg.score, r.losses), ctx.sensitivity)
-        tokens = _top_token_rows(ctx, r, scores, candidate, top) if top.k else []
+    for r, s, check in zip(losses, scores, checks, strict=True):
+        tokens = _top_token_rows(ctx, r, s, candidate, top) if top.k else []
         out.append(
-            QueryScores(
-                r.query, scores, r.losses, r.counts, candidate, r.trajectories, r.calibration,
-                tokens, _linearity(ctx, method, r, scores, candidate),
-            )
+            QueryScores(r.query, s, r.losses, r.counts, candidate, r.trajectories,
+                        r.calibration, tokens, check)
         )  # fmt: skip
+    for r in losses:
         r.states = {}  # a reference left elsewhere (the loop's last item) holds no state
     return out
 
@@ -380,20 +382,21 @@ def _finish_group(
 def _linearity(
     ctx: SweepContext,
     method: PerturbationMethod,
-    losses: QueryLosses,
-    scores: np.ndarray,
+    losses: list[QueryLosses],
+    scores: list[np.ndarray],
     candidate: np.ndarray | None,
-) -> dict[str, Any] | None:
-    """Did the finite steps change the answer? Spearman and top-10 overlap of the scores with
-    the first-order control on a unit sample, while the group's states are still alive. Off
-    for ``bgo-linear`` itself and for reranked groups (their scores cover the candidates)."""
+) -> list[dict[str, Any] | None]:
+    """Did the finite steps change the answer? Per query, Spearman and top-10 overlap of the
+    scores with the first-order control on a unit sample (one pass for the group), while
+    the group's states are still alive. Off for ``bgo-linear`` itself and for reranked
+    groups (their scores cover the candidates)."""
     if method.name == "bgo-linear" or candidate is not None:
-        return None
+        return [None for _ in losses]
     try:
-        return query_linearity(ctx, losses, scores)
+        return group_linearity(ctx, losses, scores)
     except InputError as err:  # no forward mode through this model (e.g. fused MoE experts)
         log_once("first-order check skipped: %s", str(err).split(" (")[0])
-        return None
+        return [None for _ in losses]
 
 
 def _top_tokens_of(

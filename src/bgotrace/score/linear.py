@@ -23,6 +23,7 @@ rounded to bfloat16.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torch.func import jvp
+from torch.func import jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bgotrace.cache.batching import TokenSource, collate, length_buckets, loss_counts
@@ -92,26 +93,69 @@ def combine_linear(variant: str, changes: Mapping[str, np.ndarray]) -> np.ndarra
     return score_losses(variant, losses)
 
 
+STACK_BYTES = 1 << 30
+"""Most bytes of directions one vmap stacks (a copy of them): their JVPs then share the
+primal forward (per direction 2.5 instead of 3.4 forwards for 8 directions on a 12-block
+model on CPU, bit-identical). A direction larger than this (a 1B model's) goes alone."""
+STACK_MAX = 8
+"""Most directions in one stack."""
+
+
 def _unit_jvps(
     model: torch.nn.Module,
     shared: Any,
     labels: torch.Tensor,
     primals: dict[str, torch.Tensor],
     tangents: Direction,
+    stacked: bool = False,
 ) -> torch.Tensor:
-    """d/dε of each unit's summed token NLL at θ0 + εΔ (B,), float32."""
+    """d/dε of each unit's summed token NLL at θ0 + εΔ (B,), float32; ``stacked``: every
+    tangent has a leading direction axis, the result is (n_directions, B)."""
 
     def summed(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return state_token_losses(model, shared, params, labels).sum(dim=1)  # (B,)
 
+    def along(t: Direction) -> torch.Tensor:
+        return jvp(summed, (primals,), (t,))[1]  # (primal, tangent)
+
     try:
-        tangent = jvp(summed, (primals,), (tangents,))[1]  # (primal, tangent)
+        tangent = _stacked_jvps(along, tangents) if stacked else along(tangents)
     except NotImplementedError as err:  # e.g. a flash-attention-2 model
         raise InputError(
             f"Forward-mode differentiation is not available through this model ({err}): load "
             "it with --attn-implementation sdpa (or eager) to use bgo-linear."
         ) from err
     return tangent.float()
+
+
+def _stacked_jvps(along: Callable[[Direction], torch.Tensor], tangents: Direction) -> torch.Tensor:
+    """``along`` of each stacked direction (n, B): in one vmap, or one at a time where vmap
+    cannot batch the model (the reason is logged once; the numbers are the same)."""
+    try:
+        with warnings.catch_warnings():  # an op without a batching rule loops: still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop because")
+            return vmap(along)(tangents)
+    except RuntimeError as err:  # NotImplementedError too: the loop below raises it again
+        log_once("bgo-linear: directions one at a time (%s)", str(err).splitlines()[0][:160])
+        n = next(iter(tangents.values())).shape[0]
+        return torch.stack([along({k: v[i] for k, v in tangents.items()}) for i in range(n)])
+
+
+def _stacks(directions: Sequence[Direction]) -> list[tuple[int, int, Direction, bool]]:
+    """(first, stop, tangents, stacked) runs of ``directions``: runs of up to
+    :data:`STACK_MAX` whose copy fits :data:`STACK_BYTES` stacked along a new first axis
+    (made once per pass), single directions as they are."""
+    size = sum(t.numel() * t.element_size() for t in directions[0].values())
+    per_stack = max(1, min(STACK_MAX, STACK_BYTES // max(size, 1)))
+    out = []
+    for lo in range(0, len(directions), per_stack):
+        run = directions[lo : lo + per_stack]
+        if len(run) == 1:
+            out.append((lo, lo + 1, run[0], False))
+        else:
+            stack = {n: torch.stack([d[n] for d in run]) for n in run[0]}
+            out.append((lo, lo + len(run), stack, True))
+    return out
 
 
 def linear_sums(
@@ -128,7 +172,8 @@ def linear_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     """∇(summed NLL of z)·Δ per direction and unit (n_dirs, len(indices)), and token counts.
 
-    One JVP per direction and batch; the trunk below the first perturbed block has no
+    Per batch one JVP per direction, stacked directions in one vmap that shares the primal
+    forward (:data:`STACK_BYTES`); the trunk below the first perturbed block has no
     tangent, so it is computed once per batch with the base weights, as in the sweep.
     """
     if not directions:
@@ -140,6 +185,7 @@ def linear_sums(
         log_once("bgo-linear: tangents in the model's dtype, not float32: expect rounding")
     start = states_split(model, [primals])
     position = {int(u): k for k, u in enumerate(indices)}
+    runs = _stacks(along)
     sums = np.zeros((len(directions), len(indices)), dtype=np.float64)
     counts = np.zeros(len(indices), dtype=np.int64)
     with torch.no_grad(), forward_ad_attention():
@@ -148,9 +194,9 @@ def linear_sums(
             cols = [position[int(u)] for u in batch]
             counts[cols] = (labels[:, 1:] != -100).sum(dim=1).cpu().numpy()
             shared = trunk(model, input_ids, attention_mask, start)
-            for q, tangent in enumerate(along):
-                row = _unit_jvps(model, shared, labels, primals, tangent)
-                sums[q, cols] = row.double().cpu().numpy()
+            for lo, hi, tangents, stacked in runs:
+                rows = _unit_jvps(model, shared, labels, primals, tangents, stacked)
+                sums[lo:hi, cols] = rows.reshape(hi - lo, -1).double().cpu().numpy()
             advance(len(batch))
     return sums, counts
 
@@ -240,6 +286,18 @@ def linearity_diagnostic(
     units: TokenSource,
     states: Mapping[str, Overrides],
     exact: np.ndarray,
+    **options: Any,
+) -> dict[str, Any]:
+    """How far one query's exact BGO scores are from their first-order control: the one
+    query of :func:`linearity_diagnostics` (same options)."""
+    return linearity_diagnostics(model, units, [states], [exact], **options)[0]
+
+
+def linearity_diagnostics(
+    model: torch.nn.Module,
+    units: TokenSource,
+    states: Sequence[Mapping[str, Overrides]],
+    exact: Sequence[np.ndarray],
     *,
     variant: str = "bidirectional",
     reduce: str = "sum",
@@ -251,27 +309,50 @@ def linearity_diagnostic(
     pad_id: int = 0,
     device: torch.device | None = None,
     batch_tokens: int | None = None,
-) -> dict[str, Any]:
-    """How far one query's exact BGO scores are from their first-order control.
+) -> list[dict[str, Any]]:
+    """How far each query's exact BGO scores are from their first-order control.
 
-    ``exact``: the query's exact scores over ``units`` (n_units,), as ranked (NaN = not
-    swept, e.g. outside the prefilter's candidates); ``states``: its perturbed states
-    (``ascent``/``descent``/``base`` → values, as the sweep got them); ``divisors``: the
-    per-unit divisors ``exact`` was normalised by (``score_divisors``), None when raw.
+    ``exact``: per query, its exact scores over ``units`` (n_units,), as ranked (NaN = not
+    swept, e.g. outside the prefilter's candidates); ``states``: per query, its perturbed
+    states (``ascent``/``descent``/``base`` → values, as the sweep got them); ``divisors``:
+    the per-unit divisors ``exact`` was normalised by (``score_divisors``), None when raw.
     The linear scores of a seeded sample of ``sample`` swept units (all when fewer) are
     computed, normalised the same way, and compared with the exact ones on that sample:
     Spearman, and the overlap of the top ``top_k`` *within the sample* (not the corpus).
-    Returns ``{"n_sample", "seed", "spearman", "top10_overlap"}`` (key named by ``top_k``);
-    costs one forward-mode pass over the sample (~``sample`` units of a sweep).
+    Returns per query ``{"n_sample", "seed", "spearman", "top10_overlap"}`` (key named by
+    ``top_k``). Queries with the same sample share one forward-mode pass over it (their
+    directions stacked, :func:`linear_sums`), as many at a time as :data:`STACK_BYTES` holds.
     """
-    chosen = sample_units(np.flatnonzero(np.isfinite(exact)), sample, seed)
-    linear = variant_linear_scores(
-        model, units, [states], variant=variant, indices=chosen, reduce=reduce,
-        batch_size=batch_size, pad_id=pad_id, device=device, batch_tokens=batch_tokens,
-    )[0]  # fmt: skip
-    if divisors is not None:
-        linear = linear / divisors[chosen]
-    return {"n_sample": len(chosen), "seed": seed, **agreement(exact[chosen], linear, top_k)}
+    chosen = [sample_units(np.flatnonzero(np.isfinite(e)), sample, seed) for e in exact]
+    alike: dict[bytes, list[int]] = {}
+    for i, c in enumerate(chosen):
+        alike.setdefault(c.tobytes(), []).append(i)
+    per_pass = _directions_per_pass(states[0])
+    out: list[dict[str, Any]] = [{} for _ in exact]
+    for members in alike.values():
+        indices = chosen[members[0]]
+        for lo in range(0, len(members), per_pass):
+            part = members[lo : lo + per_pass]
+            linear = variant_linear_scores(
+                model, units, [states[i] for i in part], variant=variant, indices=indices,
+                reduce=reduce, batch_size=batch_size, pad_id=pad_id, device=device,
+                batch_tokens=batch_tokens,
+            )  # fmt: skip
+            for i, row in zip(part, linear, strict=True):
+                if divisors is not None:
+                    row = row / divisors[indices]
+                out[i] = {"n_sample": len(indices), "seed": seed,
+                          **agreement(exact[i][indices], row, top_k)}  # fmt: skip
+    return out
+
+
+def _directions_per_pass(states: Mapping[str, Overrides]) -> int:
+    """Queries whose directions one diagnostic pass holds at once: as many as fit
+    :data:`STACK_BYTES` (one at least), so a large model's diagnostic holds one direction at
+    a time, as the sweep's memory plan assumes."""
+    values = next((s for s in states.values() if s is not None), {})
+    size = 4 * sum(t.numel() for t in values.values())  # float32 tangents
+    return max(1, min(STACK_MAX, STACK_BYTES // max(size, 1)))
 
 
 def group_linear_scores(ctx: SweepContext, states: Sequence[Mapping[str, Overrides]]) -> np.ndarray:
@@ -308,22 +389,36 @@ def diagnostic_size(cap: int, share: float, n_swept: int) -> int:
 def query_linearity(
     ctx: SweepContext, losses: QueryLosses, exact: np.ndarray, *, seed: int = 0
 ) -> dict[str, Any] | None:
-    """:func:`linearity_diagnostic` of one query of a BGO run, sized by the score config's
-    ``linearity_sample`` (None when it is 0: off). ``exact``: the query's scores as ranked
-    over ``ctx.units``; ``losses.states`` must still hold its states."""
+    """:func:`group_linearity` of one query."""
+    return group_linearity(ctx, [losses], [exact], seed=seed)[0]
+
+
+def group_linearity(
+    ctx: SweepContext,
+    losses: Sequence[QueryLosses],
+    exact: Sequence[np.ndarray],
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any] | None]:
+    """:func:`linearity_diagnostics` of a sweep group's queries, sized by the score config's
+    ``linearity_sample`` and ``linearity_share`` (None each when off). ``exact``: per query,
+    its scores as ranked over ``ctx.units``; ``losses[i].states`` must still hold its states."""
     size = diagnostic_size(
         int(getattr(ctx.score_cfg, "linearity_sample", 256)),
         float(getattr(ctx.score_cfg, "linearity_share", 1.0)),
         ctx.n_swept,
     )
     if size == 0:
-        return None
+        return [None for _ in losses]
     divisors = None if ctx.sensitivity is None else score_divisors(ctx.sensitivity)
     cfg = ctx.score_cfg
-    return linearity_diagnostic(
-        ctx.model, ctx.units, losses.states, exact, variant=cfg.score, reduce=cfg.reduce,
-        divisors=divisors, sample=size, seed=seed, batch_size=cfg.batch_size,
-        pad_id=ctx.pad_id, device=ctx.device, batch_tokens=cfg.batch_tokens,
+    return list(
+        linearity_diagnostics(
+            ctx.model, ctx.units, [r.states for r in losses], exact, variant=cfg.score,
+            reduce=cfg.reduce, divisors=divisors, sample=size, seed=seed,
+            batch_size=cfg.batch_size, pad_id=ctx.pad_id, device=ctx.device,
+            batch_tokens=cfg.batch_tokens,
+        )
     )  # fmt: skip
 
 
