@@ -102,6 +102,16 @@ def build_model(shape: str, unit_length: int) -> GPT2LMHeadModel:
     ).eval()  # fmt: skip
 
 
+def random_setup(n_docs: int, unit_length: int, shape: str = "12x128"):
+    """This benchmark's inputs, for the scripts that profile it: the seeded synthetic corpus of
+    ``n_docs`` documents, a 512-token tokenizer trained on it and a random-init GPT-2."""
+    set_progress(False)
+    torch.manual_seed(0)
+    docs = corpus(n_docs, unit_length=unit_length)
+    tok = train_tokenizer([d.text for d in docs], vocab_size=512)
+    return docs, tok, build_model(shape, unit_length)
+
+
 def queries(n: int) -> list[Query]:
     return [
         Query(f"q{i}", " ".join(WORDS[i % 20 : i % 20 + 4]), " " + WORDS[(i * 7) % len(WORDS)])

@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 
 import bench_amortized as ba
-import torch
 
 import bgotrace
-from bgotrace.runtime.progress import set_progress
-from bgotrace.train.tokenizer import train_tokenizer
 
 
 def profiled(fn) -> tuple[float, dict[str, float]]:
@@ -45,11 +42,7 @@ def main() -> None:
     parser.add_argument("--unit-length", type=int, default=128)
     parser.add_argument("--top", type=int, default=20, help="functions printed")
     args = parser.parse_args()
-    set_progress(False)
-    torch.manual_seed(0)
-    docs = ba.corpus(args.n_docs, unit_length=args.unit_length)
-    tok = train_tokenizer([d.text for d in docs], vocab_size=512)
-    model = ba.build_model("12x128", args.unit_length)
+    docs, tok, model = ba.random_setup(args.n_docs, args.unit_length)
     cache = Path(tempfile.mkdtemp(prefix="bgotrace-grouping-"))
 
     def call(per_sweep: int):

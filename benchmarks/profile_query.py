@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import bench_amortized as ba
-import torch
 
 import bgotrace
 from bgotrace.cache import TokenCache
@@ -29,8 +28,6 @@ from bgotrace.config import PerturbConfig
 from bgotrace.perturb.params import select_parameters
 from bgotrace.perturb.steps import ASCENT, DESCENT, perturb, perturb_pair
 from bgotrace.query import encode_query
-from bgotrace.runtime.progress import set_progress
-from bgotrace.train.tokenizer import train_tokenizer
 
 STAGES = "sweep_blocks|perturb_group|top_token_changes|_assemble|_summary"
 
@@ -40,11 +37,7 @@ def main() -> None:
     parser.add_argument("--unit-length", type=int, default=ba.UNIT_LENGTH)
     parser.add_argument("--docs", type=int, default=300, help="documents (300: >= 1,000 units)")
     args = parser.parse_args()
-    set_progress(False)
-    torch.manual_seed(0)
-    docs = ba.corpus(args.docs, unit_length=args.unit_length)
-    tok = train_tokenizer([d.text for d in docs], vocab_size=512)
-    model = ba.build_model("12x128", args.unit_length)
+    docs, tok, model = ba.random_setup(args.docs, args.unit_length)
     cache = Path(tempfile.mkdtemp(prefix="bgotrace-profile-"))
     cfg = ba.config(cache, unit_length=args.unit_length)
 
