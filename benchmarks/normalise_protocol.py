@@ -148,7 +148,13 @@ FAMILIES = ["fact", "source", "hubs"]
 
 
 def run_linear(
-    bench_dir: str, model_dir: str, split: str, record: bool, saved: str, setting: str
+    bench_dir: str,
+    model_dir: str,
+    split: str,
+    record: bool,
+    saved: str,
+    setting: str,
+    kind: str | None = None,
 ) -> None:
     """BGO vs its first-order control ``bgo-linear`` (issue 15 item 3) at one normalisation,
     from the raw BGO scores a ``bench`` run saved: only ``bgo-linear`` is scored here (same
@@ -163,22 +169,28 @@ def run_linear(
     opts = r.EvalOptions(method_options={"bgo-linear": {"normalize": "none"}})
     bench = r.load_benchmark(bench_dir)
     records = r.select_queries(bench, split, None)
-    eligible, _ = r.eligible_queries(records, FAMILIES, split)
+    # ``kind``: only the fact (or style) queries, when a whole split's forward-mode pass is
+    # too long; BGO's saved rows are the split's queries in order, so they are kept alike
+    keep = [i for i, q in enumerate(records) if kind is None or q.get("kind") == kind]
+    records, raw = [records[i] for i in keep], raw[keep]
+    families = {None: FAMILIES, "fact": ["fact", "hubs"], "style": ["source", "hubs"]}[kind]
+    eligible, _ = r.eligible_queries(records, families, split)
     loaded = r._load(bench, model_dir, records, opts)
-    scores, seconds = r.score_methods(r.build_methods(["bgo-linear"], FAMILIES, opts),
+    scores, seconds = r.score_methods(r.build_methods(["bgo-linear"], families, opts),
                                       loaded.ctx, loaded.queries)  # fmt: skip
     linear = scores["bgo-linear"]
     np.savez(saved.replace(".npz", "_linear.npz"), linear=linear)  # for re-analysis
     settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds, False)
     collector = Collector(loaded.query_ids)
     normalised = {"bgo": normalise(raw, s, setting), "bgo-linear": normalise(linear, s, setting)}
-    run_families(FAMILIES, eligible, loaded, normalised, settings, collector)
+    run_families(families, eligible, loaded, normalised, settings, collector)
     table = collector.per_query()
     lines = [
         f"\n### BGO vs `bgo-linear` on `{bench_dir}` ({split} split, {len(records)} queries, "
         f"{setting})\n",
         f"`python benchmarks/normalise_protocol.py bench --bench {bench_dir} --model "
-        f"{model_dir} --split {split} --saved {saved} --linear`; bgo-linear scoring took "
+        f"{model_dir} --split {split} --saved {saved} --linear"
+        f"{f' --kind {kind}' if kind else ''}`; bgo-linear scoring took "
         f"{float(seconds['bgo-linear']['score_s']):.0f} s. Paired differences over the same "
         "queries, 95% bootstrap CI; `*`: the interval excludes 0.\n",
         "| metric | bgo | bgo-linear | bgo − bgo-linear |",
@@ -189,6 +201,8 @@ def run_linear(
                       & (table.method == m)].set_index("query_id")["value"].dropna()
                 for m in ("bgo", "bgo-linear"))  # fmt: skip
         both = a.index.intersection(b.index)
+        if len(both) == 0:  # no query of this family (``--kind``)
+            continue
         diff = bootstrap_ci((a[both] - b[both]).to_numpy())
         mark = "*" if diff.lo > 0 or diff.hi < 0 else ""
         lines.append(f"| {family} {metric} | {a[both].mean():.3f} | {b[both].mean():.3f} | "
@@ -274,6 +288,7 @@ def main() -> None:
     parser.add_argument("--linear", action="store_true",
                         help="bench, with --saved: BGO vs bgo-linear at --setting")  # fmt: skip
     parser.add_argument("--setting", default="damped λ=0.3", choices=list(SETTINGS))
+    parser.add_argument("--kind", choices=("fact", "style"), help="--linear: these queries only")
     args = parser.parse_args()
     from bgotrace.runtime.progress import set_progress
 
@@ -284,7 +299,7 @@ def main() -> None:
         if not args.saved:
             parser.error("--linear compares with the raw BGO scores of --saved FILE")
         run_linear(args.bench, args.model, args.split, not args.no_record, args.saved,
-                   args.setting)  # fmt: skip
+                   args.setting, args.kind)  # fmt: skip
     else:
         run_bench(args.bench, args.model, args.split, not args.no_record, args.saved)
 
