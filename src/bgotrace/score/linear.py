@@ -141,12 +141,16 @@ def _stacked_jvps(along: Callable[[Direction], torch.Tensor], tangents: Directio
         return torch.stack([along({k: v[i] for k, v in tangents.items()}) for i in range(n)])
 
 
+def _per_stack(direction_bytes: int) -> int:
+    """Directions one stack holds: as many as fit :data:`STACK_BYTES`, one at least."""
+    return max(1, min(STACK_MAX, STACK_BYTES // max(direction_bytes, 1)))
+
+
 def _stacks(directions: Sequence[Direction]) -> list[tuple[int, int, Direction, bool]]:
     """(first, stop, tangents, stacked) runs of ``directions``: runs of up to
     :data:`STACK_MAX` whose copy fits :data:`STACK_BYTES` stacked along a new first axis
     (made once per pass), single directions as they are."""
-    size = sum(t.numel() * t.element_size() for t in directions[0].values())
-    per_stack = max(1, min(STACK_MAX, STACK_BYTES // max(size, 1)))
+    per_stack = _per_stack(sum(t.numel() * t.element_size() for t in directions[0].values()))
     out = []
     for lo in range(0, len(directions), per_stack):
         run = directions[lo : lo + per_stack]
@@ -347,12 +351,11 @@ def linearity_diagnostics(
 
 
 def _directions_per_pass(states: Mapping[str, Overrides]) -> int:
-    """Queries whose directions one diagnostic pass holds at once: as many as fit
-    :data:`STACK_BYTES` (one at least), so a large model's diagnostic holds one direction at
-    a time, as the sweep's memory plan assumes."""
+    """Queries whose directions one diagnostic pass holds at once (:func:`_per_stack` of a
+    float32 direction), so a large model's diagnostic holds one direction at a time, as the
+    sweep's memory plan assumes."""
     values = next((s for s in states.values() if s is not None), {})
-    size = 4 * sum(t.numel() for t in values.values())  # float32 tangents
-    return max(1, min(STACK_MAX, STACK_BYTES // max(size, 1)))
+    return _per_stack(4 * sum(t.numel() for t in values.values()))
 
 
 def group_linear_scores(ctx: SweepContext, states: Sequence[Mapping[str, Overrides]]) -> np.ndarray:
