@@ -207,6 +207,12 @@ def run_linear(
         mark = "*" if diff.lo > 0 or diff.hi < 0 else ""
         lines.append(f"| {family} {metric} | {a[both].mean():.3f} | {b[both].mean():.3f} | "
                      f"{diff.mean:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}]{mark} |")  # fmt: skip
+    # hub share is one number per split (a fraction of query groups), so no paired interval
+    summary = collector.table()
+    share = summary[(summary.family == "hubs") & (summary.metric == "hub_share")]
+    if len(share):
+        a, b = (float(share[share.method == m]["mean"].iloc[0]) for m in ("bgo", "bgo-linear"))
+        lines.append(f"| hub share (per split) | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
     publish(lines, record=record)
 
 
