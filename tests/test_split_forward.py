@@ -9,6 +9,7 @@ losses by > 1e-2 here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -226,6 +227,42 @@ def test_unit_sums_with_shared_trunk_match_slow_reference(arch, batch_size):
     )
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(counts, units.lengths - 1)
+
+
+@pytest.mark.parametrize("where", ["split", "full"])
+def test_sweep_window_runs_each_state_over_the_window_and_keeps_every_sum(where, monkeypatch):
+    """State by state over a window of batches (for the cache: see score.sweep) gives the same
+    sums, bit for bit, as batch by batch; and the order really is state-major."""
+    from bgotrace.score import sweep as sweep_mod
+
+    model = build("gpt2")
+    rng = np.random.default_rng(3)
+    units = ListUnits([rng.integers(0, V, size=int(n)) for n in rng.integers(2, 16, size=11)])
+    names = block_names(model, LAYERS - 1) if where == "split" else [
+        n for n, _ in model.named_parameters()]  # fmt: skip
+    states = [None, nudged(model, names), nudged(model, names, scale=-0.05)]
+    calls: list[tuple[int, int]] = []
+    real = sweep_mod.bound_token_losses
+
+    def spy(model_, shared, bound, labels, kept):
+        calls.append((id(bound), id(shared)))
+        return real(model_, shared, bound, labels, kept)
+
+    monkeypatch.setattr(sweep_mod, "bound_token_losses", spy)
+    got = {}
+    for window in (0, 10_000):
+        calls.clear()
+        got[window], _ = unit_loss_sums(model, units, np.arange(11), states, batch_size=3,
+                                        pad_id=0, device=torch.device("cpu"),
+                                        window_tokens=window)  # fmt: skip
+        order = [s for s, _ in calls]
+        changes = sum(a != b for a, b in itertools.pairwise(order))
+        # 4 batches × 3 states: batch-major switches state on every call but one per batch,
+        # state-major (one window) only twice
+        assert changes == (2 if window else 4 * 3 - 1), (window, changes)
+    np.testing.assert_array_equal(got[0], got[10_000])
+    with torch.no_grad():
+        np.testing.assert_allclose(got[10_000], slow_unit_sums(model, units, states), atol=1e-4)
 
 
 def test_perturbation_outside_the_blocks_runs_the_full_forward(caplog):

@@ -23,6 +23,10 @@ width, a heads, V vocabulary, L blocks):
                  B·T·(4h + 2I + a·T)·b_s (one block at a time) + LM-head chunk 256·V·(b_s + 8);
                  with ``--autocast`` activations and chunk in 2 bytes, plus the bfloat16 cast
                  of the largest weight matrix, 2·h·max(V, I) (one op's, never all of them)
+                 + the sweep window's earlier batches, W·(h·b_s + 4·T + 24) for W =
+                 ``score.sweep.WINDOW_TOKENS`` (or the corpus's tokens, if fewer) when B·T is
+                 below it (their trunk outputs, h·b_s only with a split, masks, ids, labels and
+                 positions; else one batch per window)
 - top tokens:    N·b_m + sweep copy + S·P·b_s + activations of one unit
 
 with sweep copy = N·b_s when the sweep dtype differs from the model's (else 0), L' the blocks
@@ -46,6 +50,7 @@ from typing import Any
 from bgotrace.perturb.ghost_norms import upcast_transient_bytes
 from bgotrace.perturb.lowp import update_transient_bytes
 from bgotrace.plan.shape import ModelShape
+from bgotrace.score.sweep import WINDOW_TOKENS
 
 RUNTIME_BYTES = 500 * 2**20
 """Resident memory of Python + torch + transformers + bgotrace once imported (measured on
@@ -173,11 +178,24 @@ def _sweep(m: ModelShape, run: RunShape) -> Stage:
         "states": run.queries_per_sweep * run.states_per_query * m.n_selected * bs,
         "activations": activations,
         "LM-head chunk": HEAD_CHUNK * m.vocab * (ba + 8),
+        "sweep window": _window_bytes(m, run, ba),
     }
     if run.autocast:  # each matmul casts its weight: the largest (the LM head) at most
         device["autocast cast"] = 2 * m.hidden * max(m.vocab, m.intermediate)
     hours = _hours(_sweep_flops(m, run), run, bs)
     return Stage("sweep", device, hours_per_1e9_tokens=hours)
+
+
+def _window_bytes(m: ModelShape, run: RunShape, activation_bytes: int) -> int:
+    """The batches a sweep window holds besides the current one (``score.sweep``): each
+    state runs over a window of batches before the next, so their inputs, trunk outputs and
+    (eager attention) masks stay alive; a batch as large as the window is a window alone."""
+    if run.batch_size * run.unit_length >= WINDOW_TOKENS:
+        return 0
+    tokens = min(WINDOW_TOKENS, run.corpus_tokens or WINDOW_TOKENS)
+    # trunk outputs only when the sweep can split (some parameters stay at θ0)
+    hidden = m.hidden * activation_bytes if m.n_selected < m.n_params else 0
+    return tokens * (hidden + 4 * run.unit_length + 24)
 
 
 def _load(m: ModelShape, run: RunShape) -> Stage:

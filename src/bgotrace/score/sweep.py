@@ -6,12 +6,21 @@ shared by all of them. When every state moves only blocks ``>= b`` the batch's t
 (embeddings + blocks ``< b``, base weights) is computed once and shared too
 (:mod:`bgotrace.modeling.split`). Only per-unit loss sums leave this module; per-token
 losses are recomputed later for the few top units that a report shows.
+
+Order: the batches are taken a window at a time (:data:`WINDOW_TOKENS`), and each state runs
+over the whole window before the next state starts. Batch by batch, a group of many states
+reads every state's weights once per batch: once they no longer fit the CPU's cache together
+(16 queries per sweep = 32 states of a 12-block width-128 GPT-2, 320 MB, against a 32 MB L3)
+each state cost ~10% more than with 2 states per sweep; state by state over a window, a state's
+weights stay hot across the window's batches (benchmarks/RESULTS.md, "sweep order"). The
+scores are the same either way: every (state, batch) forward is the same computation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +29,7 @@ import torch
 from bgotrace.cache.batching import TokenSource, collate, length_buckets, unit_loss_mask
 from bgotrace.modeling.split import (
     Overrides,
+    TrunkState,
     bind_state,
     bound_token_losses,
     log_once,
@@ -32,7 +42,20 @@ from bgotrace.modeling.split import (
 if TYPE_CHECKING:
     from bgotrace.cache.trunk_cache import TrunkRows
 
-__all__ = ["Overrides", "states_split", "sweep_autocast", "unit_loss_sums", "unit_token_losses"]
+__all__ = [
+    "WINDOW_TOKENS",
+    "Overrides",
+    "states_split",
+    "sweep_autocast",
+    "unit_loss_sums",
+    "unit_token_losses",
+]
+
+WINDOW_TOKENS = 16_384
+"""Padded tokens of the batches one window holds (at least one batch): each state sweeps the
+window's batches before the next state starts. What a window keeps alive beyond one batch is
+its batches' inputs and, with a shared trunk, their trunk outputs (tokens × hidden width), at
+most this many tokens' worth; :mod:`bgotrace.plan.memory` counts it."""
 
 
 @contextmanager
@@ -74,6 +97,7 @@ def unit_loss_sums(
     batch_tokens: int | None = None,
     trunk_rows: TrunkRows | None = None,
     advance: Callable[[int], None] = lambda n: None,
+    window_tokens: int = WINDOW_TOKENS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed token NLL of each unit under each state, and each unit's token count.
 
@@ -81,7 +105,7 @@ def unit_loss_sums(
     both in the order of ``indices``. Batches hold ``batch_size`` units, or with
     ``batch_tokens`` at most that many padded tokens (:func:`length_buckets`). With
     ``trunk_rows`` (a trunk cache of the same split) the trunk is read from disk instead of
-    computed.
+    computed. ``window_tokens``: see :data:`WINDOW_TOKENS` (0: one batch per window).
     """
     start = states_split(model, states)
     if trunk_rows is not None and trunk_rows.split != start:
@@ -96,25 +120,50 @@ def unit_loss_sums(
     # transformers would read a padding mask back to inspect it (a host sync per batch).
     parts, columns = [], []  # (n_states, B) float64 on the device; their units' positions
     counts = np.zeros(len(indices), dtype=np.int64)
+    window: list[_Batch] = []
+
+    def sweep_window() -> None:
+        # state by state over the window's batches (module docstring: why this order)
+        losses = [[bound_token_losses(model, b.shared, state, b.labels, b.kept).sum(dim=1)
+                   for b in window] for state in bound]  # fmt: skip
+        for k, b in enumerate(window):
+            parts.append(torch.stack([row[k] for row in losses]).double())  # float32 sums
+            columns.append(b.cols)
+            advance(len(b.cols))
+        window.clear()
+
+    held = 0  # padded tokens in the window
     for batch in length_buckets(indices, units.lengths, batch_size, batch_tokens):
         input_ids, _, labels = collate(units, batch, pad_id, device)  # no mask: see above
         keep = predicted_positions(units, batch, input_ids.shape[1])
         cols = np.array([position[int(u)] for u in batch])
         counts[cols] = np.bincount(keep // input_ids.shape[1], minlength=len(batch))
-        kept = _to_device(keep, device)
+        if window and held + input_ids.numel() > window_tokens:
+            sweep_window()
+            held = 0
         if trunk_rows is not None and start is not None:
             hidden = trunk_rows.batch(batch, input_ids.shape[1], device).to(_dtype(model))
             shared = resume_trunk(model, input_ids, None, start, hidden)
         else:
             shared = trunk(model, input_ids, None, start)
-        rows = [bound_token_losses(model, shared, state, labels, kept) for state in bound]
-        parts.append(torch.stack([r.sum(dim=1) for r in rows]).double())  # float32 sums
-        columns.append(cols)
-        advance(len(batch))
+        window.append(_Batch(shared, labels, _to_device(keep, device), cols))
+        held += input_ids.numel()
+    if window:
+        sweep_window()
     sums = np.zeros((len(states), len(indices)), dtype=np.float64)
     if parts:
         sums[:, np.concatenate(columns)] = torch.cat(parts, dim=1).cpu().numpy()
     return sums, counts
+
+
+@dataclass
+class _Batch:
+    """One batch of a window: its trunk (or inputs), labels, predicted positions, columns."""
+
+    shared: TrunkState
+    labels: torch.Tensor
+    kept: torch.Tensor
+    cols: np.ndarray
 
 
 def predicted_positions(units: TokenSource, batch: np.ndarray, width: int) -> np.ndarray:
