@@ -32,8 +32,10 @@ ratios. Prints and appends to benchmarks/RESULTS.md:
 timed as one run, as a user without ``--queries`` runs them) at 1, 4 and 16 queries per sweep
 (target <= 1.0); one full-model query vs its 2-pass limit (>= 0.9); 16 ``last:2`` queries in
 one sweep vs 16 full single runs (<= 0.30); and the spread of identical calls (the two
-rounds of each run: max/min - 1, target <= 5% on an idle machine). ``--top-tokens 0`` there,
-as in the issue.
+rounds of each run: max/min - 1, target <= 5% on an idle machine); and the sweep's order: 16
+per sweep with each state run over a window of batches (``score.sweep.WINDOW_TOKENS``) vs the
+order before it, every batch under every state in turn. ``--top-tokens 0`` there, as in the
+issue.
 
 Each timing is the best of two rounds taken in turn. Ratios, not absolute times, are the
 result: the machine is shared and noisy.
@@ -42,6 +44,7 @@ result: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -54,6 +57,7 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -69,6 +73,8 @@ from bgotrace.corpus import Document
 from bgotrace.modeling.losses import forward_logits, token_losses
 from bgotrace.query import Query, encode_query
 from bgotrace.runtime.progress import set_progress
+from bgotrace.score import executor as sweep_executor
+from bgotrace.score import sweep
 from bgotrace.train.tokenizer import train_tokenizer
 
 WORDS = (
@@ -397,11 +403,24 @@ def many_queries(model, tok, docs, work: Path, unit_length: int, n_q: int) -> di
     runs["one_default"] = call(1, linearity_sample=ScoreConfig().linearity_sample)
     runs["loop"] = each(n_q)
     runs |= {f"many{q}": call(n_q, per_sweep=q) for q in sorted({1, 4, n_q})}
+    runs[f"many{n_q}_batch_major"] = batch_by_batch(call(n_q, per_sweep=n_q))
     runs["shared"] = call(n_q, "last:2", n_q)
     for name in ("one_default", "shared"):  # first uses of the forward-mode and last:2 paths
         runs[name]()
     return {**spread_of(runs), "n_q": n_q, "n_units": len(cache),
             "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+
+
+def batch_by_batch(fn):
+    """``fn`` with the sweep's order before its windows (every batch under every state in
+    turn, ``window_tokens=0``): the reference of the row "sweep order"."""
+
+    def run():
+        old_order = functools.partial(sweep.unit_loss_sums, window_tokens=0)
+        with mock.patch.object(sweep_executor, "unit_loss_sums", old_order):
+            return fn()
+
+    return run
 
 
 def many_rows(best: dict[str, float], n: int) -> list[tuple[str, float, float, float, str]]:
@@ -417,6 +436,9 @@ def many_rows(best: dict[str, float], n: int) -> list[tuple[str, float, float, f
          best["one_default"], best["limit"], best["limit"] / best["one_default"], ">= 0.9"),
         (f"{n} last:2 queries in one sweep vs {n} full single runs (the loop)", best["shared"],
          loop, best["shared"] / loop, "<= 0.30"),
+        (f"sweep order: {n} full queries, {n} per sweep, each state over a window of batches "
+         "vs every batch under every state", best[f"many{n}"], best[f"many{n}_batch_major"],
+         best[f"many{n}"] / best[f"many{n}_batch_major"], "(< 1: the window pays)"),
     ]  # fmt: skip
     return rows
 
