@@ -28,6 +28,7 @@ import argparse
 import json
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,11 +156,15 @@ def run_linear(
     saved: str,
     setting: str,
     kind: str | None = None,
+    tail_patch: bool = False,
 ) -> None:
     """BGO vs its first-order control ``bgo-linear`` (issue 15 item 3) at one normalisation,
     from the raw BGO scores a ``bench`` run saved: only ``bgo-linear`` is scored here (same
     perturbation: same seed, options and queries), both divided by the same divisors. Prints
-    each method's mean and the paired difference (95% bootstrap CI; ``*``: excludes 0)."""
+    each method's mean and the paired difference (95% bootstrap CI; ``*``: excludes 0).
+    ``bgo-linear``'s raw scores are saved beside ``saved`` (``*_linear.npz``) and read back
+    from there by a later run instead of scored again; ``tail_patch``: the tail-patch metrics
+    too (a step on each method's top units per query: minutes, not a corpus pass)."""
     from bgotrace.eval import runner as r
     from bgotrace.eval.collect import Collector
     from bgotrace.eval.families import FamilySettings, run_families
@@ -174,12 +179,18 @@ def run_linear(
     keep = [i for i, q in enumerate(records) if kind is None or q.get("kind") == kind]
     records, raw = [records[i] for i in keep], raw[keep]
     families = {None: FAMILIES, "fact": ["fact", "hubs"], "style": ["source", "hubs"]}[kind]
+    families = [*families, "tail-patch"] if tail_patch else families
     eligible, _ = r.eligible_queries(records, families, split)
     loaded = r._load(bench, model_dir, records, opts)
-    scores, seconds = r.score_methods(r.build_methods(["bgo-linear"], families, opts),
-                                      loaded.ctx, loaded.queries)  # fmt: skip
-    linear = scores["bgo-linear"]
-    np.savez(saved.replace(".npz", "_linear.npz"), linear=linear)  # for re-analysis
+    linear_path = Path(saved.replace(".npz", "_linear.npz"))
+    if linear_path.exists():  # scored by an earlier run of this comparison
+        linear, took = np.load(linear_path)["linear"], "read from " + str(linear_path)
+    else:
+        scores, seconds = r.score_methods(r.build_methods(["bgo-linear"], families, opts),
+                                          loaded.ctx, loaded.queries)  # fmt: skip
+        linear = scores["bgo-linear"]
+        took = f"took {float(seconds['bgo-linear']['score_s']):.0f} s"
+        np.savez(linear_path, linear=linear)  # for re-analysis
     settings = FamilySettings(opts.doc_reduce, opts.tail_patch, opts.leave_k_out, opts.lds, False)
     collector = Collector(loaded.query_ids)
     normalised = {"bgo": normalise(raw, s, setting), "bgo-linear": normalise(linear, s, setting)}
@@ -190,13 +201,20 @@ def run_linear(
         f"{setting})\n",
         f"`python benchmarks/normalise_protocol.py bench --bench {bench_dir} --model "
         f"{model_dir} --split {split} --saved {saved} --linear"
-        f"{f' --kind {kind}' if kind else ''}`; bgo-linear scoring took "
-        f"{float(seconds['bgo-linear']['score_s']):.0f} s. Paired differences over the same "
+        f"{f' --kind {kind}' if kind else ''}{' --tail-patch' if tail_patch else ''}`; "
+        f"bgo-linear scores {took}. Paired differences over the same "
         "queries, 95% bootstrap CI; `*`: the interval excludes 0.\n",
         "| metric | bgo | bgo-linear | bgo − bgo-linear |",
         "|---|---:|---:|---:|",
     ]
-    for family, metric in (("fact", "mrr"), ("fact", "recall@10"), ("source", "precision@10")):
+    paired = (
+        ("fact", "mrr"),
+        ("fact", "recall@10"),
+        ("source", "precision@10"),
+        ("tail-patch", "tail_patch_vs_random@10"),
+        ("tail-patch", "tail_patch_ref@10"),
+    )
+    for family, metric in paired:
         a, b = (table[(table.family == family) & (table.metric == metric)
                       & (table.method == m)].set_index("query_id")["value"].dropna()
                 for m in ("bgo", "bgo-linear"))  # fmt: skip
@@ -295,6 +313,8 @@ def main() -> None:
                         help="bench, with --saved: BGO vs bgo-linear at --setting")  # fmt: skip
     parser.add_argument("--setting", default="damped λ=0.3", choices=list(SETTINGS))
     parser.add_argument("--kind", choices=("fact", "style"), help="--linear: these queries only")
+    parser.add_argument("--tail-patch", action="store_true",
+                        help="--linear: the tail-patch metrics too")  # fmt: skip
     args = parser.parse_args()
     from bgotrace.runtime.progress import set_progress
 
@@ -305,7 +325,7 @@ def main() -> None:
         if not args.saved:
             parser.error("--linear compares with the raw BGO scores of --saved FILE")
         run_linear(args.bench, args.model, args.split, not args.no_record, args.saved,
-                   args.setting, args.kind)  # fmt: skip
+                   args.setting, args.kind, args.tail_patch)  # fmt: skip
     else:
         run_bench(args.bench, args.model, args.split, not args.no_record, args.saved)
 
