@@ -10,10 +10,11 @@ losses are recomputed later for the few top units that a report shows.
 Order: the batches are taken a window at a time (:data:`WINDOW_TOKENS`), and each state runs
 over the whole window before the next state starts. Batch by batch, a group of many states
 reads every state's weights once per batch: once they no longer fit the CPU's cache together
-(16 queries per sweep = 32 states of a 12-block width-128 GPT-2, 320 MB, against a 32 MB L3)
-each state cost ~10% more than with 2 states per sweep; state by state over a window, a state's
-weights stay hot across the window's batches (benchmarks/RESULTS.md, "sweep order"). The
-scores are the same either way: every (state, batch) forward is the same computation.
+(16 queries per sweep = 32 states of a 12-block width-128 GPT-2, 320 MB, against a 32 MB L3);
+state by state over a window, a state's weights stay hot across the window's batches. Measured
+side by side on CPU, 16 queries per sweep: 0.925 of the old order at 128-token units, 0.964 at
+36 (benchmarks/RESULTS.md, "Issue 18, fourth session"; noisy, see there). The scores are the
+same either way: every (state, batch) forward is the same computation.
 """
 
 from __future__ import annotations
