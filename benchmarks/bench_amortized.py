@@ -32,13 +32,18 @@ ratios. Prints and appends to benchmarks/RESULTS.md:
 timed as one run, as a user without ``--queries`` runs them) at 1, 4 and 16 queries per sweep
 (target <= 1.0); one full-model query vs its 2-pass limit (>= 0.9); 16 ``last:2`` queries in
 one sweep vs 16 full single runs (<= 0.30); and the spread of identical calls (the two
-rounds of each run: max/min - 1, target <= 5% on an idle machine); and the sweep's order: 16
-per sweep with each state run over a window of batches (``score.sweep.WINDOW_TOKENS``) vs the
-order before it, every batch under every state in turn. ``--top-tokens 0`` there, as in the
-issue.
+rounds of each run: max/min - 1, target <= 5% on an idle machine; the plain passes, torch's
+forward alone, give the machine's own spread); with ``--sweep-order`` the sweep's order: 16 per
+sweep with each state run over a window of batches (``score.sweep.WINDOW_TOKENS``) vs the
+order before it, every batch under every state in turn; with ``--flops`` each run's matmul
+FLOPs, counted once more under ``FlopCounterMode``: a ratio no load moves, which says whether
+a run does more arithmetic than its reference. ``--top-tokens 0`` there, as in the issue.
+Every ratio is given twice: of the best round of each run, and paired (the median and range
+over ``--rounds`` of the ratio within one round, whose runs are minutes apart, so a slow
+drift of the machine's speed cancels).
 
-Each timing is the best of two rounds taken in turn. Ratios, not absolute times, are the
-result: the machine is shared and noisy.
+Each timing is the best of ``--rounds`` (2) rounds taken in turn. Ratios, not absolute times,
+are the result: the machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -226,6 +231,17 @@ def main() -> None:
         help="issue 18's ratios: n queries in one call vs n one-query calls, and their spread",
     )
     parser.add_argument(
+        "--rounds", type=int, default=2, help="--many-queries: rounds of every run (default 2)"
+    )
+    parser.add_argument(
+        "--sweep-order",
+        action="store_true",
+        help="--many-queries: also n per sweep in the sweep's order before its windows",
+    )
+    parser.add_argument(
+        "--flops", action="store_true", help="--many-queries: also each run's matmul FLOPs"
+    )
+    parser.add_argument(
         "--n-docs", type=int, default=300, help="documents (300: >= 1,000 units; fewer: faster)"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -248,7 +264,9 @@ def main() -> None:
     if args.single_only:
         return report_single(args, *single_query(model, tok, docs, work, args.unit_length))
     if args.many_queries:
-        return report_many(args, many_queries(model, tok, docs, work, args.unit_length, n_q))
+        measured = many_queries(model, tok, docs, work, args.unit_length, n_q, rounds=args.rounds,
+                                sweep_order=args.sweep_order, flops=args.flops)  # fmt: skip
+        return report_many(args, measured)
     rows, notes = measure(model, tok, docs, n_q, work, baselines, args.unit_length)
     report(args, rows, notes)
 
@@ -363,25 +381,56 @@ def cpu_timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def spread_of(runs: dict[str, Any], rounds: int = 2) -> dict[str, dict[str, float]]:
-    """Per clock (``wall``, ``cpu``): best seconds per run and the spread of its rounds
-    (max/min - 1) as ``{clock: best, clock_spread: spread}``; the runs taken in turn."""
+def spread_of(runs: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
+    """Per clock (``wall``, ``cpu``): best seconds per run, the spread of its rounds
+    (max/min - 1) and every round's seconds, as ``{clock: best, clock_spread: spread,
+    clock_rounds: {run: [seconds per round]}}``; the runs taken in turn, so one round's runs
+    are minutes apart, not a whole round (the paired ratios below use that)."""
     seconds: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
     for _ in range(rounds):
         for name, fn in runs.items():
             wall, cpu = cpu_timed(fn)
             seconds["wall"].setdefault(name, []).append(wall)
             seconds["cpu"].setdefault(name, []).append(cpu)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {}
     for clock, per_run in seconds.items():
         out[clock] = {name: min(t) for name, t in per_run.items()}
         out[f"{clock}_spread"] = {name: max(t) / min(t) - 1 for name, t in per_run.items()}
+        out[f"{clock}_rounds"] = per_run
     return out
 
 
-def many_queries(model, tok, docs, work: Path, unit_length: int, n_q: int) -> dict[str, Any]:
+def matmul_flops(runs: dict[str, Any]) -> dict[str, int]:
+    """Per run, the floating-point operations of its matrix products (torch's
+    ``FlopCounterMode``: matmuls, attention, convolutions), counted in one more call each.
+    Unlike the seconds they do not move with the machine's load, so a ratio of them says
+    whether one run does more arithmetic than another, whatever the noise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts: dict[str, int] = {}
+    for name, fn in runs.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counts[name] = int(counter.get_total_flops())
+    return counts
+
+
+def many_queries(
+    model,
+    tok,
+    docs,
+    work: Path,
+    unit_length: int,
+    n_q: int,
+    *,
+    rounds: int = 2,
+    sweep_order: bool = False,
+    flops: bool = False,
+) -> dict[str, Any]:
     """Issue 18's runs, side by side: one query, n queries per call at 1, 4 and n per sweep,
-    n last:2 queries in one sweep, and two plain passes."""
+    n last:2 queries in one sweep, and two plain passes; ``rounds`` rounds of them in turn;
+    with ``sweep_order`` also n per sweep in the sweep's order before its windows; with
+    ``flops`` each run's matmul FLOPs too."""  # fmt: skip
     cache_dir = work / "cache"
 
     def call(n: int, params: str = "all", per_sweep: int = 16, **scoring: Any):
@@ -403,12 +452,16 @@ def many_queries(model, tok, docs, work: Path, unit_length: int, n_q: int) -> di
     runs["one_default"] = call(1, linearity_sample=ScoreConfig().linearity_sample)
     runs["loop"] = each(n_q)
     runs |= {f"many{q}": call(n_q, per_sweep=q) for q in sorted({1, 4, n_q})}
-    runs[f"many{n_q}_batch_major"] = batch_by_batch(call(n_q, per_sweep=n_q))
+    if sweep_order:
+        runs[f"many{n_q}_batch_major"] = batch_by_batch(call(n_q, per_sweep=n_q))
     runs["shared"] = call(n_q, "last:2", n_q)
     for name in ("one_default", "shared"):  # first uses of the forward-mode and last:2 paths
         runs[name]()
-    return {**spread_of(runs), "n_q": n_q, "n_units": len(cache),
-            "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+    counted = (
+        matmul_flops({k: v for k, v in runs.items() if "batch_major" not in k}) if flops else {}
+    )
+    return {**spread_of(runs, rounds), "flops": counted, "rounds": rounds, "n_q": n_q,
+            "n_units": len(cache), "n_tokens": int(cache.lengths.sum())}  # fmt: skip
 
 
 def batch_by_batch(fn):
@@ -423,53 +476,73 @@ def batch_by_batch(fn):
     return run
 
 
-def many_rows(best: dict[str, float], n: int) -> list[tuple[str, float, float, float, str]]:
-    """(comparison, measured, reference, ratio, target) of issue 18's ratios on one clock."""
-    one, loop = best["one"], best["loop"]
+def many_comparisons(n: int, runs: Any) -> list[tuple[str, str, str, str]]:
+    """(comparison, numerator run, denominator run, target) of issue 18's ratios; a ratio is
+    numerator / denominator of any per-run quantity (seconds of a clock, one round's seconds,
+    matmul FLOPs). ``runs``: the names measured (the sweep-order row only when it ran)."""
     rows = [(f"{n} full queries in one call, {q} per sweep vs {n} one-query calls (a loop)",
-             best[f"many{q}"], loop, best[f"many{q}"] / loop, "<= 1.0")
-            for q in sorted({1, 4, n})]  # fmt: skip
+             f"many{q}", "loop", "<= 1.0") for q in sorted({1, 4, n})]  # fmt: skip
     rows += [
-        ("1 full query vs its limit (2 plain passes)", one, best["limit"], best["limit"] / one,
-         ">= 0.9"),
-        ("1 full query, shipped defaults (first-order diagnostic on) vs its limit",
-         best["one_default"], best["limit"], best["limit"] / best["one_default"], ">= 0.9"),
-        (f"{n} last:2 queries in one sweep vs {n} full single runs (the loop)", best["shared"],
-         loop, best["shared"] / loop, "<= 0.30"),
-        (f"sweep order: {n} full queries, {n} per sweep, each state over a window of batches "
-         "vs every batch under every state", best[f"many{n}"], best[f"many{n}_batch_major"],
-         best[f"many{n}"] / best[f"many{n}_batch_major"], "(< 1: the window pays)"),
+        ("1 full query vs its limit (2 plain passes)", "limit", "one", ">= 0.9"),
+        ("1 full query, shipped defaults (first-order diagnostic on) vs its limit", "limit",
+         "one_default", ">= 0.9"),
+        (f"{n} last:2 queries in one sweep vs {n} full single runs (the loop)", "shared", "loop",
+         "<= 0.30"),
     ]  # fmt: skip
+    if f"many{n}_batch_major" in runs:
+        rows.append((f"sweep order: {n} full queries, {n} per sweep, each state over a window of "
+                     "batches vs every batch under every state", f"many{n}",
+                     f"many{n}_batch_major", "(< 1: the window pays)"))  # fmt: skip
     return rows
 
 
+def paired(rounds: dict[str, list[float]], num: str, den: str) -> str:
+    """The median of the per-round ratios num_r / den_r and their range: the two runs of one
+    round are minutes apart, so a slow drift of the machine's speed cancels in each pair."""
+    ratios = sorted(a / b for a, b in zip(rounds[num], rounds[den], strict=True))
+    return f"{float(np.median(ratios)):.3f} ({ratios[0]:.3f}–{ratios[-1]:.3f})"
+
+
 def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
-    n = m["n_q"]
+    n, rounds, flops = m["n_q"], m["rounds"], m["flops"]
+    flags = f" --rounds {rounds}" if rounds != 2 else ""
+    flags += (" --sweep-order" if args.sweep_order else "") + (" --flops" if flops else "")
     command = (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_amortized.py "
                f"--many-queries --model {args.model} --unit-length {args.unit_length} "
-               f"--n-docs {args.n_docs}")  # fmt: skip
+               f"--n-docs {args.n_docs}{flags}")  # fmt: skip
     lines = [
         f"\n#### Many queries in one call (issue 18), GPT-2 {args.model}, {args.unit_length}-token "
         f"units ({date.today()}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
         "shared machine)\n",
         f"`{command}` — {m['n_units']} units, {m['n_tokens']} tokens, `--top-tokens 0`, "
-        "K = 10 Adam steps each way; best of 2 rounds taken in turn, after a warm-up of the "
-        "caches, the plain pass, the first-order diagnostic and the last:2 path. CPU: this "
-        "process's CPU seconds (one torch thread: robust to the other processes' load).\n",
-        "| comparison | wall: measured (s) | wall: reference (s) | wall: ratio "
-        "| CPU: measured (s) | CPU: reference (s) | CPU: ratio | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"K = 10 Adam steps each way; {rounds} rounds taken in turn, after a warm-up of the "
+        "caches, the plain pass, the first-order diagnostic and the last:2 path. Best: the "
+        "best round of each run; paired: the median (range) over rounds of the ratio within "
+        "one round. CPU: this process's CPU seconds (one torch thread). FLOPs: the runs' "
+        "matmul FLOPs (`FlopCounterMode`), which no load moves.\n",
+        "| comparison | wall: measured (s) | wall: reference (s) | wall: best ratio "
+        "| wall: paired ratio | CPU: best ratio | CPU: paired ratio"
+        + (" | FLOP ratio" if flops else "")
+        + " | target |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if flops else "") + "---|",
     ]
-    for wall, cpu in zip(many_rows(m["wall"], n), many_rows(m["cpu"], n), strict=True):
-        lines.append(f"| {wall[0]} | {wall[1]:.2f} | {wall[2]:.2f} | {wall[3]:.3f} "
-                     f"| {cpu[1]:.2f} | {cpu[2]:.2f} | {cpu[3]:.3f} | {wall[4]} |")  # fmt: skip
+    wall, cpu = m["wall"], m["cpu"]
+    for label, num, den, target in many_comparisons(n, wall):
+        measured, reference = (den, num) if target.startswith(">=") else (num, den)
+        cells = [f"{wall[measured]:.2f}", f"{wall[reference]:.2f}", f"{wall[num] / wall[den]:.3f}",
+                 paired(m["wall_rounds"], num, den), f"{cpu[num] / cpu[den]:.3f}",
+                 paired(m["cpu_rounds"], num, den)]  # fmt: skip
+        if flops:
+            cells.append(f"{flops[num] / flops[den]:.4f}" if den in flops else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
     for clock in ("wall", "cpu"):
         spread = m[f"{clock}_spread"]
         worst = max(spread, key=lambda k: spread[k])
         lines.append(
-            f"\nIdentical calls, {clock} time (the two rounds of each run): spread "
+            f"\nIdentical calls, {clock} time (the {rounds} rounds of each run): spread "
             + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
-            + f"; largest {worst} {spread[worst]:.1%} (target <= 5% on an idle machine)."
+            + f"; largest {worst} {spread[worst]:.1%} (target <= 5% on an idle machine; "
+            "`limit` is torch's forward alone, no bgotrace code: the machine's own spread)."
         )
     publish(lines, record=not args.quick)
 
