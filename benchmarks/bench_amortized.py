@@ -149,12 +149,9 @@ def config(
 
 
 def interleaved(runs: dict[str, Any], rounds: int = 2) -> dict[str, float]:
-    """Best of ``rounds`` seconds per run, the runs taken in turn (a load change hits all)."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            best[name] = min(best[name], timed(fn))
-    return best
+    """Best of ``rounds`` wall seconds per run, the runs taken in turn (a load change hits all):
+    :func:`spread_of`'s wall clock."""
+    return spread_of(runs, rounds)["wall"]
 
 
 def timed(fn) -> float:
