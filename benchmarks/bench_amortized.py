@@ -40,7 +40,9 @@ FLOPs, counted once more under ``FlopCounterMode``: a ratio no load moves, which
 a run does more arithmetic than its reference. ``--top-tokens 0`` there, as in the issue.
 Every ratio is given twice: of the best round of each run, and paired (the median and range
 over ``--rounds`` of the ratio within one round, whose runs are minutes apart, so a slow
-drift of the machine's speed cancels).
+drift of the machine's speed cancels; the order of the runs is reversed every other round, so
+a drift within a round cancels over two). ``--runs loop,many4`` times only those runs (their
+rows), for more rounds of the comparison that matters in the same time.
 
 Each timing is the best of ``--rounds`` (2) rounds taken in turn. Ratios, not absolute times,
 are the result: the machine is shared and noisy.
@@ -239,6 +241,11 @@ def main() -> None:
         "--flops", action="store_true", help="--many-queries: also each run's matmul FLOPs"
     )
     parser.add_argument(
+        "--runs",
+        default="",
+        help="--many-queries: only these runs, e.g. loop,many1,many4,many16 (default: all)",
+    )
+    parser.add_argument(
         "--n-docs", type=int, default=300, help="documents (300: >= 1,000 units; fewer: faster)"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -262,7 +269,8 @@ def main() -> None:
         return report_single(args, *single_query(model, tok, docs, work, args.unit_length))
     if args.many_queries:
         measured = many_queries(model, tok, docs, work, args.unit_length, n_q, rounds=args.rounds,
-                                sweep_order=args.sweep_order, flops=args.flops)  # fmt: skip
+                                sweep_order=args.sweep_order, flops=args.flops,
+                                only=[r for r in args.runs.split(",") if r])  # fmt: skip
         return report_many(args, measured)
     rows, notes = measure(model, tok, docs, n_q, work, baselines, args.unit_length)
     report(args, rows, notes)
@@ -382,10 +390,12 @@ def spread_of(runs: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     """Per clock (``wall``, ``cpu``): best seconds per run, the spread of its rounds
     (max/min - 1) and every round's seconds, as ``{clock: best, clock_spread: spread,
     clock_rounds: {run: [seconds per round]}}``; the runs taken in turn, so one round's runs
-    are minutes apart, not a whole round (the paired ratios below use that)."""
+    are minutes apart, not a whole round (the paired ratios below use that), and in reverse
+    order every other round (a drift within a round cancels over two)."""
     seconds: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-    for _ in range(rounds):
-        for name, fn in runs.items():
+    for r in range(rounds):
+        for name in list(runs)[:: -1 if r % 2 else 1]:
+            fn = runs[name]
             wall, cpu = cpu_timed(fn)
             seconds["wall"].setdefault(name, []).append(wall)
             seconds["cpu"].setdefault(name, []).append(cpu)
@@ -423,11 +433,12 @@ def many_queries(
     rounds: int = 2,
     sweep_order: bool = False,
     flops: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Issue 18's runs, side by side: one query, n queries per call at 1, 4 and n per sweep,
     n last:2 queries in one sweep, and two plain passes; ``rounds`` rounds of them in turn;
     with ``sweep_order`` also n per sweep in the sweep's order before its windows; with
-    ``flops`` each run's matmul FLOPs too."""  # fmt: skip
+    ``flops`` each run's matmul FLOPs too; ``only``: just these runs."""  # fmt: skip
     cache_dir = work / "cache"
 
     def call(n: int, params: str = "all", per_sweep: int = 16, **scoring: Any):
@@ -452,8 +463,14 @@ def many_queries(
     if sweep_order:
         runs[f"many{n_q}_batch_major"] = batch_by_batch(call(n_q, per_sweep=n_q))
     runs["shared"] = call(n_q, "last:2", n_q)
+    if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--runs: unknown run(s) {unknown}; known: {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k in only}
     for name in ("one_default", "shared"):  # first uses of the forward-mode and last:2 paths
-        runs[name]()
+        if name in runs:
+            runs[name]()
     counted = (
         matmul_flops({k: v for k, v in runs.items() if "batch_major" not in k}) if flops else {}
     )
@@ -490,7 +507,7 @@ def many_comparisons(n: int, runs: Any) -> list[tuple[str, str, str, str]]:
         rows.append((f"sweep order: {n} full queries, {n} per sweep, each state over a window of "
                      "batches vs every batch under every state", f"many{n}",
                      f"many{n}_batch_major", "(< 1: the window pays)"))  # fmt: skip
-    return rows
+    return [row for row in rows if row[1] in runs and row[2] in runs]
 
 
 def paired(rounds: dict[str, list[float]], num: str, den: str) -> str:
@@ -504,6 +521,7 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
     n, rounds, flops = m["n_q"], m["rounds"], m["flops"]
     flags = f" --rounds {rounds}" if rounds != 2 else ""
     flags += (" --sweep-order" if args.sweep_order else "") + (" --flops" if flops else "")
+    flags += f" --runs {args.runs}" if args.runs else ""
     command = (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_amortized.py "
                f"--many-queries --model {args.model} --unit-length {args.unit_length} "
                f"--n-docs {args.n_docs}{flags}")  # fmt: skip
@@ -512,8 +530,9 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         f"units ({date.today()}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
         "shared machine)\n",
         f"`{command}` — {m['n_units']} units, {m['n_tokens']} tokens, `--top-tokens 0`, "
-        f"K = 10 Adam steps each way; {rounds} rounds taken in turn, after a warm-up of the "
-        "caches, the plain pass, the first-order diagnostic and the last:2 path. Best: the "
+        f"K = 10 Adam steps each way; {rounds} rounds taken in turn (every other one in "
+        "reverse order), after a warm-up of the caches, the plain pass, the first-order "
+        "diagnostic and the last:2 path. Best: the "
         "best round of each run; paired: the median (range) over rounds of the ratio within "
         "one round. CPU: this process's CPU seconds (one torch thread). FLOPs: the runs' "
         "matmul FLOPs (`FlopCounterMode`), which no load moves.\n",
@@ -532,16 +551,34 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         if flops:
             cells.append(f"{flops[num] / flops[den]:.4f}" if den in flops else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
+    lines.append("\nPer-round CPU ratios (round 1, 2, …; every other round in reverse order):")
+    for _, num, den, target in many_comparisons(n, wall):
+        ratios = [a / b for a, b in zip(m["cpu_rounds"][num], m["cpu_rounds"][den], strict=True)]
+        met = sum(_meets(r, target) for r in ratios)
+        lines.append(f"- {num} / {den}: " + ", ".join(f"{r:.3f}" for r in ratios)
+                     + f" ({met} of {len(ratios)} rounds meet {target})")  # fmt: skip
     for clock in ("wall", "cpu"):
         spread = m[f"{clock}_spread"]
         worst = max(spread, key=lambda k: spread[k])
         lines.append(
             f"\nIdentical calls, {clock} time (the {rounds} rounds of each run): spread "
             + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
-            + f"; largest {worst} {spread[worst]:.1%} (target <= 5% on an idle machine; "
-            "`limit` is torch's forward alone, no bgotrace code: the machine's own spread)."
+            + f"; largest {worst} {spread[worst]:.1%} (target <= 5% on an idle machine"
+            + (
+                "; `limit` is torch's forward alone, no bgotrace code: the machine's own spread)."
+                if "limit" in spread
+                else ")."
+            )  # fmt: skip
         )
     publish(lines, record=not args.quick)
+
+
+def _meets(ratio: float, target: str) -> bool:
+    """Whether ``ratio`` meets a target written "<= x" or ">= x" (any other: False)."""
+    op, _, bound = target.partition(" ")
+    if op not in ("<=", ">="):
+        return False
+    return ratio <= float(bound) if op == "<=" else ratio >= float(bound)
 
 
 def report(args: argparse.Namespace, rows: list, notes: dict) -> None:
