@@ -531,8 +531,7 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         "shared machine)\n",
         f"`{command}` — {m['n_units']} units, {m['n_tokens']} tokens, `--top-tokens 0`, "
         f"K = 10 Adam steps each way; {rounds} rounds taken in turn (every other one in "
-        "reverse order), after a warm-up of the caches, the plain pass, the first-order "
-        "diagnostic and the last:2 path. Best: the "
+        f"reverse order), after a warm-up of {_warmed(m['wall'])}. Best: the "
         "best round of each run; paired: the median (range) over rounds of the ratio within "
         "one round. CPU: this process's CPU seconds (one torch thread). FLOPs: the runs' "
         "matmul FLOPs (`FlopCounterMode`), which no load moves.\n",
@@ -571,6 +570,12 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
             )  # fmt: skip
         )
     publish(lines, record=not args.quick)
+
+
+def _warmed(runs: Any) -> str:
+    """What :func:`many_queries` ran once before the rounds, given the runs it timed."""
+    first_uses = [("the first-order diagnostic", "one_default"), ("the last:2 path", "shared")]
+    return ", ".join(["the caches", "the plain pass"] + [w for w, run in first_uses if run in runs])
 
 
 def _meets(ratio: float, target: str) -> bool:
