@@ -82,6 +82,8 @@ def _tiny_llama_padded(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+CPU = torch.device("cpu")
+
 ARCHITECTURES = {"gpt2": lambda tok: tiny_gpt2(tok, seed=3), "neox": _tiny_neox}
 ARCHITECTURES["llama"] = _tiny_llama_padded
 
@@ -163,6 +165,48 @@ def test_sensitivity_is_cached_and_reduces_like_the_scores(setup, cache):
     scores = np.arange(len(cache), dtype=np.float64)[None]
     assert normalized(scores, None) is scores
     np.testing.assert_allclose(normalized(scores, s_sum), scores / s_sum)
+
+
+def test_a_pass_of_many_blocks_checks_the_ghost_norms_once(setup, cache, monkeypatch):
+    """The check against the loop is architectural: one per pass, not one per block."""
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    checks = []
+    real = sensitivity._ghost_agrees
+    monkeypatch.setattr(sensitivity, "_ghost_agrees", lambda *a: checks.append(1) or real(*a))
+    s = cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
+    assert len(cache) > 4 and len(checks) == 1  # ≥ 3 blocks of 2 units
+    np.testing.assert_allclose(s, _slow_norms(model, cache, names), rtol=1e-4)
+
+
+def test_ghost_norms_found_wrong_on_the_first_block_are_used_on_none(setup, cache, monkeypatch):
+    """The first block's verdict holds for every block: all of them take the loop."""
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    real = sensitivity.batch_squared_norms
+    monkeypatch.setattr(sensitivity, "batch_squared_norms", lambda *a: 2 * real(*a))
+    s = cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
+    np.testing.assert_allclose(s, _slow_norms(model, cache, names), rtol=1e-4)
+
+
+def test_the_normaliser_shows_one_progress_bar_for_all_its_blocks(setup, cache, monkeypatch):
+    """One bar over the units computed, not a bar (or three) per block of units."""
+    from contextlib import contextmanager
+
+    model, _ = setup
+    names = [n for n, _ in model.named_parameters()]
+    bars: list[list] = []
+
+    @contextmanager
+    def recorded(description, total, **_):
+        bars.append([description, total, 0])
+        yield lambda n, status="": bars[-1].__setitem__(2, bars[-1][2] + n)
+
+    monkeypatch.setattr(sensitivity, "progress_task", recorded)
+    cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
+    assert bars == [["Normaliser (gradient norms)", len(cache), len(cache)]]
+    cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
+    assert bars[1][1:] == [0, 0]  # from the store: nothing to compute
 
 
 def test_sensitivity_units_and_floor():

@@ -27,7 +27,8 @@ from bgotrace.config import PerturbConfig
 from bgotrace.devices import resolve_device, set_tf32
 from bgotrace.dist.trunk import TrunkSource, open_trunk_at
 from bgotrace.dist.units import UnitSlice, open_cache_at
-from bgotrace.perturb.sensitivity import unit_gradient_norms
+from bgotrace.perturb.ghost_norms import GhostPlan
+from bgotrace.perturb.sensitivity import checked_plan, unit_gradient_norms
 from bgotrace.perturb.steps import PerturbedState, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.score.executor import Block, BlockResult, compute_block
@@ -84,6 +85,9 @@ class SweepWorker:
         self.trunk, self.trunk_why_not = open_trunk_at(setup.trunk)
         self.states_of: tuple[int, list[Overrides]] = (-1, [])
         """(sweep group, its states on this worker's device)."""
+        self.ghost_plans: dict[tuple[str, ...], GhostPlan] = {}
+        """The normaliser's checked ghost-norm plan per parameter selection: this worker's
+        model never changes, so it is checked on its first block only."""
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs and whether it reads the token and trunk caches by path."""
@@ -153,9 +157,12 @@ class SweepWorker:
 
         units: Any = self.cache if shipped is None else shipped
         local = indices if shipped is None else np.arange(len(indices))
+        key = tuple(names)
+        if key not in self.ghost_plans:
+            self.ghost_plans[key] = checked_plan(self.model, units, names, self.device, local)
         norms, _ = unit_gradient_norms(
             self.model, units, names, self.device, batch_size=batching[0], indices=local,
-            batch_tokens=batching[1],
+            batch_tokens=batching[1], plan=self.ghost_plans[key],
         )  # fmt: skip
         return norms, ray.get_runtime_context().get_node_id()
 

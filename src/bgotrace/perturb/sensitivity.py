@@ -41,7 +41,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -55,7 +55,7 @@ from bgotrace.modeling.losses import forward_logits, token_losses
 from bgotrace.perturb.ghost_norms import GhostPlan, batch_squared_norms, plan_for
 from bgotrace.perturb.grad_scope import grads_only_for
 from bgotrace.perturb.norm_store import NormStore
-from bgotrace.runtime.progress import progress_bar
+from bgotrace.runtime.progress import progress_task
 
 if TYPE_CHECKING:
     from bgotrace.config import ScoreConfig
@@ -67,6 +67,10 @@ _FLOOR = 1e-3
 _FORMAT = "gradient-norm-2"
 """Part of the cache key: a change of the estimator or of the store never reuses an old file
 (2: a per-unit store with a computed mask, norms in the sweep dtype)."""
+
+
+def _nothing(n: int) -> None:
+    """No progress to tell (the default of every ``advance``)."""
 
 
 class UnitCache(Protocol):
@@ -89,18 +93,21 @@ def unit_gradient_norms_loop(
     names: Sequence[str],
     device: torch.device,
     indices: np.ndarray | None = None,
+    advance: Callable[[int], None] = _nothing,
 ) -> np.ndarray:
     """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters, one unit at a time (the slow reference,
-    and the path for parameters :mod:`~bgotrace.perturb.ghost_norms` does not cover)."""
+    and the path for parameters :mod:`~bgotrace.perturb.ghost_norms` does not cover).
+    ``advance(n)``: told after every unit (the normaliser's one progress bar)."""
     indices = np.arange(len(units)) if indices is None else indices
     norms = np.zeros(len(indices), dtype=np.float64)
     with grads_only_for(model, names) as params:
-        for k, i in enumerate(progress_bar(indices, "Sensitivity (per unit)")):
+        for k, i in enumerate(indices):
             ids = torch.as_tensor(units.unit_tokens(int(i)).astype(np.int64), device=device)[None]
             labels = torch.as_tensor(unit_labels(units, int(i)), device=device)[None]
             total = token_losses(forward_logits(model, ids), labels).sum()  # summed NLL of z
             grads = torch.autograd.grad(total, params)
             norms[k] = math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
+            advance(1)
     return norms
 
 
@@ -113,22 +120,44 @@ def unit_gradient_norms(
     batch_size: int = 16,
     indices: np.ndarray | None = None,
     batch_tokens: int | None = None,
+    plan: GhostPlan | None = None,
+    advance: Callable[[int], None] = _nothing,
 ) -> tuple[np.ndarray, np.ndarray]:
     """‖∇ Σ_t NLL_t(z)‖₂ over the named parameters for every unit (or ``indices``), and its
-    predicted-token counts, both (n,): batched ghost norms, the per-unit loop for the rest."""
+    predicted-token counts, both (n,): batched ghost norms, the per-unit loop for the rest.
+
+    ``plan``: a :func:`checked_plan` of this model and ``names`` (a pass over many blocks
+    checks once); None checks one here. ``advance(n)``: told as units are done."""
     indices = np.arange(len(units)) if indices is None else np.asarray(indices)
-    plan = plan_for(model, names)
-    if not _ghost_agrees(model, units, names, plan, device, indices):
-        plan = GhostPlan(uncovered=list(names))
+    if plan is None:
+        plan = checked_plan(model, units, names, device, indices)
     squares = np.zeros(len(indices), dtype=np.float64)
     if plan.modules:
         squares += _ghost_squares(
-            model, units, names, plan, device, indices, batch_size, batch_tokens
+            model, units, names, plan, device, indices, batch_size, batch_tokens, advance
         )
     if plan.uncovered:
         log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
-        squares += unit_gradient_norms_loop(model, units, plan.uncovered, device, indices) ** 2
+        told = _nothing if plan.modules else advance  # each unit counted once
+        loop = unit_gradient_norms_loop(model, units, plan.uncovered, device, indices, told)
+        squares += loop**2
     return np.sqrt(squares), loss_counts(units)[indices]
+
+
+def checked_plan(
+    model: torch.nn.Module,
+    units: UnitCache,
+    names: Sequence[str],
+    device: torch.device,
+    indices: np.ndarray,
+) -> GhostPlan:
+    """Which of ``names`` the ghost norms cover (:func:`plan_for`), checked on the first two
+    of ``indices`` against the per-unit loop (:func:`_ghost_agrees`): none when they
+    disagree. The answer depends on the architecture only, so a pass checks once."""
+    plan = plan_for(model, names)
+    if _ghost_agrees(model, units, names, plan, device, indices):
+        return plan
+    return GhostPlan(uncovered=list(names))
 
 
 def _ghost_squares(
@@ -140,17 +169,18 @@ def _ghost_squares(
     indices: np.ndarray,
     batch_size: int,
     batch_tokens: int | None = None,
+    advance: Callable[[int], None] = _nothing,
 ) -> np.ndarray:
     """Squared gradient norms over the parameters the plan covers, batch by batch (at most
     ``batch_size`` units, or ``batch_tokens`` padded tokens: :func:`length_buckets`)."""
     where = {int(u): k for k, u in enumerate(indices)}
     out = np.zeros(len(indices), dtype=np.float64)
     with grads_only_for(model, names):
-        batches = length_buckets(indices, units.lengths, batch_size, batch_tokens)
-        for batch in progress_bar(batches, "Sensitivity"):
+        for batch in length_buckets(indices, units.lengths, batch_size, batch_tokens):
             ids, mask, labels = collate(units, batch, 0, device)  # pads: masked, any id will do
             squares = batch_squared_norms(model, plan, ids, mask, labels)
             out[[where[int(u)] for u in batch]] = squares.cpu().numpy()
+            advance(len(batch))
     return out
 
 
@@ -287,10 +317,13 @@ def cached_sensitivity(
             len(wanted) - len(missing), str(next(model.parameters()).dtype).removeprefix("torch."),
         )  # fmt: skip
     batching = (batch_size, batch_tokens)
-    done = _computed_blocks(model, units, names, device, blocks, batching, workers)
-    for k, block_norms in done:
-        store.add_block(blocks[k], block_norms)
-        norms[blocks[k]], computed[blocks[k]] = block_norms, True
+    with progress_task("Normaliser (gradient norms)", total=len(missing)) as advance:
+        done = _computed_blocks(model, units, names, device, blocks, batching, workers, advance)
+        for k, block_norms in done:
+            store.add_block(blocks[k], block_norms)
+            norms[blocks[k]], computed[blocks[k]] = block_norms, True
+            if workers is not None:  # a worker's block is told when it arrives
+                advance(len(blocks[k]))
     if store.merged:
         store.merge(norms, computed)
     return sensitivity_from(np.where(computed, norms, np.nan), loss_counts(units), reduce)
@@ -304,17 +337,21 @@ def _computed_blocks(
     blocks: Sequence[np.ndarray],
     batching: tuple[int, int | None],
     workers: NormWorkers | None,
+    advance: Callable[[int], None] = _nothing,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(block number, norms) of every block: here, one after the other, or on ``workers``;
-    ``batching``: (units, padded tokens or None) per batch."""
+    """(block number, norms) of every block: here, one after the other (the ghost norms
+    checked once, on the first block), or on ``workers``; ``batching``: (units, padded tokens
+    or None) per batch; ``advance(n)``: told as units are done here."""
     size, tokens = batching
     if workers is not None and blocks:
         yield from workers.unit_norms(units, blocks, names, size, tokens)
         return
+    plan = checked_plan(model, units, names, device, blocks[0]) if blocks else None
     for k, block in enumerate(blocks):
         norms, _ = unit_gradient_norms(
-            model, units, names, device, batch_size=size, indices=block, batch_tokens=tokens
-        )
+            model, units, names, device, batch_size=size, indices=block, batch_tokens=tokens,
+            plan=plan, advance=advance,
+        )  # fmt: skip
         yield k, norms
 
 
