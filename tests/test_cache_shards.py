@@ -224,6 +224,26 @@ def test_a_corpus_on_disk_caches_like_its_documents(tiny_tokenizer: Any, tmp_pat
         get_token_cache(other_fields, tiny_tokenizer, CHUNKING, tmp_path / "d", progress=False)
 
 
+def test_the_tokenizing_bar_of_a_corpus_file_ends_at_its_total(
+    tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's bar counts its bytes but advances by text characters (fewer: JSON keys, ids):
+    it is finished when the corpus is, not left at a fraction."""
+    from contextlib import contextmanager
+
+    bars: list[list[int]] = []
+
+    @contextmanager
+    def recorded(description: str, total: int, **_: Any):
+        bars.append([total, 0])
+        yield lambda n, status="": bars[-1].__setitem__(1, bars[-1][1] + n)
+
+    monkeypatch.setattr(token_cache, "progress_task", recorded)
+    path = write_jsonl(tmp_path / "corpus.jsonl", many_documents())
+    get_token_cache(CorpusFiles(str(path)), tiny_tokenizer, CHUNKING, tmp_path / "c")
+    assert bars == [[path.stat().st_size, path.stat().st_size]]
+
+
 # ---------------------------------------------------------------- fingerprint checks
 
 

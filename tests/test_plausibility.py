@@ -88,3 +88,24 @@ def test_cached_greedy_continuation_equals_reading_the_whole_prefix_each_step(to
         total -= float(logp.gather(1, best))
         ids = torch.cat([ids, best], dim=1)
     assert greedy_continuation_loss(model, prefix, 7) == pytest.approx(total / 7, abs=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
+def test_greedy_decoding_reads_one_new_token_a_step_through_the_returned_cache(
+    tokenizer, build, monkeypatch
+):
+    """The cache the forward returns is found (by the output class's own field, so no
+    deprecation warning reaches the user's console) and each step after the first reads
+    one token."""
+    from transformers.utils import generic
+
+    model = build(tokenizer, seed=3)
+    widths, warned = [], []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda **kw: widths.append(kw["input_ids"].shape[1]) or forward(**kw)
+    )
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a: warned.append(msg))
+    prefix = encode_query(ALIEN, tokenizer, None).input_ids[:, :5]
+    greedy_continuation_loss(model, prefix, 4)
+    assert widths == [5, 1, 1, 1] and not warned

@@ -61,6 +61,15 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _returned_cache(out: Any) -> Any:
+    """The key/value cache a forward returned, by the field its output class declares
+    (``cache`` in transformers 5, ``past_key_values`` in 4.x): reading the old name on a new
+    output works but logs a deprecation warning on the user's console; None without one."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    name = next((n for n in ("cache", "past_key_values") if n in fields), None)
+    return None if name is None else getattr(out, name)
+
+
 @torch.no_grad()
 def greedy_continuation_loss(model: torch.nn.Module, prefix: torch.Tensor, n: int) -> float:
     """Mean NLL of ``n`` greedily decoded tokens after ``prefix`` (1, T).
@@ -79,7 +88,7 @@ def greedy_continuation_loss(model: torch.nn.Module, prefix: torch.Tensor, n: in
         if step + 1 == n:
             break
         ids = torch.cat([ids, best], dim=1)  # (1, T + step + 1)
-        cache = getattr(out, "past_key_values", None)  # None: the model reads it all again
+        cache = _returned_cache(out)  # None: the model reads it all again
         out = model(
             input_ids=ids if cache is None else best, attention_mask=torch.ones_like(ids),
             use_cache=cache is not None, **{_cache_kwarg(model): cache},

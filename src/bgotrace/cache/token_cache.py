@@ -579,10 +579,15 @@ def _write_contents(
     render = conversation_renderer(tokenizer, chunking.unit_loss)
     try:
         with progress_task("Tokenizing", total, enabled=progress) as advance:
-            stream = _hashed(_stream(documents), hasher)
+            stream, done = _hashed(_stream(documents), hasher), 0
             for batch in iter_chunked_batches(stream, tokenizer, chunking, render=render):
                 writer.append(batch)
-                advance(measure(batch.documents))
+                told = measure(batch.documents)
+                done += told
+                advance(told)
+            # A file's total is its bytes; its texts are fewer characters (JSON keys, ids,
+            # escapes, multi-byte UTF-8): the estimate ends where the corpus does.
+            advance(max(0, total - done))
         shards = writer.close()
     except BaseException:
         writer.abort()

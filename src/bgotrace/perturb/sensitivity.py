@@ -317,7 +317,8 @@ def cached_sensitivity(
             len(wanted) - len(missing), str(next(model.parameters()).dtype).removeprefix("torch."),
         )  # fmt: skip
     batching = (batch_size, batch_tokens)
-    with progress_task("Normaliser (gradient norms)", total=len(missing)) as advance:
+    bar = progress_task("Normaliser (gradient norms)", len(missing), enabled=bool(blocks))
+    with bar as advance:
         done = _computed_blocks(model, units, names, device, blocks, batching, workers, advance)
         for k, block_norms in done:
             store.add_block(blocks[k], block_norms)
