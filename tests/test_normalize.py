@@ -179,14 +179,20 @@ def test_a_pass_of_many_blocks_checks_the_ghost_norms_once(setup, cache, monkeyp
     np.testing.assert_allclose(s, _slow_norms(model, cache, names), rtol=1e-4)
 
 
-def test_ghost_norms_found_wrong_on_the_first_block_are_used_on_none(setup, cache, monkeypatch):
-    """The first block's verdict holds for every block: all of them take the loop."""
+def test_ghost_norms_found_wrong_on_the_first_block_are_used_on_none(
+    setup, cache, monkeypatch, caplog
+):
+    """The first block's verdict holds for every block: all of them take the loop, and the
+    pass says so once."""
     model, _ = setup
     names = [n for n, _ in model.named_parameters()]
     real = sensitivity.batch_squared_norms
     monkeypatch.setattr(sensitivity, "batch_squared_norms", lambda *a: 2 * real(*a))
-    s = cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
+    with caplog.at_level("WARNING", logger=sensitivity.__name__):
+        s = cached_sensitivity(model, cache, names, reduce="sum", block_units=2, device=CPU)
     np.testing.assert_allclose(s, _slow_norms(model, cache, names), rtol=1e-4)
+    said = [r for r in caplog.records if "one unit at a time" in r.getMessage()]
+    assert len(said) == 1
 
 
 def test_the_normaliser_shows_one_progress_bar_for_all_its_blocks(setup, cache, monkeypatch):

@@ -137,7 +137,6 @@ def unit_gradient_norms(
             model, units, names, plan, device, indices, batch_size, batch_tokens, advance
         )
     if plan.uncovered:
-        log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
         told = _nothing if plan.modules else advance  # each unit counted once
         loop = unit_gradient_norms_loop(model, units, plan.uncovered, device, indices, told)
         squares += loop**2
@@ -153,11 +152,14 @@ def checked_plan(
 ) -> GhostPlan:
     """Which of ``names`` the ghost norms cover (:func:`plan_for`), checked on the first two
     of ``indices`` against the per-unit loop (:func:`_ghost_agrees`): none when they
-    disagree. The answer depends on the architecture only, so a pass checks once."""
+    disagree. The answer depends on the architecture only, so a pass checks once (and says
+    once what it will compute one unit at a time)."""
     plan = plan_for(model, names)
-    if _ghost_agrees(model, units, names, plan, device, indices):
-        return plan
-    return GhostPlan(uncovered=list(names))
+    if not _ghost_agrees(model, units, names, plan, device, indices):
+        plan = GhostPlan(uncovered=list(names))
+    if plan.uncovered:
+        log.warning("sensitivity of %d parameter tensors one unit at a time", len(plan.uncovered))
+    return plan
 
 
 def _ghost_squares(
