@@ -139,6 +139,14 @@ def test_plan_cli_json_without_a_gpu(llama_8b_dir: Path) -> None:
     assert plan["parameters"] == 8_030_261_248  # Llama-3-8B's published count
     text = CliRunner().invoke(app, args[:-1])
     assert text.exit_code == 0 and "fits in 80.0 GiB (cuda)" in text.output
+    # The printed breakdown of the host peak adds up to it (no corpus: no cache pages).
+    from bgotrace.plan.fit import human
+    from bgotrace.plan.memory import RUNTIME_BYTES
+
+    largest_host = max(s["host_bytes"] for s in plan["stages"])
+    assert plan["peak_host_bytes"] == RUNTIME_BYTES + largest_host
+    said = f"host peak = runtime {human(RUNTIME_BYTES)} + token cache pages 0.0 KiB + the largest"
+    assert said + " stage's host column" in text.output
 
 
 def test_plan_cli_bad_device_memory_is_one_line(llama_8b_dir: Path) -> None:

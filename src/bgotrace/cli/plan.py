@@ -21,6 +21,7 @@ from bgotrace.config import AttributeConfig
 from bgotrace.devices import parse_size
 from bgotrace.plan.estimate import Plan, meta_model, plan_run
 from bgotrace.plan.fit import fitting_options, human
+from bgotrace.plan.memory import RUNTIME_BYTES
 
 _NO_CORPUS = "(no corpus: the plan does not read it)"
 
@@ -62,6 +63,11 @@ def _table(plan: Plan, fix: str | None) -> str:
     lines.append(
         f"peak: device {human(plan.peak_device_bytes)}, host {human(plan.peak_host_bytes)}; "
         f"{verdict} in {human(plan.device_memory)} ({plan.device})"
+    )
+    on_cpu = " and device columns (on cpu the device is the host)" if plan.device == "cpu" else ""
+    lines.append(
+        f"host peak = runtime {human(RUNTIME_BYTES)} + token cache pages "
+        f"{human(plan.cache_pages_bytes)} + the largest stage's host{on_cpu or ' column'}"
     )
     if not plan.fits:
         lines.append(f"would fit: {fix}" if fix else "no smaller setting found")

@@ -41,12 +41,16 @@ class Plan:
         return max(s.device_bytes for s in self.stages)
 
     @property
+    def cache_pages_bytes(self) -> int:
+        """The token cache's pages a sweep reads through (its tokens, 4 bytes each)."""
+        return 4 * (self.run.corpus_tokens or 0)
+
+    @property
     def peak_host_bytes(self) -> int:
         """Runtime + token cache pages + the largest stage (device stages too on CPU)."""
         on_cpu = self.device == "cpu"
         on_host = [s.host_bytes + (s.device_bytes if on_cpu else 0) for s in self.stages]
-        pages = 4 * (self.run.corpus_tokens or 0)
-        return RUNTIME_BYTES + pages + max(on_host)
+        return RUNTIME_BYTES + self.cache_pages_bytes + max(on_host)
 
     @property
     def needed_bytes(self) -> int:
