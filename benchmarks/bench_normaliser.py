@@ -65,14 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-record", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
-    set_progress(False)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    docs = corpus(args.docs)
-    tokenizer = train_tokenizer([d.text for d in docs], vocab_size=2048)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=4, n_head=4)
-    ).eval()
+    docs, tokenizer, model = setup(args.docs, args.threads)
     root = Path(tempfile.mkdtemp(prefix="bgotrace-normaliser-"))
     config = {
         "corpus": {"max_length": 128, "cache_dir": str(root)},
@@ -120,6 +113,21 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     diff = float(np.max(np.abs(out["full"][sample] / out["loop"] - 1)))
     report(args, (len(cache), int(cache.lengths.sum()), len(first)), rows, rho, diff, load)
+
+
+def setup(n_docs: int, threads: int) -> tuple[list, object, torch.nn.Module]:
+    """The normaliser benchmarks' corpus, tokenizer and model: ``n_docs`` synthetic documents,
+    a 2,048-token BPE trained on them, a random 4-layer width-128 GPT-2 (seed 0); torch on
+    ``threads`` threads, progress bars off."""
+    set_progress(False)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    docs = corpus(n_docs)
+    tokenizer = train_tokenizer([d.text for d in docs], vocab_size=2048)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=4, n_head=4)
+    ).eval()
+    return docs, tokenizer, model
 
 
 def _seconds(fn: Callable[[], object]) -> tuple[float, float]:

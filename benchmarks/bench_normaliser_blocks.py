@@ -31,16 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_sweep import corpus
+from bench_normaliser import setup
 from results_log import publish
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from bgotrace.cache import get_token_cache
 from bgotrace.corpus import ChunkingConfig
 from bgotrace.perturb import sensitivity
 from bgotrace.perturb.sensitivity import cached_sensitivity, unit_gradient_norms
-from bgotrace.runtime.progress import set_progress
-from bgotrace.train.tokenizer import train_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -51,14 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-record", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
-    set_progress(False)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    docs = corpus(args.docs)
-    tokenizer = train_tokenizer([d.text for d in docs], vocab_size=2048)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=4, n_head=4)
-    ).eval()
+    docs, tokenizer, model = setup(args.docs, threads=1)
     root = Path(tempfile.mkdtemp(prefix="bgotrace-normaliser-blocks-"))
     cache = get_token_cache(docs, tokenizer, ChunkingConfig(max_length=128), root)
     names = [n for n, _ in model.named_parameters()]
