@@ -64,10 +64,12 @@ def _table(plan: Plan, fix: str | None) -> str:
         f"peak: device {human(plan.peak_device_bytes)}, host {human(plan.peak_host_bytes)}; "
         f"{verdict} in {human(plan.device_memory)} ({plan.device})"
     )
-    on_cpu = " and device columns (on cpu the device is the host)" if plan.device == "cpu" else ""
+    stage_part = "host column"
+    if plan.device == "cpu":
+        stage_part = "host and device columns (on cpu the device is the host)"
     lines.append(
         f"host peak = runtime {human(RUNTIME_BYTES)} + token cache pages "
-        f"{human(plan.cache_pages_bytes)} + the largest stage's host{on_cpu or ' column'}"
+        f"{human(plan.cache_pages_bytes)} + the largest stage's {stage_part}"
     )
     if not plan.fits:
         lines.append(f"would fit: {fix}" if fix else "no smaller setting found")
