@@ -37,7 +37,9 @@ forward alone, give the machine's own spread); with ``--sweep-order`` the sweep'
 sweep with each state run over a window of batches (``score.sweep.WINDOW_TOKENS``) vs the
 order before it, every batch under every state in turn; with ``--flops`` each run's matmul
 FLOPs, counted once more under ``FlopCounterMode``: a ratio no load moves, which says whether
-a run does more arithmetic than its reference. ``--top-tokens 0`` there, as in the issue.
+a run does more arithmetic than its reference; and what the kernel did per call (system
+time, page faults, context switches: would show allocation or thread trouble in the code).
+``--top-tokens 0`` there, as in the issue.
 Every ratio is given twice: of the best round of each run, and paired (the median and range
 over ``--rounds`` of the ratio within one round, whose runs are minutes apart, so a slow
 drift of the machine's speed cancels; the order of the runs is reversed every other round, so
@@ -57,6 +59,7 @@ import json
 import platform
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -386,6 +389,20 @@ def cpu_timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+KERNEL_FIELDS = {"ru_stime": "sys s", "ru_minflt": "minor page faults",
+                 "ru_nvcsw": "voluntary switches", "ru_nivcsw": "involuntary switches"}  # fmt: skip
+"""What the kernel did for a call (``getrusage``): if identical calls differed because of the
+code's allocation (page faults, system time) or its threads (context switches), it shows here."""
+
+
+def kernel_side(fn) -> tuple[float, float, dict[str, float]]:
+    """:func:`cpu_timed` of ``fn()`` and its :data:`KERNEL_FIELDS` (this process's deltas)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    wall, cpu = cpu_timed(fn)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, cpu, {f: getattr(after, f) - getattr(before, f) for f in KERNEL_FIELDS}
+
+
 def spread_of(runs: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     """Per clock (``wall``, ``cpu``): best seconds per run, the spread of its rounds
     (max/min - 1) and every round's seconds, as ``{clock: best, clock_spread: spread,
@@ -393,13 +410,14 @@ def spread_of(runs: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     are minutes apart, not a whole round (the paired ratios below use that), and in reverse
     order every other round (a drift within a round cancels over two)."""
     seconds: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    kernel: dict[str, list[dict[str, float]]] = {}
     for r in range(rounds):
         for name in list(runs)[:: -1 if r % 2 else 1]:
-            fn = runs[name]
-            wall, cpu = cpu_timed(fn)
+            wall, cpu, counts = kernel_side(runs[name])
             seconds["wall"].setdefault(name, []).append(wall)
             seconds["cpu"].setdefault(name, []).append(cpu)
-    out: dict[str, Any] = {}
+            kernel.setdefault(name, []).append(counts)
+    out: dict[str, Any] = {"kernel": kernel}
     for clock, per_run in seconds.items():
         out[clock] = {name: min(t) for name, t in per_run.items()}
         out[f"{clock}_spread"] = {name: max(t) / min(t) - 1 for name, t in per_run.items()}
@@ -556,6 +574,11 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         met = sum(_meets(r, target) for r in ratios)
         lines.append(f"- {num} / {den}: " + ", ".join(f"{r:.3f}" for r in ratios)
                      + f" ({met} of {len(ratios)} rounds meet {target})")  # fmt: skip
+    lines.append("\nWhat the kernel did per call (`getrusage`; the median over the rounds): "
+                 + "; ".join(f"{name} " + ", ".join(
+                     f"{float(np.median([c[f] for c in calls])):.{2 if f == 'ru_stime' else 0}f}"
+                     f" {label}" for f, label in KERNEL_FIELDS.items())
+                     for name, calls in m["kernel"].items()) + ".")  # fmt: skip
     for clock in ("wall", "cpu"):
         spread = m[f"{clock}_spread"]
         worst = max(spread, key=lambda k: spread[k])
