@@ -47,11 +47,20 @@ def assert_same(a, b):
     np.testing.assert_allclose([sa[k] for k in keys], [sb[k] for k in keys], atol=ATOL, rtol=0)
 
 
-def test_batch_size_and_block_size_do_not_change_scores(tok, tmp_path):
+def test_batch_size_and_block_size_do_not_change_scores(tok, tmp_path, monkeypatch):
+    """… and a group's states are bound once for all of its blocks, however many."""
+    from bgotrace.score import sweep
+
+    binds = []
+    real = sweep.bind_state
+    monkeypatch.setattr(sweep, "bind_state", lambda *a: binds.append(a) or real(*a))
     model = tiny_gpt2(tok)
     one = run(model, tok, tmp_path, scoring={"batch_size": 1, "block_units": 3})
+    small_blocks = len(binds)
+    binds.clear()
     many = run(model, tok, tmp_path, scoring={"batch_size": 7, "block_units": 1000})
     assert_same(one, many)
+    assert small_blocks == len(binds) == 2 * len(QUERIES)  # θ+ and θ− of each query, once
 
 
 def test_batch_tokens_do_not_change_scores(tok, tmp_path, monkeypatch):

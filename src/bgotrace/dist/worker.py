@@ -33,7 +33,7 @@ from bgotrace.perturb.steps import PerturbedState, perturb
 from bgotrace.query import EncodedQuery
 from bgotrace.score.executor import Block, BlockResult, compute_block
 from bgotrace.score.subset import SubsetUnits
-from bgotrace.score.sweep import Overrides, sweep_autocast
+from bgotrace.score.sweep import BoundGroup, bind_group, sweep_autocast
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,8 @@ class SweepWorker:
             self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
         # Read by path or not at all (never shipped: see bgotrace.dist.trunk).
         self.trunk, self.trunk_why_not = open_trunk_at(setup.trunk)
-        self.states_of: tuple[int, list[Overrides]] = (-1, [])
-        """(sweep group, its states on this worker's device)."""
+        self.states_of: tuple[int, BoundGroup | None] = (-1, None)
+        """(sweep group, its states on this worker's device, bound once for its blocks)."""
         self.ghost_plans: dict[tuple[str, ...], GhostPlan] = {}
         """The normaliser's checked ghost-norm plan per parameter selection: this worker's
         model never changes, so it is checked on its first block only."""
@@ -166,15 +166,17 @@ class SweepWorker:
         )  # fmt: skip
         return norms, ray.get_runtime_context().get_node_id()
 
-    def _group_states(self, group: tuple[int, list[Any]]) -> list[Overrides]:
+    def _group_states(self, group: tuple[int, list[Any]]) -> BoundGroup:
         import ray
 
         number, (ref,) = group
-        if self.states_of[0] != number:
-            self.states_of = (number, [])  # the last group's states are freed first
-            states = ray.get(ref)
-            self.states_of = (number, [None if s is None else _on(s, self.device) for s in states])
-        return self.states_of[1]
+        held, bound = self.states_of
+        if held != number or bound is None:
+            self.states_of, bound = (number, None), None  # the last group's freed first
+            states = [None if s is None else _on(s, self.device) for s in ray.get(ref)]
+            bound = bind_group(self.model, states)
+            self.states_of = (number, bound)
+        return bound
 
     def perturb(
         self,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bgotrace.cache.batching import TokenSource
-from bgotrace.score.sweep import Overrides, unit_loss_sums
+from bgotrace.score.sweep import BoundGroup, Overrides, bind_group, unit_loss_sums
 
 if TYPE_CHECKING:
     from bgotrace.cache.trunk_cache import TrunkRows
@@ -38,7 +38,7 @@ def compute_block(
     model: torch.nn.Module,
     units: TokenSource,
     block: Block,
-    states: Sequence[Overrides],
+    states: Sequence[Overrides] | BoundGroup,
     *,
     batch_size: int,
     pad_id: int,
@@ -46,7 +46,8 @@ def compute_block(
     batch_tokens: int | None = None,
     trunk_rows: TrunkRows | None = None,
 ) -> BlockResult:
-    """Loss sums of one block under every state (what each executor runs)."""
+    """Loss sums of one block under every state (what each executor runs); an executor
+    binds a group's states once for all its blocks (:func:`bind_group`)."""
     indices = np.arange(block.start, block.stop)
     sums, counts = unit_loss_sums(
         model, units, indices, states, batch_size=batch_size, pad_id=pad_id, device=device,
@@ -86,9 +87,10 @@ class LocalExecutor:
     """Padded tokens per batch instead of ``batch_size`` units (``--batch-tokens``)."""
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
+        group = bind_group(self.model, states)
         for block in blocks:
             yield compute_block(
-                self.model, self.units, block, states,
+                self.model, self.units, block, group,
                 batch_size=self.batch_size, pad_id=self.pad_id, device=self.device,
                 batch_tokens=self.batch_tokens, trunk_rows=self.trunk_rows,
             )  # fmt: skip

@@ -29,6 +29,7 @@ import torch
 
 from bgotrace.cache.batching import TokenSource, collate, length_buckets, unit_loss_mask
 from bgotrace.modeling.split import (
+    BoundState,
     Overrides,
     TrunkState,
     bind_state,
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WINDOW_TOKENS",
+    "BoundGroup",
     "Overrides",
+    "bind_group",
     "states_split",
     "sweep_autocast",
     "unit_loss_sums",
@@ -85,12 +88,34 @@ def states_split(model: torch.nn.Module, states: Sequence[Overrides]) -> int | N
     return start
 
 
+@dataclass(frozen=True)
+class BoundGroup:
+    """A sweep group's states bound once for all of its blocks (:func:`bind_group`)."""
+
+    start: int | None
+    """The block every state's top starts at (None: a full forward per state)."""
+    states: list[BoundState]
+    """Per state, module copies that share the base model's tensors."""
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+def bind_group(model: torch.nn.Module, states: Sequence[Overrides]) -> BoundGroup:
+    """``states`` bound for many blocks: an executor binds a group once, not per block.
+    Binding is a structural copy of the bound modules: 8.7 ms per state on a 12-block GPT-2
+    (measured on CPU), by estimate ~1% of a 1B model's GPU sweep of a default 1,024-unit block
+    and far more of a small block's (``--block-units``, a Ray worker's shipped slices)."""
+    start = states_split(model, states)
+    return BoundGroup(start, [bind_state(model, start, s) for s in states])
+
+
 @torch.inference_mode()
 def unit_loss_sums(
     model: torch.nn.Module,
     units: TokenSource,
     indices: np.ndarray,
-    states: Sequence[Overrides],
+    states: Sequence[Overrides] | BoundGroup,
     *,
     batch_size: int,
     pad_id: int,
@@ -107,12 +132,13 @@ def unit_loss_sums(
     ``batch_tokens`` at most that many padded tokens (:func:`length_buckets`). With
     ``trunk_rows`` (a trunk cache of the same split) the trunk is read from disk instead of
     computed. ``window_tokens``: see :data:`WINDOW_TOKENS` (0: one batch per window).
+    ``states`` already bound (:func:`bind_group`) are used as they are.
     """
-    start = states_split(model, states)
+    group = states if isinstance(states, BoundGroup) else bind_group(model, states)
+    start, bound = group.start, group.states
     if trunk_rows is not None and trunk_rows.split != start:
         log_once("trunk cache (block %d) unused: this sweep splits at %s", trunk_rows.split, start)
         trunk_rows = None
-    bound = [bind_state(model, start, s) for s in states]  # once per block of units
     position = {int(u): k for k, u in enumerate(indices)}
     # The host does not wait for the device inside the loop: what it needs (token counts,
     # predicted positions) it reads from the lengths, and the sums stay on the device until
@@ -151,7 +177,7 @@ def unit_loss_sums(
         held += input_ids.numel()
     if window:
         sweep_window()
-    sums = np.zeros((len(states), len(indices)), dtype=np.float64)
+    sums = np.zeros((len(bound), len(indices)), dtype=np.float64)
     if parts:
         sums[:, np.concatenate(columns)] = torch.cat(parts, dim=1).cpu().numpy()
     return sums, counts
