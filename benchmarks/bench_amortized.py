@@ -551,8 +551,13 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         f"K = 10 Adam steps each way; {rounds} rounds taken in turn (every other one in "
         f"reverse order), after a warm-up of {_warmed(m['wall'])}. Best: the "
         "best round of each run; paired: the median (range) over rounds of the ratio within "
-        "one round. CPU: this process's CPU seconds (one torch thread). FLOPs: the runs' "
-        "matmul FLOPs (`FlopCounterMode`), which no load moves.\n",
+        "one round. CPU: this process's CPU seconds (one torch thread)."
+        + (
+            " FLOPs: the runs' matmul FLOPs (`FlopCounterMode`), which no load moves."
+            if flops
+            else ""
+        )
+        + "\n",
         "| comparison | wall: measured (s) | wall: reference (s) | wall: best ratio "
         "| wall: paired ratio | CPU: best ratio | CPU: paired ratio"
         + (" | FLOP ratio" if flops else "")
