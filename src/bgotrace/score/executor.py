@@ -87,6 +87,8 @@ class LocalExecutor:
     """Padded tokens per batch instead of ``batch_size`` units (``--batch-tokens``)."""
 
     def run(self, blocks: Sequence[Block], states: Sequence[Overrides]) -> Iterator[BlockResult]:
+        if not blocks:  # a resumed group with every block stored: nothing to bind
+            return
         group = bind_group(self.model, states)
         for block in blocks:
             yield compute_block(
