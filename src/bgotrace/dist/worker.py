@@ -83,7 +83,7 @@ class SweepWorker:
             self.cache, self.why_not = open_cache_at(setup.cache_root, setup.expected_manifest)
         # Read by path or not at all (never shipped: see bgotrace.dist.trunk).
         self.trunk, self.trunk_why_not = open_trunk_at(setup.trunk)
-        self.states_of: tuple[int, BoundGroup | None] = (-1, None)
+        self.group: tuple[int, BoundGroup] | None = None
         """(sweep group, its states on this worker's device, bound once for its blocks)."""
         self.ghost_plans: dict[tuple[str, ...], GhostPlan] = {}
         """The normaliser's checked ghost-norm plan per parameter selection: this worker's
@@ -170,13 +170,11 @@ class SweepWorker:
         import ray
 
         number, (ref,) = group
-        held, bound = self.states_of
-        if held != number or bound is None:
-            self.states_of, bound = (number, None), None  # the last group's freed first
+        if self.group is None or self.group[0] != number:
+            self.group = None  # the last group's states are freed first
             states = [None if s is None else _on(s, self.device) for s in ray.get(ref)]
-            bound = bind_group(self.model, states)
-            self.states_of = (number, bound)
-        return bound
+            self.group = (number, bind_group(self.model, states))
+        return self.group[1]
 
     def perturb(
         self,
