@@ -105,7 +105,7 @@ def bind_group(model: torch.nn.Module, states: Sequence[Overrides]) -> BoundGrou
     """``states`` bound for many blocks: an executor binds a group once, not per block.
     Binding is a structural copy of the bound modules: 8.7 ms per state on a 12-block GPT-2
     (measured on CPU), by estimate ~1% of a 1B model's GPU sweep of a default 1,024-unit block
-    and far more of a small block's (``--block-units``, a Ray worker's shipped slices)."""
+    and far more with small ``--block-units`` (benchmarks/bench_group_binding.py)."""
     start = states_split(model, states)
     return BoundGroup(start, [bind_state(model, start, s) for s in states])
 
