@@ -133,6 +133,32 @@ def records():
     logger.setLevel(level)
 
 
+def test_a_worker_binds_a_group_once_for_all_its_blocks(cluster, tok, monkeypatch):
+    """A worker fetches and binds a group's states on the group's first block, reuses them for
+    the rest, and replaces them when the next group comes (the worker in this process)."""
+    from bgotrace.dist import worker as worker_module
+    from bgotrace.dist.worker import SweepWorker, WorkerSetup
+    from tests.models import tiny_gpt2
+
+    binds = []
+    real = worker_module.bind_group
+    monkeypatch.setattr(worker_module, "bind_group", lambda *a: binds.append(a) or real(*a))
+    threads, model = torch.get_num_threads(), tiny_gpt2(tok)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        worker = SweepWorker(model, WorkerSetup(None, {}, False, 2, 0, "cpu"))
+        moved = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+        first, second = ray.put([moved, None]), ray.put([None])
+        bound = worker._group_states((0, [first]))
+        assert worker._group_states((0, [first])) is bound  # the group's next block
+        assert len(bound) == 2 and len(binds) == 1
+        replaced = worker._group_states((1, [second]))
+        assert len(replaced) == 1 and len(binds) == 2 and worker.group == (1, replaced)
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)  # the worker set this process's to its CPUs
+
+
 def test_sweep_spreads_over_both_nodes_and_equals_local(cluster, model, tok, local, tmp_path,
                                                         records):  # fmt: skip
     spread = attribute(model, tok, tmp_path, workers=2, ray_address=cluster.address)
