@@ -457,6 +457,26 @@ def many_queries(
     n last:2 queries in one sweep, and two plain passes; ``rounds`` rounds of them in turn;
     with ``sweep_order`` also n per sweep in the sweep's order before its windows; with
     ``flops`` each run's matmul FLOPs too; ``only``: just these runs."""  # fmt: skip
+    runs, cache = many_runs(model, tok, docs, work, unit_length, n_q, sweep_order, only)
+    counted = (
+        matmul_flops({k: v for k, v in runs.items() if "batch_major" not in k}) if flops else {}
+    )
+    return {**spread_of(runs, rounds), "flops": counted, "rounds": rounds, "n_q": n_q,
+            "n_units": len(cache), "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+
+
+def many_runs(
+    model,
+    tok,
+    docs,
+    work: Path,
+    unit_length: int,
+    n_q: int,
+    sweep_order: bool = False,
+    only: list[str] | None = None,
+) -> tuple[dict[str, Any], TokenCache]:
+    """Issue 18's runs by name (``only``: just these), each a call of no arguments, with the
+    token cache and the normaliser built and the first use of each path made (warm-ups)."""
     cache_dir = work / "cache"
 
     def call(n: int, params: str = "all", per_sweep: int = 16, **scoring: Any):
@@ -489,11 +509,7 @@ def many_queries(
     for name in ("one_default", "shared"):  # first uses of the forward-mode and last:2 paths
         if name in runs:
             runs[name]()
-    counted = (
-        matmul_flops({k: v for k, v in runs.items() if "batch_major" not in k}) if flops else {}
-    )
-    return {**spread_of(runs, rounds), "flops": counted, "rounds": rounds, "n_q": n_q,
-            "n_units": len(cache), "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+    return runs, cache
 
 
 def batch_by_batch(fn):
