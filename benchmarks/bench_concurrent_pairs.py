@@ -116,7 +116,7 @@ def child(args: argparse.Namespace, pair: list[str]) -> None:
     set_progress(False)
     for name in sorted(set(pair)):  # first calls: every path warm before the timed rounds
         runs[name]()
-    weights = float(sum(p.double().sum() for p in model.parameters()))
+    weights = float(sum(p.detach().double().sum() for p in model.parameters()))
     for r in range(args.rounds):
         (args.sync / f"ready{r}.{args.child}").touch()
         while not (args.sync / f"go{r}").exists():
