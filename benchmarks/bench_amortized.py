@@ -37,7 +37,9 @@ forward alone, give the machine's own spread); with ``--sweep-order`` the sweep'
 sweep with each state run over a window of batches (``score.sweep.WINDOW_TOKENS``) vs the
 order before it, every batch under every state in turn; with ``--flops`` each run's matmul
 FLOPs, counted once more under ``FlopCounterMode``: a ratio no load moves, which says whether
-a run does more arithmetic than its reference; and what the kernel did per call (system
+a run does more arithmetic than its reference; with ``--ops`` each run's torch operator calls
+and Python function calls, counted once more (no load moves them either: they show per-call or
+per-group overhead that FLOPs miss); and what the kernel did per call (system
 time, page faults, context switches: would show allocation or thread trouble in the code).
 ``--top-tokens 0`` there, as in the issue.
 Every ratio is given twice: of the best round of each run, and paired (the median and range
@@ -53,10 +55,12 @@ are the result: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import gc
 import json
 import platform
+import pstats
 import random
 import re
 import resource
@@ -72,6 +76,7 @@ from unittest import mock
 import numpy as np
 import torch
 from results_log import publish
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import bgotrace
@@ -244,6 +249,11 @@ def main() -> None:
         "--flops", action="store_true", help="--many-queries: also each run's matmul FLOPs"
     )
     parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="--many-queries: also each run's torch operator and Python function calls",
+    )
+    parser.add_argument(
         "--runs",
         default="",
         help="--many-queries: only these runs, e.g. loop,many1,many4,many16 (default: all)",
@@ -272,7 +282,7 @@ def main() -> None:
         return report_single(args, *single_query(model, tok, docs, work, args.unit_length))
     if args.many_queries:
         measured = many_queries(model, tok, docs, work, args.unit_length, n_q, rounds=args.rounds,
-                                sweep_order=args.sweep_order, flops=args.flops,
+                                sweep_order=args.sweep_order, flops=args.flops, ops=args.ops,
                                 only=[r for r in args.runs.split(",") if r])  # fmt: skip
         return report_many(args, measured)
     rows, notes = measure(model, tok, docs, n_q, work, baselines, args.unit_length)
@@ -440,6 +450,32 @@ def matmul_flops(runs: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+class _OperatorCount(TorchDispatchMode):
+    """Counts the torch operators (ATen calls) run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def call_counts(runs: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per run, (torch operator calls, Python function calls) of one more call each: what a
+    run does besides its arithmetic (checks, bookkeeping, per-call and per-group set-up),
+    counted, so no load moves it; two further calls of each run (one per counter)."""
+    counts: dict[str, tuple[int, int]] = {}
+    for name, fn in runs.items():
+        with _OperatorCount() as operators:
+            fn()
+        profile = cProfile.Profile()
+        profile.runcall(fn)
+        counts[name] = (operators.calls, pstats.Stats(profile).total_calls)
+    return counts
+
+
 def many_queries(
     model,
     tok,
@@ -451,18 +487,20 @@ def many_queries(
     rounds: int = 2,
     sweep_order: bool = False,
     flops: bool = False,
+    ops: bool = False,
     only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Issue 18's runs, side by side: one query, n queries per call at 1, 4 and n per sweep,
     n last:2 queries in one sweep, and two plain passes; ``rounds`` rounds of them in turn;
     with ``sweep_order`` also n per sweep in the sweep's order before its windows; with
-    ``flops`` each run's matmul FLOPs too; ``only``: just these runs."""  # fmt: skip
+    ``flops`` each run's matmul FLOPs too, with ``ops`` its operator and Python calls;
+    ``only``: just these runs."""  # fmt: skip
     runs, cache = many_runs(model, tok, docs, work, unit_length, n_q, sweep_order, only)
-    counted = (
-        matmul_flops({k: v for k, v in runs.items() if "batch_major" not in k}) if flops else {}
-    )
-    return {**spread_of(runs, rounds), "flops": counted, "rounds": rounds, "n_q": n_q,
-            "n_units": len(cache), "n_tokens": int(cache.lengths.sum())}  # fmt: skip
+    plain = {k: v for k, v in runs.items() if "batch_major" not in k}
+    counted = matmul_flops(plain) if flops else {}
+    calls = call_counts(plain) if ops else {}
+    return {**spread_of(runs, rounds), "flops": counted, "ops": calls, "rounds": rounds,
+            "n_q": n_q, "n_units": len(cache), "n_tokens": int(cache.lengths.sum())}  # fmt: skip
 
 
 def many_runs(
@@ -555,6 +593,7 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
     n, rounds, flops = m["n_q"], m["rounds"], m["flops"]
     flags = f" --rounds {rounds}" if rounds != 2 else ""
     flags += (" --sweep-order" if args.sweep_order else "") + (" --flops" if flops else "")
+    flags += " --ops" if m["ops"] else ""
     flags += f" --runs {args.runs}" if args.runs else ""
     command = (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_amortized.py "
                f"--many-queries --model {args.model} --unit-length {args.unit_length} "
@@ -595,6 +634,8 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
         met = sum(_meets(r, target) for r in ratios)
         lines.append(f"- {num} / {den}: " + ", ".join(f"{r:.3f}" for r in ratios)
                      + f" ({met} of {len(ratios)} rounds meet {target})")  # fmt: skip
+    if m["ops"]:
+        lines.append(ops_line(m["ops"]))
     lines.append("\nWhat the kernel did per call (`getrusage`; the median over the rounds): "
                  + "; ".join(f"{name} " + ", ".join(
                      f"{float(np.median([c[f] for c in calls])):.{2 if f == 'ru_stime' else 0}f}"
@@ -614,6 +655,17 @@ def report_many(args: argparse.Namespace, m: dict[str, Any]) -> None:
             )  # fmt: skip
         )
     publish(lines, record=not args.quick)
+
+
+def ops_line(ops: dict[str, tuple[int, int]]) -> str:
+    """The runs' operator and Python calls, and each as a ratio of the loop's where it ran."""
+    ref = ops.get("loop")
+    parts = []
+    for name, (operators, calls) in ops.items():
+        ratio = f" ({operators / ref[0]:.4f} / {calls / ref[1]:.4f} of the loop's)" if ref else ""
+        parts.append(f"{name} {operators:,} / {calls:,}{ratio}")
+    return ("\nWork besides the arithmetic, counted per call (torch operator calls / Python "
+            "function calls; no load moves them): " + "; ".join(parts) + ".")  # fmt: skip
 
 
 def _warmed(runs: Any) -> str:
