@@ -2,7 +2,9 @@
 
     python benchmarks/gpu_sweep.py                 # one CUDA GPU, < 5 min (prints a table)
     python benchmarks/gpu_sweep.py --record        # ... and appends it to RESULTS.md
-    python benchmarks/gpu_sweep.py --device cpu --tiny --no-record   # smoke test (CPU, ~1 min)
+    python benchmarks/gpu_sweep.py --device cpu --tiny --no-record   # smoke test (CPU, ~10 min:
+    #   the tiny Llama keeps the 128k-token vocabulary, slow in bfloat16 on a CPU)
+    python benchmarks/gpu_sweep.py --device cpu --tiny --models gpt2-small --no-record  # ~2 min
 
 Two randomly initialised shapes, weights in bfloat16 (``--model-dtype bfloat16``: no float32
 copy), SDPA attention, losses accumulated in float32:
