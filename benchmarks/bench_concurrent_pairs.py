@@ -45,6 +45,8 @@ import numpy as np
 from bench_amortized import cpu_timed, many_runs, random_setup
 from results_log import publish
 
+from bgotrace.eval.metrics import bootstrap_ci
+
 POLL_S = 0.05
 
 
@@ -131,12 +133,11 @@ def child(args: argparse.Namespace, pair: list[str]) -> None:
         tmp.rename(args.sync / f"done{r}.{args.child}")
 
 
-def bootstrap_ci(ratios: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the geometric mean of ``ratios`` (resampled rounds)."""
-    rng = np.random.default_rng(seed)
-    logs = np.log(ratios)
-    means = logs[rng.integers(0, len(logs), (draws, len(logs)))].mean(1)
-    return float(np.exp(np.percentile(means, 2.5))), float(np.exp(np.percentile(means, 97.5)))
+def geometric_ci(ratios: np.ndarray) -> tuple[float, float]:
+    """95% interval of the geometric mean of ``ratios``: the project's seeded percentile
+    bootstrap (:func:`bgotrace.eval.metrics.bootstrap_ci`) of their logs, exponentiated."""
+    logs = bootstrap_ci(np.log(ratios), n_boot=10_000)
+    return float(np.exp(logs.lo)), float(np.exp(logs.hi))
 
 
 def report(args: argparse.Namespace, pair: list[str], rounds: list[dict]) -> None:
@@ -152,7 +153,7 @@ def report(args: argparse.Namespace, pair: list[str], rounds: list[dict]) -> Non
         per_round.append((r, a, b, b["cpu"] / a["cpu"]))
     weights = {both[k]["weights"] for both in rounds for k in both}
     ratios = np.array([x[3] for x in per_round])
-    low, high = bootstrap_ci(ratios)
+    low, high = geometric_ci(ratios)
     meta = rounds[0][0]
     what = "two identical calls" if same else f"{second} / {first}"
     lines = [
