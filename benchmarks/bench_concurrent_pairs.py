@@ -108,14 +108,11 @@ def child(args: argparse.Namespace, pair: list[str]) -> None:
     the parent's start and time ``pair[(child + round) % 2]``: the runs swap cores each round."""
     import torch
 
-    from bgotrace.runtime.progress import set_progress
-
     torch.set_num_threads(1)
     n_docs, n_q = (30, 4) if args.quick else (args.n_docs, 16)
     docs, tok, model = random_setup(n_docs, args.unit_length)
     work = Path(tempfile.mkdtemp(prefix=f"bgotrace-pairs-{args.child}-"))
     runs, cache = many_runs(model, tok, docs, work, args.unit_length, n_q, only=sorted(set(pair)))
-    set_progress(False)
     for name in sorted(set(pair)):  # first calls: every path warm before the timed rounds
         runs[name]()
     weights = float(sum(p.detach().double().sum() for p in model.parameters()))
