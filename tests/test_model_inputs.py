@@ -125,3 +125,18 @@ def test_in_memory_corpus_reuses_one_cache_per_corpus_tokenizer_and_chunking():
     stamp = manifest.stat().st_mtime_ns
     bgotrace.attribute(model, tokenizer, DOCS, prompt="Paris is", completion=" the", config=CONFIG)
     assert manifest.stat().st_mtime_ns == stamp  # second call reused the cache
+
+
+def test_a_query_longer_than_the_context_is_refused_without_the_tokenizers_warning():
+    """The refusal states the rule and the fix; transformers' own "longer than the maximum
+    ... will result in indexing errors" warning would print before it and contradict it."""
+    from bgotrace.errors import InputError
+    from bgotrace.query import Query, encode_query
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.model_max_length = 8
+    long = Query(query_id="long", prompt="The capital is", completion=" Paris." * 20)
+    with pytest.raises(InputError, match="but the model reads at most 8"):
+        encode_query(long, tokenizer, max_context=8)
+    warned = "sequence-length-is-longer-than-the-specified-maximum"
+    assert not tokenizer.deprecation_warnings.get(warned), "transformers warned first"

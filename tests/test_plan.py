@@ -124,6 +124,19 @@ def test_attribute_refuses_before_loading_weights(llama_8b_dir: Path, tmp_path: 
         check_memory(_config(llama_8b_dir, execution={"device": "cpu", "device_memory": "80GiB"}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a host without CUDA")
+def test_attribute_on_cuda_without_a_gpu_says_so(llama_8b_dir: Path, tmp_path: Path) -> None:
+    """Not the plan's "pass --device-memory" advice: that sizes a plan, a run needs the GPU."""
+    result = CliRunner().invoke(app, [
+        "attribute", "--model", str(llama_8b_dir), "--corpus", str(tmp_path / "absent.jsonl"),
+        "--prompt", "The capital is", "--completion", " Paris.", "--device", "cuda",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == ["error: Device 'cuda' was asked for but CUDA is not available: "
+                     "use --device cpu or auto."], lines  # fmt: skip
+
+
 def test_plan_cli_json_without_a_gpu(llama_8b_dir: Path) -> None:
     args = ["plan", "--model", str(llama_8b_dir), "--device", "cuda", "--device-memory",
             "80GiB", "--model-dtype", "bfloat16", "--dtype", "bfloat16", "--batch-size", "8",

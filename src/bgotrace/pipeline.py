@@ -33,7 +33,7 @@ from bgotrace.corpus import (
     Document,
 )
 from bgotrace.corpus.bos import resolve_bos
-from bgotrace.devices import set_tf32
+from bgotrace.devices import resolve_device, set_tf32
 from bgotrace.errors import InputError
 from bgotrace.modeling.loading import context_length, embedding_rows, load_model_and_tokenizer
 from bgotrace.plan.fit import check_memory
@@ -90,6 +90,8 @@ def load_inputs(
     """
     resolve_method(config)  # an option the method ignores is refused before anything loads
     queries = list(queries) if queries is not None else queries_from_spec(config)
+    if model is None:  # a device that is not here, before the plan measures its memory
+        resolve_device(config.execution.device)
     if model is None and perturbation_method(config.method) is not None:  # before it loads
         check_memory(config, n_queries=len(queries))
     spec = config.corpus

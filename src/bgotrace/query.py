@@ -148,8 +148,12 @@ def encode_query(
     if query.messages is not None:
         return _encode_chat(query, tokenizer, max_context)
     bos = [] if bos_id is None else [bos_id]
-    prompt_ids = bos + tokenizer(query.prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(query.completion, add_special_tokens=False)["input_ids"]
+    # verbose=False: transformers' "longer than the maximum" warning; _check_context below
+    # refuses such a query with the rule and the fix instead
+    prompt_ids = bos + tokenizer(query.prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    completion_ids = tokenizer(query.completion, add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]
     ids = list(prompt_ids) + list(completion_ids)
     _check_context(query, len(ids), max_context)
     input_ids = torch.tensor([ids], dtype=torch.long)
