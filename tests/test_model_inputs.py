@@ -70,6 +70,19 @@ def test_parameter_selection():
         select_parameters(model, "regex:^nothing$")
 
 
+def test_more_blocks_than_the_model_has_are_all_blocks_and_said(caplog):
+    model = tiny_gpt2(make_tiny_tokenizer())  # 2 blocks
+    blocks = select_parameters(model, "last:2")
+    with caplog.at_level("WARNING", logger="bgotrace.perturb.params"):
+        assert select_parameters(model, "last:7") == blocks
+        assert select_parameters(model, "last:7") == blocks
+    said = [r.getMessage() for r in caplog.records if "last:7" in r.getMessage()]
+    assert said == [
+        "--params=last:7 on a model of 2 blocks: all 2 blocks, without the "
+        "embeddings, the final norm and the head (--params all moves those too)"
+    ]
+
+
 def test_restricted_perturbation_moves_only_selected_parameters():
     from bgotrace.config import PerturbConfig
     from bgotrace.perturb.steps import ASCENT, perturb

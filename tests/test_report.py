@@ -236,6 +236,25 @@ def test_compare_two_runs_side_by_side(demo_runs):
     assert max(len(line) for line in table.output.splitlines()) <= 80
 
 
+def test_compare_pairs_queries_whose_ids_differ(demo_runs):
+    """--query A_ID --query-b B_ID: here a span of run A against run B's whole query."""
+    bgo, bm25 = demo_runs
+    a = pd.read_parquet(bgo / "scores.parquet")
+    span = sorted(set(a["query_id"]) - {"query"})[0]
+    args = ["compare", str(bgo), str(bm25), "--k", "5", "--json", "--query", span]
+    result = runner.invoke(app, [*args, "--query-b", "query"])
+    assert result.exit_code == 0, result.output
+    (metrics,) = json.loads(result.output)
+    assert metrics["query_id"] == span
+    mine = a[a["query_id"] == span].sort_values("rank")
+    assert metrics["top_a"] == mine["unit_id"].head(5).tolist()
+    b = pd.read_parquet(bm25 / "scores.parquet").sort_values("rank")
+    assert metrics["top_b"] == b["unit_id"].head(5).tolist()
+    assert runner.invoke(app, args).exit_code == 2  # without --query-b: B holds no such query
+    alone = runner.invoke(app, ["compare", str(bgo), str(bm25), "--query-b", "query"])
+    assert alone.exit_code == 2 and "pass A's with --query too" in alone.output, alone.output
+
+
 @pytest.mark.parametrize("command", ["report", "compare"])
 def test_report_and_compare_have_help(command):
     result = runner.invoke(app, [command, "--help"])

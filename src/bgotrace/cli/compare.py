@@ -28,6 +28,10 @@ def compare(
     query: Annotated[
         str | None, typer.Option(help="Query id to compare (default: every shared one).")
     ] = None,
+    query_b: Annotated[
+        str | None,
+        typer.Option(help="B's query id to compare with A's --query, where the ids differ."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.")
     ] = False,
@@ -36,7 +40,7 @@ def compare(
     if k < 1:
         raise InputError(f"--k must be >= 1, got {k}.")
     a, b = AttributionResult.load(run_a), AttributionResult.load(run_b)
-    comparisons = compare_results(a, b, k=k, query_id=query)
+    comparisons = compare_results(a, b, k=k, query_id=query, query_b=query_b)
     if as_json:
         print(json.dumps([c.to_dict() for c in comparisons], indent=2))
         return

@@ -8,11 +8,15 @@ base: the part of a fine-tuned model that holds the fine-tuning, perturbed as tr
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 import torch
 
 from bgotrace.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Matches the block index in names like transformer.h.3.mlp..., model.layers.3.self_attn...
 _BLOCK_RE = re.compile(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.")
@@ -79,8 +83,18 @@ def _last_blocks(names: list[str], count: str) -> list[str]:
     n_blocks = -(-len(blocks) // 2) if count == "half" else int(count)
     if n_blocks < 1:
         raise ConfigError(f"--params=last:{n_blocks} selects no block: pass last:1 or more.")
+    if n_blocks > len(blocks):  # said, so a user who meant "everything" learns the difference
+        _warn_more_blocks_than_the_model(n_blocks, len(blocks))
     keep = set(blocks[-n_blocks:])
     return [n for n in names if (m := _BLOCK_RE.search(n)) and int(m.group(1)) in keep]
+
+
+@functools.cache  # once per run, not per call (the plan, the sweep, the normaliser ask)
+def _warn_more_blocks_than_the_model(asked: int, blocks: int) -> None:
+    log.warning(
+        "--params=last:%d on a model of %d blocks: all %d blocks, without the embeddings, the "
+        "final norm and the head (--params all moves those too)", asked, blocks, blocks,
+    )  # fmt: skip
 
 
 def _compile(spec: str) -> re.Pattern[str]:

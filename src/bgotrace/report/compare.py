@@ -67,9 +67,13 @@ def spearman_over_units(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, int]:
     return float(rho), len(joined)
 
 
-def _query_pairs(a: AttributionResult, b: AttributionResult, query_id: str | None) -> list:
+def _query_pairs(
+    a: AttributionResult, b: AttributionResult, query_id: str | None, query_b: str | None
+) -> list[tuple[str, str]]:
+    if query_b is not None and query_id is None:
+        raise InputError("--query-b names B's query of a pair: pass A's with --query too.")
     if query_id is not None:
-        return [(query_id, query_id)]
+        return [(query_id, query_b if query_b is not None else query_id)]
     common = [q for q in a.query_ids if q in set(b.query_ids)]
     if common:
         return [(q, q) for q in common]
@@ -77,16 +81,22 @@ def _query_pairs(a: AttributionResult, b: AttributionResult, query_id: str | Non
         return [(a.query_ids[0], b.query_ids[0])]
     raise InputError(
         f"The two runs share no query id (A: {a.query_ids[:5]}, B: {b.query_ids[:5]}): "
-        "pass --query ID to compare one that both hold."
+        "pass --query A_ID --query-b B_ID to compare one query of each."
     )
 
 
 def compare_results(
-    a: AttributionResult, b: AttributionResult, *, k: int = 10, query_id: str | None = None
+    a: AttributionResult,
+    b: AttributionResult,
+    *,
+    k: int = 10,
+    query_id: str | None = None,
+    query_b: str | None = None,
 ) -> list[Comparison]:
-    """One :class:`Comparison` per query the two runs share."""
+    """One :class:`Comparison` per query the two runs share; with ``query_id`` that query
+    alone, against B's ``query_b`` when given (runs whose query ids differ)."""
     out = []
-    for qa, qb in _query_pairs(a, b, query_id):
+    for qa, qb in _query_pairs(a, b, query_id, query_b):
         rows_a, rows_b = a._pick(a.scores, qa), b._pick(b.scores, qb)
         rho, n_common = spearman_over_units(rows_a, rows_b)
         if n_common == 0:
