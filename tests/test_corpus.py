@@ -174,9 +174,9 @@ def test_dataset_dict_without_train_lists_splits(tmp_path: Path) -> None:
     [
         ("c.jsonl", '{"text": "ok"}\n{"text": oops}\n', r"c\.jsonl line 2 is not valid JSON"),
         ("c.jsonl", '{"text": "ok"}\n\n{"body": "x", "id": 1}\n', r"line 3 has no 'text' field"),
-        ("c.jsonl", '{"text": 5}\n', r"line 1 field 'text' is a int, not a string"),
-        ("c.jsonl", '{"text": null}\n', r"line 1 field 'text' is a NoneType"),
-        ("c.jsonl", '["not", "an", "object"]\n', r"line 1 is a list, not a record"),
+        ("c.jsonl", '{"text": 5}\n', r"line 1 field 'text' is of type int, not a string"),
+        ("c.jsonl", '{"text": null}\n', r"line 1 field 'text' is of type NoneType"),
+        ("c.jsonl", '["not", "an", "object"]\n', r"line 1 is of type list, not a record"),
         ("c.jsonl", "\n  \n", r"c\.jsonl has no documents with non-empty text"),
         ("c.jsonl", '{"text": "  "}\n', r"no documents with non-empty text"),
         ("c.csv", "text\nhello\n", r"c\.csv has an unknown format: use a \.jsonl"),

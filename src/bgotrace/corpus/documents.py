@@ -70,7 +70,7 @@ def documents_from_records(
 ) -> list[Document]:
     """Turn in-memory records (mappings or bare strings) into documents with stable ids."""
     located = ((f"record {i}", record) for i, record in enumerate(records, start=1))
-    return build_documents(located, fields, origin="records")
+    return build_documents(located, fields, origin="(in memory)")
 
 
 def build_documents(
@@ -169,7 +169,7 @@ def _read_record(
         return record, None, DEFAULT_SOURCE
     if not isinstance(record, Mapping):
         raise InputError(
-            f"Corpus {origin} {where} is a {type(record).__name__}, not a record with a "
+            f"Corpus {origin} {where} is of type {type(record).__name__}, not a record with a "
             f"{fields.text_field!r} field: store one object per document."
         )
     if messages is not None:
@@ -178,14 +178,14 @@ def _read_record(
         have = ", ".join(map(str, record.keys())) or "none"
         raise InputError(
             f"Corpus {origin} {where} has no {fields.text_field!r} field (fields: {have}): "
-            "pass --text-field with the name of the field that holds the text (or give an "
-            "SFT record a 'messages' list)."
+            "pass --text-field (config corpus.text_field) with the name of the field that holds "
+            "the text (or give an SFT record a 'messages' list)."
         )
     text = record[fields.text_field]
     if not isinstance(text, str):
         raise InputError(
-            f"Corpus {origin} {where} field {fields.text_field!r} is a {type(text).__name__}, "
-            "not a string: store the document text as a string."
+            f"Corpus {origin} {where} field {fields.text_field!r} is of type "
+            f"{type(text).__name__}, not a string: store the document text as a string."
         )
     given_id = _optional_str(record.get(fields.id_field))
     source = _optional_str(record.get(fields.source_field)) or DEFAULT_SOURCE
