@@ -90,8 +90,8 @@ def load_inputs(
     """
     resolve_method(config)  # an option the method ignores is refused before anything loads
     queries = list(queries) if queries is not None else queries_from_spec(config)
-    if model is None:  # a device that is not here, before the plan measures its memory
-        resolve_device(config.execution.device)
+    if model is None and config.execution.device != "auto":  # one that is not here, before
+        resolve_device(config.execution.device)  # the plan measures its memory
     if model is None and perturbation_method(config.method) is not None:  # before it loads
         check_memory(config, n_queries=len(queries))
     spec = config.corpus

@@ -89,7 +89,7 @@ def _last_blocks(names: list[str], count: str) -> list[str]:
     return [n for n in names if (m := _BLOCK_RE.search(n)) and int(m.group(1)) in keep]
 
 
-@functools.cache  # once per run, not per call (the plan, the sweep, the normaliser ask)
+@functools.cache  # once per process, not per call (the plan, the sweep, the normaliser ask)
 def _warn_more_blocks_than_the_model(asked: int, blocks: int) -> None:
     log.warning(
         "--params=last:%d on a model of %d blocks: all %d blocks, without the embeddings, the "

@@ -24,7 +24,7 @@ class Comparison:
     """The agreement of two runs on one query."""
 
     query_id: str
-    """Query compared (its id in run A; run B's may differ when each holds one query)."""
+    """Query compared (its id in run A; run B's may differ: ``query_b``, or one query each)."""
     k: int
     """Size of the top lists compared."""
     overlap: float
